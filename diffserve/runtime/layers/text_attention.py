@@ -1,8 +1,71 @@
-"""Our attention backend inside transformers' text encoders (CLIP, T5, UMT5). Placeholder until the
-platform selection lands: it leaves the model as loaded."""
+"""Our attention backend inside transformers' text encoders (CLIP, T5, UMT5).
+
+transformers dispatches attention through a registry (`AttentionInterface`) keyed by
+`config._attn_implementation`. We register one function under "diffserve" and point the encoder at it, so
+the text-encoder warmup request runs the same platform-selected backend as the DiT blocks.
+
+What flash kernels cannot take: an additive bias (T5's relative position bias) or a padding mask. Those
+calls go to SDPA with the bias folded into its mask, which computes the same function; calls with neither
+(CLIP's causal self-attention, unpadded prompts) go to the selected backend.
+"""
 
 from __future__ import annotations
 
+import torch
+
+from diffserve.runtime.layers.attention import get_attention_backend, set_attention_backend
+
+IMPLEMENTATION = "diffserve"
+
+
+def _combined_mask(attention_mask: torch.Tensor | None, position_bias: torch.Tensor | None,
+                   dtype: torch.dtype) -> torch.Tensor | None:
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        attention_mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(
+            ~attention_mask, torch.finfo(dtype).min)
+    if position_bias is None:
+        return attention_mask
+    return position_bias if attention_mask is None else position_bias + attention_mask
+
+
+def diffserve_text_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                             value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None = None,
+                             dropout: float = 0.0, position_bias: torch.Tensor | None = None,
+                             is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: q/k/v (batch, heads, seq, dim) -> ((batch, seq, heads, dim),
+    None)."""
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+    causal = causal and query.shape[2] > 1
+    mask = _combined_mask(attention_mask, position_bias, query.dtype)
+    if mask is None:
+        backend = get_attention_backend(query.shape[-1], query.dtype)
+        out = backend.forward(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                              scale=scaling, causal=causal)
+        return out, None
+    if causal:  # a mask and causality together: fold causality into the mask
+        q_len, k_len = query.shape[2], key.shape[2]
+        upper = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).triu(k_len - q_len + 1)
+        mask = mask.masked_fill(upper, torch.finfo(mask.dtype).min)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask.to(query.dtype),
+                                                           scale=scaling)
+    return out.transpose(1, 2), None
+
+
+def register_text_encoder_attention() -> str:
+    """Register our function (and SDPA-style masks) with transformers; returns the implementation name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(IMPLEMENTATION, diffserve_text_attention)
+    # Without a mask function transformers would drop padding masks for a custom implementation.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
+    return IMPLEMENTATION
+
 
 def apply_to_text_encoder(model, attention_backend: str | None = None):
+    """Make a loaded transformers text encoder use our backend. `attention_backend` (if given) sets the
+    process-wide choice, as --attention-backend does."""
+    if attention_backend is not None:
+        set_attention_backend(attention_backend)
+    model.set_attn_implementation(register_text_encoder_attention())
     return model
