@@ -1,0 +1,86 @@
+"""The text-encoder warmup path: tiny T5 / UMT5 / CLIP encoders through our registered transformers
+attention function, on simulated ROCm, XPU and Hopper, against eager attention."""
+
+import pytest
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+from diffserve.runtime.layers import text_attention
+from diffserve.runtime.layers.text_attention import apply_to_text_encoder
+
+ENCODERS = {
+    "t5": (T5EncoderModel, dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)),
+    "umt5": (UMT5EncoderModel, dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)),
+    "clip": (CLIPTextModel, dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=16, bos_token_id=0,
+                                 eos_token_id=1, pad_token_id=1)),
+}
+CONFIGS = {"t5": T5Config, "umt5": UMT5Config, "clip": CLIPTextConfig}
+
+
+def build(name):
+    torch.manual_seed(0)
+    cls, kwargs = ENCODERS[name]
+    model = cls(CONFIGS[name](**kwargs)).eval()
+    model.set_attn_implementation("eager")
+    return model
+
+
+def warmup_forward(model, with_mask):
+    ids = torch.randint(2, 64, (2, 12), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 9:] = 0
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask if with_mask else None).last_hidden_state
+
+
+def spy_calls(monkeypatch):
+    calls = []
+    original = text_attention.diffserve_text_attention
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(text_attention, "diffserve_text_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("platform, versions", [
+    ("rocm", dict(cuda=None, hip="6.2.41133-dd7f95766")),
+    ("xpu", dict(cuda=None)),
+])
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_warmup_on_non_cuda_builds_matches_eager(simulate, monkeypatch, platform, versions, name, with_mask):
+    sim = simulate(platform, providers=("fa3_fwd_interface",), **versions)
+    model = build(name)
+    expected = warmup_forward(model, with_mask)
+    calls = spy_calls(monkeypatch)
+    apply_to_text_encoder(model)
+    assert model.config._attn_implementation == "diffserve"
+    got = warmup_forward(model, with_mask)  # the call that raised TypeError upstream on ROCm
+    assert calls, "the registered attention function was not used"
+    assert sim.calls == []  # FA3 never ran on a build without CUDA
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_clip_runs_fa3_on_simulated_hopper(simulate):
+    sim = simulate("cuda", cuda="12.4", capability=(9, 0), providers=("fa3_fwd_interface",))
+    model = build("clip").to(torch.bfloat16)
+    expected = warmup_forward(model, with_mask=False)
+    apply_to_text_encoder(model)
+    got = warmup_forward(model, with_mask=False)
+    # CLIP's text attention is causal and carries no mask: the flash kernel takes it, with causal=True.
+    assert sim.calls and all(call[0] == "fa3_fwd_interface" and call[2] for call in sim.calls)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_t5_bias_goes_to_sdpa_not_the_flash_kernel(simulate):
+    sim = simulate("cuda", cuda="12.4", capability=(9, 0), providers=("fa3_fwd_interface",))
+    model = build("t5")
+    expected = warmup_forward(model, with_mask=False)
+    apply_to_text_encoder(model)
+    got = warmup_forward(model, with_mask=False)
+    assert sim.calls == []  # relative position bias cannot go through a flash kernel
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
