@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (see setup.sh) and run the whole test suite: unit tests, live-server integration tests, lint.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+bash scripts/setup.sh test
+"$PY" -m ruff check diffserve tests benchmarks
+"$PY" -m pytest -q tests "$@"
