@@ -1,0 +1,56 @@
+"""Rotary position embeddings: frequency builders for FLUX (3 axes from ids) and Wan (a t/h/w grid), and
+one function that applies them.
+
+Convention (both FLUX and Wan): channel pairs (2i, 2i+1) of a head rotate by angle pos * theta^(-2i/dim).
+cos/sin are kept at half width, (seq, head_dim // 2), float32; the angles are computed in float64 because
+positions times frequencies in float32 lose precision for long sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _angle_dtype(device: torch.device) -> torch.dtype:
+    # MPS has no float64; everywhere else use it.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, dim: int, theta: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of pos * theta^(-2i/dim), i < dim/2, for 1-D positions: each (len(positions), dim // 2)."""
+    if dim % 2:
+        raise ValueError(f"rotary dimension must be even, got {dim}")
+    dtype = _angle_dtype(positions.device)
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=dtype, device=positions.device) / dim)
+    angles = torch.outer(positions.to(dtype), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def axes_rope(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float = 10000.0):
+    """FLUX: ids (seq, n_axes) of positions; axis a gets axes_dim[a] channels of each head, in order."""
+    cos, sin = zip(*(rope_cos_sin(ids[:, a], d, theta) for a, d in enumerate(axes_dim)), strict=True)
+    return torch.cat(cos, dim=-1), torch.cat(sin, dim=-1)
+
+
+def grid_rope(grid: tuple[int, int, int], axes_dim: tuple[int, int, int], device, theta: float = 10000.0):
+    """Wan: tokens laid out frame-major over a (frames, height, width) grid; each axis gets its channels."""
+    parts_cos, parts_sin = [], []
+    for axis, (n, d) in enumerate(zip(grid, axes_dim, strict=True)):
+        cos, sin = rope_cos_sin(torch.arange(n, device=device), d, theta)
+        shape = [1, 1, 1, d // 2]
+        shape[axis] = n
+        parts_cos.append(cos.view(shape).expand(*grid, d // 2))
+        parts_sin.append(sin.view(shape).expand(*grid, d // 2))
+    seq = grid[0] * grid[1] * grid[2]
+    return torch.cat(parts_cos, dim=-1).reshape(seq, -1), torch.cat(parts_sin, dim=-1).reshape(seq, -1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (batch, seq, heads, head_dim) by cos/sin (seq, head_dim // 2); computed in float32,
+    returned in x.dtype. One function so a fused kernel can replace it."""
+    xr, xi = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    out = torch.stack([xr * cos - xi * sin, xr * sin + xi * cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)

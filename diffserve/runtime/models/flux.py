@@ -1,0 +1,241 @@
+"""FLUX.1 transformer (dev with guidance embedding, schnell without): 19 dual-stream blocks, where text and
+image tokens keep separate weights but attend jointly, then 38 single-stream blocks over the concatenated
+sequence. Parameter names match diffusers' FluxTransformer2DModel, so its checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffserve.runtime.layers.attention import attention
+from diffserve.runtime.layers.embeddings import MLPEmbedder, timestep_sinusoid
+from diffserve.runtime.layers.mlp import FeedForward, gelu_tanh
+from diffserve.runtime.layers.modulation import AdaLNProjection, clip_fp16, gated_residual, norm_modulate
+from diffserve.runtime.layers.rope import apply_rope, axes_rope
+from diffserve.runtime.models.base import DiTConfig, NativeDiT
+
+_EPS = 1e-6
+_TIME_FREQ_DIM = 256
+
+
+@dataclasses.dataclass
+class FluxConfig(DiTConfig):
+    patch_size: int = 1
+    in_channels: int = 64
+    out_channels: int | None = None
+    num_layers: int = 19
+    num_single_layers: int = 38
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = False
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+
+    def __post_init__(self):
+        self.axes_dims_rope = tuple(self.axes_dims_rope)
+        if sum(self.axes_dims_rope) != self.attention_head_dim or any(d % 2 for d in self.axes_dims_rope):
+            raise ValueError(
+                f"axes_dims_rope {self.axes_dims_rope} must be even and sum to attention_head_dim "
+                f"{self.attention_head_dim}"
+            )
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return x.unflatten(-1, (-1, head_dim))
+
+
+def _qk(
+    proj_q: nn.Linear,
+    proj_k: nn.Linear,
+    proj_v: nn.Linear,
+    norm_q: nn.RMSNorm,
+    norm_k: nn.RMSNorm,
+    x: torch.Tensor,
+    head_dim: int,
+):
+    """Project x to (batch, seq, heads, head_dim) q, k, v with per-head RMS norm on q and k."""
+    q = F.rms_norm(_heads(proj_q(x), head_dim), (head_dim,), norm_q.weight, norm_q.eps)
+    k = F.rms_norm(_heads(proj_k(x), head_dim), (head_dim,), norm_k.weight, norm_k.eps)
+    return q, k, _heads(proj_v(x), head_dim)
+
+
+class FluxAttention(nn.Module):
+    """Joint attention. Dual-stream blocks have the text-side projections (add_*) and output projections;
+    single-stream blocks project the joint sequence once and have no output projection (pre_only)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, dual: bool):
+        super().__init__()
+        self.head_dim = head_dim
+        inner = heads * head_dim
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, inner) for _ in range(3))
+        self.norm_q = nn.RMSNorm(head_dim, eps=_EPS)
+        self.norm_k = nn.RMSNorm(head_dim, eps=_EPS)
+        self.dual = dual
+        if dual:
+            self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(dim, inner) for _ in range(3))
+            self.norm_added_q = nn.RMSNorm(head_dim, eps=_EPS)
+            self.norm_added_k = nn.RMSNorm(head_dim, eps=_EPS)
+            # to_out.1 was dropout in diffusers; Identity keeps the index (and the state-dict names).
+            self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Identity()])
+            self.to_add_out = nn.Linear(inner, dim)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], context: torch.Tensor | None = None
+    ):
+        q, k, v = _qk(self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, x, self.head_dim)
+        if context is not None:
+            # Text tokens come first in the joint sequence, matching the order of the rope ids.
+            cq, ck, cv = _qk(
+                self.add_q_proj,
+                self.add_k_proj,
+                self.add_v_proj,
+                self.norm_added_q,
+                self.norm_added_k,
+                context,
+                self.head_dim,
+            )
+            q, k, v = torch.cat([cq, q], dim=1), torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = attention(q, k, v).flatten(2)
+        if context is None:
+            return out
+        n_txt = context.shape[1]
+        return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
+
+
+class FluxDualBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.norm1 = AdaLNProjection(dim, 6)
+        self.norm1_context = AdaLNProjection(dim, 6)
+        self.attn = FluxAttention(dim, heads, head_dim, dual=True)
+        self.ff = FeedForward(dim, 4 * dim)
+        self.ff_context = FeedForward(dim, 4 * dim)
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, cond: torch.Tensor, rope):
+        shift, scale, gate, mlp_shift, mlp_scale, mlp_gate = self.norm1(cond)
+        c_shift, c_scale, c_gate, c_mlp_shift, c_mlp_scale, c_mlp_gate = self.norm1_context(cond)
+
+        img_attn, txt_attn = self.attn(
+            norm_modulate(img, shift, scale, _EPS), rope, context=norm_modulate(txt, c_shift, c_scale, _EPS)
+        )
+        img = gated_residual(img, img_attn, gate)
+        img = gated_residual(img, self.ff(norm_modulate(img, mlp_shift, mlp_scale, _EPS)), mlp_gate)
+
+        txt = gated_residual(txt, txt_attn, c_gate)
+        txt = gated_residual(
+            txt, self.ff_context(norm_modulate(txt, c_mlp_shift, c_mlp_scale, _EPS)), c_mlp_gate
+        )
+        return img, clip_fp16(txt)
+
+
+class FluxSingleBlock(nn.Module):
+    """Attention and MLP in parallel from one modulated input; one output projection over both."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm = AdaLNProjection(dim, 3)
+        self.attn = FluxAttention(dim, heads, head_dim, dual=False)
+        self.proj_mlp = nn.Linear(dim, int(dim * mlp_ratio))
+        self.proj_out = nn.Linear(dim + int(dim * mlp_ratio), dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, rope):
+        shift, scale, gate = self.norm(cond)
+        h = norm_modulate(x, shift, scale, _EPS)
+        joint = torch.cat([self.attn(h, rope), gelu_tanh(self.proj_mlp(h))], dim=-1)
+        return clip_fp16(gated_residual(x, self.proj_out(joint), gate))
+
+
+class _TimeTextEmbed(nn.Module):
+    """timestep (+ guidance) sinusoids through their MLPs, plus the pooled text projection."""
+
+    def __init__(self, dim: int, pooled_dim: int, guidance: bool):
+        super().__init__()
+        self.timestep_embedder = MLPEmbedder(_TIME_FREQ_DIM, dim)
+        if guidance:
+            self.guidance_embedder = MLPEmbedder(_TIME_FREQ_DIM, dim)
+        self.text_embedder = MLPEmbedder(pooled_dim, dim)
+
+    def forward(self, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor):
+        emb = self.timestep_embedder(timestep_sinusoid(timestep, _TIME_FREQ_DIM).to(pooled.dtype))
+        if guidance is not None:
+            emb = emb + self.guidance_embedder(timestep_sinusoid(guidance, _TIME_FREQ_DIM).to(pooled.dtype))
+        return emb + self.text_embedder(pooled)
+
+
+class FluxTransformer(NativeDiT):
+    config_class = FluxConfig
+
+    def __init__(self, config: FluxConfig):
+        super().__init__(config)
+        c = config
+        dim, heads, head_dim = c.inner_dim, c.num_attention_heads, c.attention_head_dim
+        self.time_text_embed = _TimeTextEmbed(dim, c.pooled_projection_dim, c.guidance_embeds)
+        self.context_embedder = nn.Linear(c.joint_attention_dim, dim)
+        self.x_embedder = nn.Linear(c.in_channels, dim)
+        self.transformer_blocks = nn.ModuleList(
+            FluxDualBlock(dim, heads, head_dim) for _ in range(c.num_layers)
+        )
+        self.single_transformer_blocks = nn.ModuleList(
+            FluxSingleBlock(dim, heads, head_dim) for _ in range(c.num_single_layers)
+        )
+        # Final adaLN: diffusers' AdaLayerNormContinuous, whose projection yields (scale, shift) in that order.
+        self.norm_out = AdaLNProjection(dim, 2)
+        out_channels = c.out_channels or c.in_channels
+        self.proj_out = nn.Linear(dim, c.patch_size * c.patch_size * out_channels)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt_ids: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+        return_dict: bool = True,
+        **ignored,
+    ):
+        """hidden_states (batch, img_seq, in_channels) packed latents; encoder_hidden_states (batch,
+        txt_seq, joint_attention_dim); timestep and guidance in [0, 1] per sample (scaled by 1000 here, as
+        diffusers' pipelines expect); img_ids/txt_ids (seq, 3) positions. Extra keyword arguments that
+        diffusers' pipelines pass (joint_attention_kwargs, ...) are accepted and ignored."""
+        if self.config.guidance_embeds and guidance is None:
+            raise ValueError("this FLUX transformer has a guidance embedding (dev); pass guidance")
+        img = self.x_embedder(hidden_states)
+        # Rounding the timestep to the activation dtype before scaling follows the reference; the model was
+        # trained and distilled with it.
+        timestep = timestep.to(img.dtype) * 1000
+        if self.config.guidance_embeds:
+            guidance = guidance.to(img.dtype) * 1000
+        else:
+            guidance = None  # schnell has no guidance embedder; pipelines may pass one anyway
+        temb = self.time_text_embed(timestep, guidance, pooled_projections)
+        cond = F.silu(temb)  # every adaLN projection consumes silu(temb): compute it once
+        txt = self.context_embedder(encoder_hidden_states)
+
+        # 3-D ids (with a batch dim) are a deprecated diffusers input; all rows are identical.
+        txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
+        img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+        rope = axes_rope(torch.cat([txt_ids, img_ids]), self.config.axes_dims_rope)
+
+        for block in self.transformer_blocks:
+            img, txt = block(img, txt, cond, rope)
+        # The single-stream blocks see one sequence; keep it joined instead of splitting after each block.
+        x = torch.cat([txt, img], dim=1)
+        for block in self.single_transformer_blocks:
+            x = block(x, cond, rope)
+        img = x[:, txt.shape[1] :]
+
+        scale, shift = self.norm_out(cond.to(img.dtype))
+        out = self.proj_out(norm_modulate(img, shift, scale, _EPS))
+        return self._output(out, return_dict)
