@@ -1,0 +1,216 @@
+"""Wan2.1 / Wan2.2 text-to-video transformer: 3-D patch embedding, blocks of self-attention (3-axis RoPE),
+cross-attention to the text, and a GELU MLP, each modulated by the timestep (adaLN with a learned table).
+Parameter names match diffusers' WanTransformer3DModel, so its checkpoints load unchanged.
+
+Wan2.2 TI2V-5B passes one timestep per token (shape (batch, seq)); the modulation then varies per token.
+Image-to-video conditioning (image_dim / added_kv_proj_dim) is not supported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffserve.runtime.layers.attention import attention
+from diffserve.runtime.layers.embeddings import MLPEmbedder, timestep_sinusoid
+from diffserve.runtime.layers.mlp import FeedForward
+from diffserve.runtime.layers.modulation import gated_residual, norm_modulate
+from diffserve.runtime.layers.rope import apply_rope, grid_rope
+from diffserve.runtime.models.base import DiTConfig, NativeDiT
+
+
+@dataclasses.dataclass
+class WanConfig(DiTConfig):
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = 40
+    attention_head_dim: int = 128
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 13824
+    num_layers: int = 40
+    cross_attn_norm: bool = True
+    # The reference applies RMS norm over all heads to q and k whatever this says; so do we.
+    qk_norm: str | None = "rms_norm_across_heads"
+    eps: float = 1e-6
+    image_dim: int | None = None
+    added_kv_proj_dim: int | None = None
+    rope_max_seq_len: int = 1024
+    pos_embed_seq_len: int | None = None
+
+    def __post_init__(self):
+        self.patch_size = tuple(self.patch_size)
+        if self.image_dim is not None or self.added_kv_proj_dim is not None:
+            raise ValueError(
+                "Wan image-to-video conditioning (image_dim / added_kv_proj_dim in config.json) is not "
+                "supported; use a text-to-video (or TI2V) Wan transformer"
+            )
+        if len(self.patch_size) != 3:
+            raise ValueError(f"patch_size must have 3 entries (t, h, w), got {self.patch_size}")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def rope_axes(self) -> tuple[int, int, int]:
+        # Height and width get 2*(head_dim//6) channels each, time the rest: 44/42/42 for head_dim 128.
+        hw = 2 * (self.attention_head_dim // 6)
+        return self.attention_head_dim - 2 * hw, hw, hw
+
+
+class WanAttention(nn.Module):
+    """Self-attention (with RoPE) or cross-attention to the text; q/k RMS-normalised across all heads."""
+
+    def __init__(self, dim: int, heads: int, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Identity()])  # .1 was dropout
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, rope=None) -> torch.Tensor:
+        kv = x if context is None else context
+        q = F.rms_norm(self.to_q(x), self.norm_q.normalized_shape, self.norm_q.weight, self.norm_q.eps)
+        k = F.rms_norm(self.to_k(kv), self.norm_k.normalized_shape, self.norm_k.weight, self.norm_k.eps)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)) for t in (q, k, self.to_v(kv)))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return self.to_out[0](attention(q, k, v).flatten(2))
+
+
+class WanBlock(nn.Module):
+    def __init__(self, c: WanConfig):
+        super().__init__()
+        dim = c.inner_dim
+        self.eps = c.eps
+        self.attn1 = WanAttention(dim, c.num_attention_heads, c.eps)
+        self.attn2 = WanAttention(dim, c.num_attention_heads, c.eps)
+        # norm1/norm3 have no parameters (their scale and shift come from the modulation).
+        self.norm2 = nn.LayerNorm(dim, eps=c.eps) if c.cross_attn_norm else None
+        self.ffn = FeedForward(dim, c.ffn_dim)
+        self.scale_shift_table = nn.Parameter(torch.empty(1, 6, dim))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, temb6: torch.Tensor, rope) -> torch.Tensor:
+        # temb6: (batch, 1 or seq, 6, dim). Modulation is float32, as are the norms (trained that way).
+        shift, scale, gate, mlp_shift, mlp_scale, mlp_gate = (self.scale_shift_table + temb6.float()).unbind(
+            2
+        )
+        x = gated_residual(
+            x, self.attn1(norm_modulate(x, shift, scale, self.eps, upcast=True), rope=rope), gate
+        )
+        h = x
+        if self.norm2 is not None:
+            h = F.layer_norm(
+                x.float(),
+                self.norm2.normalized_shape,
+                self.norm2.weight.float(),
+                self.norm2.bias.float(),
+                self.eps,
+            ).to(x.dtype)
+        x = x + self.attn2(h, context=context)
+        ff = self.ffn(norm_modulate(x, mlp_shift, mlp_scale, self.eps, upcast=True))
+        return gated_residual(x, ff.float(), mlp_gate)
+
+
+class _ConditionEmbedder(nn.Module):
+    """Timestep -> (temb, 6 modulation vectors per block); text embeddings -> model width."""
+
+    def __init__(self, c: WanConfig):
+        super().__init__()
+        dim = c.inner_dim
+        self.freq_dim = c.freq_dim
+        self.time_embedder = MLPEmbedder(c.freq_dim, dim)
+        self.time_proj = nn.Linear(dim, 6 * dim)
+        self.text_embedder = MLPEmbedder(c.text_dim, dim, act="gelu_tanh")
+
+    def forward(self, timestep: torch.Tensor, text: torch.Tensor):
+        t = timestep_sinusoid(timestep, self.freq_dim).to(self.time_embedder.linear_1.weight.dtype)
+        temb = self.time_embedder(t).to(text.dtype)
+        return temb, self.time_proj(F.silu(temb)), self.text_embedder(text)
+
+
+class WanTransformer(NativeDiT):
+    config_class = WanConfig
+    # As diffusers: these stay float32 when loading in half precision (time embedding, modulation tables,
+    # the cross-attention norm).
+    keep_fp32_modules = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
+    ignored_checkpoint_keys = ("norm_added_q",)
+
+    def __init__(self, config: WanConfig):
+        super().__init__(config)
+        c = config
+        dim = c.inner_dim
+        self.patch_embedding = nn.Conv3d(c.in_channels, dim, kernel_size=c.patch_size, stride=c.patch_size)
+        self.condition_embedder = _ConditionEmbedder(c)
+        self.blocks = nn.ModuleList(WanBlock(c) for _ in range(c.num_layers))
+        self.proj_out = nn.Linear(dim, c.out_channels * math.prod(c.patch_size))
+        self.scale_shift_table = nn.Parameter(torch.empty(1, 2, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # nn.Linear/Conv3d initialise themselves; the tables follow the reference's randn / sqrt(dim).
+        if not self.scale_shift_table.is_meta:
+            with torch.no_grad():
+                for name, p in self.named_parameters():
+                    if name.endswith("scale_shift_table"):
+                        p.normal_().div_(self.config.inner_dim**0.5)
+
+    def _patchify(self, video: torch.Tensor) -> torch.Tensor:
+        """(batch, C, F, H, W) -> (batch, tokens, dim). The conv has kernel == stride, so it is a linear
+        map of each patch; run it as one matmul over patches."""
+        b, c, f, h, w = video.shape
+        pt, ph, pw = self.config.patch_size
+        video = video[:, :, : f - f % pt, : h - h % ph, : w - w % pw]  # the conv drops partial patches
+        patches = video.reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw)
+        patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4).flatten(1, 3)
+        weight = self.patch_embedding.weight.flatten(1)
+        return F.linear(patches.to(weight.dtype), weight, self.patch_embedding.bias)
+
+    def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        b = x.shape[0]
+        pt, ph, pw = self.config.patch_size
+        x = x.reshape(b, *grid, pt, ph, pw, -1)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (b, C, F', pt, H', ph, W', pw)
+        return x.reshape(b, x.shape[1], grid[0] * pt, grid[1] * ph, grid[2] * pw)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_image: torch.Tensor | None = None,
+        return_dict: bool = True,
+        **ignored,
+    ):
+        """hidden_states (batch, C, frames, H, W) latents; timestep (batch,) or per token (batch, seq) in
+        scheduler units; encoder_hidden_states (batch, text_seq, text_dim). Extra keyword arguments that
+        diffusers' pipelines pass (attention_kwargs, ...) are accepted and ignored."""
+        if encoder_hidden_states_image is not None:
+            raise ValueError("image conditioning (encoder_hidden_states_image) is not supported")
+        c = self.config
+        _, _, f, h, w = hidden_states.shape
+        grid = (f // c.patch_size[0], h // c.patch_size[1], w // c.patch_size[2])
+        if max(grid) > c.rope_max_seq_len:
+            raise ValueError(f"latent grid {grid} exceeds rope_max_seq_len {c.rope_max_seq_len}")
+        rope = grid_rope(grid, c.rope_axes, hidden_states.device)
+        x = self._patchify(hidden_states)
+
+        batch = x.shape[0]
+        temb, temb6, context = self.condition_embedder(timestep.flatten(), encoder_hidden_states)
+        # One modulation per sample (batch, 1, ...) or per token (batch, seq, ...), broadcast over tokens.
+        temb = temb.reshape(batch, -1, 1, temb.shape[-1])
+        temb6 = temb6.reshape(batch, -1, 6, temb.shape[-1])
+
+        for block in self.blocks:
+            x = block(x, context, temb6, rope)
+
+        shift, scale = (self.scale_shift_table + temb).unbind(2)
+        x = self.proj_out(norm_modulate(x, shift, scale, c.eps, upcast=True))
+        return self._output(self._unpatchify(x, grid), return_dict)

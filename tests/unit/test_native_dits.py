@@ -1,0 +1,208 @@
+"""Our FLUX and Wan transformers against diffusers' reference classes, with identical random weights.
+
+Every parameter is re-randomised (diffusers zero-initialises some, e.g. the adaLN projections, which would
+hide mistakes in what they feed), so each piece of the forward pass moves the output.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from diffserve.runtime.models.flux import FluxTransformer  # noqa: E402
+from diffserve.runtime.models.wan import WanTransformer  # noqa: E402
+
+TOL = 1e-5
+
+FLUX_CFG = dict(
+    patch_size=1,
+    in_channels=16,
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=4,
+    joint_attention_dim=32,
+    pooled_projection_dim=24,
+    axes_dims_rope=(4, 6, 6),
+)
+WAN_CFG = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=4,
+    attention_head_dim=16,
+    in_channels=4,
+    out_channels=4,
+    text_dim=32,
+    freq_dim=32,
+    ffn_dim=96,
+    num_layers=2,
+    cross_attn_norm=True,
+    rope_max_seq_len=64,
+)
+
+
+def _randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.2 if p.ndim > 1 else 0.5))
+    return model.eval()
+
+
+def _rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype
+    return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _flux_pair(guidance_embeds: bool):
+    ref = _randomise(diffusers.FluxTransformer2DModel(**FLUX_CFG, guidance_embeds=guidance_embeds))
+    ours = FluxTransformer.from_config(dict(ref.config)).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+def _flux_inputs(batch=2, h=3, w=4, txt=5, guidance=True, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    img_ids = torch.randint(0, 8, (h * w, 3), generator=g).float()  # every rope axis varies
+    return dict(
+        hidden_states=torch.randn(batch, h * w, FLUX_CFG["in_channels"], generator=g),
+        encoder_hidden_states=torch.randn(batch, txt, FLUX_CFG["joint_attention_dim"], generator=g),
+        pooled_projections=torch.randn(batch, FLUX_CFG["pooled_projection_dim"], generator=g),
+        timestep=torch.rand(batch, generator=g),
+        img_ids=img_ids,
+        txt_ids=torch.zeros(txt, 3),
+        guidance=torch.full((batch,), 3.5) if guidance else None,
+    )
+
+
+def _wan_inputs(frames: int, batch=2, h=6, w=8, txt=7, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(batch, WAN_CFG["in_channels"], frames, h, w, generator=g),
+        timestep=torch.rand(batch, generator=g) * 1000,
+        encoder_hidden_states=torch.randn(batch, txt, WAN_CFG["text_dim"], generator=g),
+    )
+
+
+@pytest.mark.parametrize("guidance_embeds", [False, True], ids=["schnell", "dev"])
+def test_flux_matches_diffusers(guidance_embeds):
+    ref, ours = _flux_pair(guidance_embeds)
+    inputs = _flux_inputs(guidance=guidance_embeds)
+    with torch.no_grad():
+        expected = ref(**inputs, return_dict=False)[0]
+        got = ours(**inputs, joint_attention_kwargs=None, return_dict=False)
+    assert isinstance(got, tuple) and len(got) == 1
+    assert _rel_err(got[0], expected) < TOL
+    # The default return is the bare tensor.
+    with torch.no_grad():
+        assert torch.equal(ours(**inputs), got[0])
+
+
+def test_flux_guidance_changes_output_and_is_required():
+    _, ours = _flux_pair(True)
+    inputs = _flux_inputs(guidance=True)
+    with torch.no_grad():
+        a = ours(**inputs)
+        b = ours(**{**inputs, "guidance": torch.full((2,), 1.0)})
+    assert _rel_err(a, b) > 1e-3
+    with pytest.raises(ValueError, match="guidance"):
+        ours(**{**inputs, "guidance": None})
+
+
+@pytest.mark.parametrize("frames", [1, 3])
+@pytest.mark.parametrize("cross_attn_norm", [True, False])
+def test_wan_matches_diffusers(frames, cross_attn_norm):
+    ref = _randomise(diffusers.WanTransformer3DModel(**{**WAN_CFG, "cross_attn_norm": cross_attn_norm}))
+    ours = WanTransformer.from_config(dict(ref.config)).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    inputs = _wan_inputs(frames)
+    with torch.no_grad():
+        expected = ref(**inputs, return_dict=False)[0]
+        got = ours(**inputs, attention_kwargs=None)
+    assert got.shape == inputs["hidden_states"].shape
+    assert _rel_err(got, expected) < TOL
+
+
+def test_wan_per_token_timesteps_match_diffusers():
+    # Wan2.2 TI2V passes one timestep per latent token, shape (batch, seq).
+    ref = _randomise(diffusers.WanTransformer3DModel(**WAN_CFG))
+    ours = WanTransformer.from_config(dict(ref.config)).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    inputs = _wan_inputs(frames=2)
+    seq = 2 * 3 * 4
+    inputs["timestep"] = torch.rand(2, seq, generator=torch.Generator().manual_seed(3)) * 1000
+    with torch.no_grad():
+        expected = ref(**inputs, return_dict=False)[0]
+        got = ours(**inputs)
+    assert _rel_err(got, expected) < TOL
+
+
+def test_wan_rejects_image_conditioning_config():
+    with pytest.raises(ValueError, match="image-to-video"):
+        WanTransformer.from_config({**WAN_CFG, "image_dim": 32, "added_kv_proj_dim": 64})
+
+
+def _param_dtypes(model: torch.nn.Module) -> dict[str, torch.dtype]:
+    return {name: p.dtype for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+@pytest.mark.parametrize("shard", [False, True], ids=["single", "sharded"])
+def test_from_pretrained_round_trip(tmp_path, family, shard):
+    if family == "flux":
+        ref, cls = (
+            _randomise(diffusers.FluxTransformer2DModel(**FLUX_CFG, guidance_embeds=True)),
+            FluxTransformer,
+        )
+        inputs = _flux_inputs()
+    else:
+        ref, cls = _randomise(diffusers.WanTransformer3DModel(**WAN_CFG)), WanTransformer
+        inputs = _wan_inputs(frames=2)
+    ref.save_pretrained(tmp_path, max_shard_size="100KB" if shard else "10GB")
+    assert (tmp_path / "diffusion_pytorch_model.safetensors.index.json").exists() == shard
+
+    ours = cls.from_pretrained(tmp_path, device="cpu", dtype=torch.float32)
+    assert not any(p.is_meta for p in ours.parameters())
+    assert ours.dtype == torch.float32 and ours.device == torch.device("cpu")
+    assert ours.config.in_channels == ref.config.in_channels and ours.config["num_layers"] == 2
+    with torch.no_grad():
+        assert _rel_err(ours(**inputs), ref(**inputs, return_dict=False)[0]) < TOL
+
+    # Half precision keeps the same parameters in float32 as diffusers does (Wan's modulation tables ...).
+    half = cls.from_pretrained(tmp_path, device="cpu", dtype=torch.bfloat16)
+    ref_half = type(ref).from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert _param_dtypes(half) == _param_dtypes(ref_half)
+    assert half.dtype == torch.bfloat16
+    for name, p in ref_half.named_parameters():
+        assert torch.equal(half.get_parameter(name), p), name
+
+
+def test_from_pretrained_truncated_file(tmp_path):
+    _randomise(diffusers.WanTransformer3DModel(**WAN_CFG)).save_pretrained(tmp_path)
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="diffusion_pytorch_model.safetensors.*truncated"):
+        WanTransformer.from_pretrained(tmp_path, dtype=torch.float32)
+
+
+def test_from_pretrained_missing_shard_and_config(tmp_path):
+    _randomise(diffusers.FluxTransformer2DModel(**FLUX_CFG)).save_pretrained(tmp_path, max_shard_size="100KB")
+    index = json.loads((tmp_path / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    (tmp_path / shard).unlink()
+    with pytest.raises(FileNotFoundError, match=shard):
+        FluxTransformer.from_pretrained(tmp_path, dtype=torch.float32)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        FluxTransformer.from_pretrained(tmp_path, dtype=torch.float32)
+
+
+def test_from_pretrained_rejects_weights_of_another_config(tmp_path):
+    _randomise(diffusers.FluxTransformer2DModel(**FLUX_CFG)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "guidance_embeds": True}))
+    with pytest.raises(ValueError, match="missing.*guidance_embedder"):
+        FluxTransformer.from_pretrained(tmp_path, dtype=torch.float32)
