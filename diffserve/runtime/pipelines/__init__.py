@@ -1,0 +1,20 @@
+"""Pipelines as small stages (stages.py): flux.py, wan.py natively, generic.py for any other diffusers
+pipeline. `pipeline_class(family)` picks one."""
+
+from __future__ import annotations
+
+
+def pipeline_class(family: str):
+    if family == "flux":
+        from diffserve.runtime.pipelines.flux import FluxPipeline
+
+        return FluxPipeline
+    if family == "wan":
+        from diffserve.runtime.pipelines.wan import WanPipeline
+
+        return WanPipeline
+    if family == "generic":
+        from diffserve.runtime.pipelines.generic import GenericPipeline
+
+        return GenericPipeline
+    raise ValueError(f"unknown family {family!r}")

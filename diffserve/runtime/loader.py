@@ -1,0 +1,368 @@
+"""Find a model (local diffusers directory or Hugging Face id in the local cache), check it, detect its
+family, and load its components straight onto the target device and dtype.
+
+Every problem a user can cause here (wrong path, half-downloaded weights, a pipeline diffusers doesn't
+know, a misspelled dtype) raises `ModelLoadError` with one line that says what is wrong and what to do.
+The checks run before any weight is read, so a truncated 20 GB file fails in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# model_index.json `_class_name` -> the family whose native pipeline runs it; anything else is "generic".
+FAMILY_BY_PIPELINE = {
+    "FluxPipeline": "flux",
+    "FluxImg2ImgPipeline": "flux",
+    "WanPipeline": "wan",
+}
+DTYPES = {
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "half": "float16",
+    "fp32": "float32",
+    "float32": "float32",
+    "float": "float32",
+}
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+# Only what a diffusers-format snapshot needs: FLUX repos also hold 20+ GB single-file checkpoints at the root.
+_SNAPSHOT_PATTERNS = [
+    "model_index.json",
+    "*/*.json",
+    "*/*.safetensors",
+    "*/*.txt",
+    "*/*.model",
+    "*/*.tiktoken",
+]
+
+
+class ModelLoadError(Exception):
+    """A model that cannot be loaded; the message is one line meant for the user."""
+
+
+@dataclass
+class ModelSpec:
+    """A checked model directory: where it is, what the user called it, and what it contains."""
+
+    path: Path
+    model_id: str
+    family: str  # "flux" | "wan" | "generic"
+    pipeline_class: str
+    index: dict[str, Any] = field(repr=False)
+
+    def components(self) -> dict[str, tuple[str, str]]:
+        """name -> (library, class) for every component present in model_index.json."""
+        out = {}
+        for name, value in self.index.items():
+            if name.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
+                continue
+            out[name] = (value[0], value[1])
+        return out
+
+    def config(self, component: str) -> dict[str, Any]:
+        folder = self.path / component
+        name = "scheduler_config.json" if (folder / "scheduler_config.json").exists() else "config.json"
+        return json.loads((folder / name).read_text())
+
+
+def default_model_path() -> Path:
+    """The small FLUX-architecture model bundled with the package (used when no --model is given)."""
+    return Path(__file__).resolve().parent.parent / "assets" / "default_model"
+
+
+def parse_dtype(dtype: str | None, device: str):
+    """'bf16' | 'fp16' | 'fp32' (and their long names) -> torch.dtype; None -> bf16 on GPUs, fp32 on CPU."""
+    import torch
+
+    if dtype is None:
+        return torch.float32 if device_type(device) == "cpu" else torch.bfloat16
+    name = DTYPES.get(str(dtype).lower().replace("torch.", ""))
+    if name is None:
+        raise ModelLoadError(f"unknown dtype {dtype!r}: use one of bf16, fp16, fp32")
+    return getattr(torch, name)
+
+
+def default_device() -> str:
+    """The first accelerator torch can see (CUDA and ROCm both answer to 'cuda'), else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return "xpu"
+    return "cpu"
+
+
+def device_type(device: str) -> str:
+    return str(device).split(":")[0]
+
+
+def resolve_model(model: str | os.PathLike | None) -> tuple[Path, str]:
+    """--model value -> (local directory, model id). None -> the bundled default model.
+
+    A Hugging Face id is looked up in the local cache only; it is downloaded only when
+    DIFFSERVE_ALLOW_DOWNLOAD=1 and HF_HUB_OFFLINE is not set (tests and servers never download by surprise).
+    """
+    if model is None:
+        path = default_model_path()
+        if not (path / "model_index.json").exists():
+            raise ModelLoadError(
+                f"no --model given and the bundled default model is not installed ({path}); "
+                "pass --model DIR_OR_HF_ID"
+            )
+        return path, "diffserve-default"
+    text = os.fspath(model)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"model path {text} is a file; pass the diffusers model directory")
+        return path, path.resolve().name
+    if not _HF_ID.match(text) or text.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model directory not found: {text}")
+    return _from_hf_cache(text), text
+
+
+def _from_hf_cache(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    online = os.environ.get("DIFFSERVE_ALLOW_DOWNLOAD") == "1" and os.environ.get("HF_HUB_OFFLINE") not in (
+        "1",
+        "true",
+        "True",
+    )
+    try:
+        return Path(
+            snapshot_download(repo_id, allow_patterns=_SNAPSHOT_PATTERNS, local_files_only=not online)
+        )
+    except Exception as e:  # LocalEntryNotFoundError, RepositoryNotFoundError, network errors
+        hint = (
+            f"download it first (huggingface-cli download {repo_id}) or set DIFFSERVE_ALLOW_DOWNLOAD=1"
+            if not online
+            else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        )
+        raise ModelLoadError(
+            f"model {repo_id!r} is neither a local directory nor in the Hugging Face cache; {hint}"
+        ) from None
+
+
+def detect_family(index: dict[str, Any]) -> str:
+    """flux | wan | generic, from model_index.json's pipeline class."""
+    name = index.get("_class_name", "")
+    if name in FAMILY_BY_PIPELINE:
+        return FAMILY_BY_PIPELINE[name]
+    import diffusers
+
+    if not name or not hasattr(diffusers, name):
+        raise ModelLoadError(
+            f"unknown model family: model_index.json names pipeline {name!r}, which neither "
+            f"diffserve nor diffusers {diffusers.__version__} knows"
+        )
+    return "generic"
+
+
+def inspect_model(model: str | os.PathLike | None) -> ModelSpec:
+    """Resolve and check a model without loading any weight."""
+    path, model_id = resolve_model(model)
+    index_file = path / "model_index.json"
+    if not index_file.exists():
+        raise ModelLoadError(f"{path} has no model_index.json: not a diffusers-format model directory")
+    try:
+        index = json.loads(index_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{index_file} is not valid JSON ({e})") from None
+    if not isinstance(index, dict):
+        raise ModelLoadError(f"{index_file} is not a JSON object")
+    spec = ModelSpec(path, model_id, detect_family(index), index.get("_class_name", ""), index)
+    for name, (_, cls) in spec.components().items():
+        check_component(path / name, name, cls)
+    return spec
+
+
+def _kind(cls: str) -> str:
+    if cls.endswith("Scheduler") or cls.endswith("SchedulerMultistep"):
+        return "scheduler"
+    if "Tokenizer" in cls or cls == "TokenizersBackend":
+        return "tokenizer"
+    if cls.endswith(("Processor", "FeatureExtractor")):
+        return "processor"
+    return "model"
+
+
+def check_component(folder: Path, name: str, cls: str) -> None:
+    """Raise ModelLoadError unless `folder` holds what a component of class `cls` needs, weights complete."""
+    if not folder.is_dir():
+        raise ModelLoadError(f"component {name!r} ({cls}) is missing: no directory {folder}")
+    kind = _kind(cls)
+    if kind == "scheduler" and not (folder / "scheduler_config.json").exists():
+        raise ModelLoadError(f"component {name!r}: {folder / 'scheduler_config.json'} is missing")
+    if kind == "tokenizer" and not any(
+        (folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        raise ModelLoadError(f"component {name!r}: no tokenizer.json or tokenizer_config.json in {folder}")
+    if kind != "model":
+        return
+    if not (folder / "config.json").exists():
+        raise ModelLoadError(f"component {name!r}: {folder / 'config.json'} is missing")
+    weights = _weight_files(folder, name)
+    if not weights:
+        raise ModelLoadError(f"component {name!r}: no weights (*.safetensors) in {folder}")
+    for f in weights:
+        if f.suffix == ".safetensors":
+            check_safetensors(f, name)
+
+
+def _weight_files(folder: Path, name: str) -> list[Path]:
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        try:
+            shards = sorted(set(json.loads(indexes[0].read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise ModelLoadError(
+                f"component {name!r}: {indexes[0]} is not a valid shard index ({e})"
+            ) from None
+        missing = [s for s in shards if not (folder / s).exists()]
+        if missing:
+            raise ModelLoadError(
+                f"component {name!r}: shard {folder / missing[0]} is missing "
+                f"({len(missing)} of {len(shards)} shards missing)"
+            )
+        return [folder / s for s in shards]
+    return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+
+
+def check_safetensors(file: Path, name: str = "") -> None:
+    """A safetensors file is 8 bytes of header length, a JSON header, then the tensor bytes the header
+    points into: a file shorter than the last tensor's end is truncated (an interrupted download)."""
+    size = file.stat().st_size
+    where = f"component {name!r}: " if name else ""
+    try:
+        with open(file, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{where}{file} is not a valid safetensors file ({e})") from None
+    expected = 8 + header_len + end
+    if size < expected:
+        raise ModelLoadError(
+            f"{where}{file} is truncated: {size} bytes, expected {expected} (re-download the model)"
+        )
+
+
+# ---- loading -----------------------------------------------------------------------------------------
+
+
+def load_text_encoder(folder: Path, cls: str, device: str, dtype, attention_backend: str | None):
+    """A transformers text encoder, weights read straight to `device` in `dtype`, with our attention."""
+    import transformers
+
+    from diffserve.runtime.layers.text_attention import apply_to_text_encoder
+
+    model_cls = getattr(transformers, cls, None)
+    if model_cls is None:
+        raise ModelLoadError(f"{folder.name}: transformers {transformers.__version__} has no class {cls}")
+    model = model_cls.from_pretrained(folder, dtype=dtype, device_map={"": device}).eval()
+    return apply_to_text_encoder(model, attention_backend)
+
+
+def load_tokenizer(folder: Path, cls: str):
+    import transformers
+
+    tok_cls = getattr(transformers, cls, None) or transformers.AutoTokenizer
+    return tok_cls.from_pretrained(folder)
+
+
+def load_scheduler(folder: Path, cls: str):
+    import diffusers
+
+    sched_cls = getattr(diffusers, cls, None)
+    if sched_cls is None:
+        raise ModelLoadError(f"{folder.name}: diffusers {diffusers.__version__} has no scheduler {cls}")
+    return sched_cls.from_pretrained(folder)
+
+
+def diffusers_dtype_kwarg(dtype) -> dict:
+    """diffusers >= 0.42 names the argument `dtype` (and warns on `torch_dtype`); older ones `torch_dtype`."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
+
+
+def load_diffusers_model(folder: Path, cls: str, device: str, dtype):
+    """A diffusers model (VAE, or a DiT on the generic path), loaded without materialising a CPU copy first."""
+    import diffusers
+
+    model_cls = getattr(diffusers, cls, None)
+    if model_cls is None:
+        raise ModelLoadError(f"{folder.name}: diffusers {diffusers.__version__} has no model class {cls}")
+    return model_cls.from_pretrained(folder, device_map={"": device}, **diffusers_dtype_kwarg(dtype)).eval()
+
+
+def dit_class(family: str):
+    """Our native DiT for `family`: `from_pretrained(transformer_dir, device, dtype)` and diffusers' forward."""
+    try:  # TEMPORARY switch until the native DiTs land: diffusers' classes behind the same interface.
+        if family == "flux":
+            from diffserve.runtime.models.flux import FluxTransformer
+
+            return FluxTransformer
+        if family == "wan":
+            from diffserve.runtime.models.wan import WanTransformer
+
+            return WanTransformer
+    except ImportError:
+        return _DiffusersDiT(family)
+    raise ModelLoadError(f"no native DiT for family {family!r}")
+
+
+class _DiffusersDiT:
+    def __init__(self, family):
+        self.cls = {"flux": "FluxTransformer2DModel", "wan": "WanTransformer3DModel"}[family]
+
+    def from_pretrained(self, folder, device, dtype):
+        return load_diffusers_model(Path(folder), self.cls, device, dtype)
+
+
+def load_dit(folder: Path, family: str, device: str, dtype):
+    return dit_class(family).from_pretrained(folder, device, dtype).eval()
+
+
+def load_components(spec: ModelSpec, device: str, dtype, attention_backend: str | None = None) -> dict:
+    """Every component of a flux/wan model: DiTs native, the rest through transformers/diffusers."""
+    out = {}
+    for name, (library, cls) in spec.components().items():
+        folder = spec.path / name
+        kind = _kind(cls)
+        try:
+            if kind == "scheduler":
+                out[name] = load_scheduler(folder, cls)
+            elif kind == "tokenizer":
+                out[name] = load_tokenizer(folder, cls)
+            elif kind == "processor":
+                continue  # image encoders for IP-adapters: not used by our pipelines
+            elif name.startswith("transformer"):
+                out[name] = load_dit(folder, spec.family, device, dtype)
+            elif library == "transformers":
+                out[name] = load_text_encoder(folder, cls, device, dtype, attention_backend)
+            else:
+                out[name] = load_diffusers_model(folder, cls, device, dtype)
+        except ModelLoadError:
+            raise
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelLoadError(f"component {name!r} ({cls}) failed to load from {folder}: {first}") from e
+    return out

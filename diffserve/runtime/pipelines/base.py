@@ -1,0 +1,68 @@
+"""What every family pipeline shares: its components as attributes, the call that times the stages, and
+the three facts the server needs (family, task, accepts_image) plus the defaults it fills in."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from diffserve.runtime.api import CancelCheck, GenerationRequest, GenerationResult, StepCallback
+from diffserve.runtime.pipelines import stages
+
+
+class NativePipeline:
+    """A pipeline over our loaded components. Subclasses implement setup(), plan() and run()."""
+
+    family: str
+    task: str  # "image" | "video"
+    accepts_image: bool = False
+    defaults: dict[str, Any]
+
+    def __init__(
+        self,
+        components: dict[str, Any],
+        transformer_config: dict[str, Any],
+        device,
+        pipeline_config: dict[str, Any] | None = None,
+    ):
+        for name, component in components.items():
+            setattr(self, name, component)
+        self.components = components
+        self.transformer_config = transformer_config
+        self.pipeline_config = pipeline_config or {}
+        self.device = torch.device(device)
+        self.setup()
+
+    @classmethod
+    def load(cls, spec, device: str, dtype, attention_backend: str | None = None) -> NativePipeline:
+        from diffserve.runtime.loader import load_components
+
+        components = load_components(spec, device, dtype, attention_backend)
+        config = {k: v for k, v in spec.index.items() if not isinstance(v, list)}
+        return cls(components, spec.config("transformer"), device, config)
+
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def plan(self, req: GenerationRequest) -> stages.Plan:
+        raise NotImplementedError
+
+    def run(self, plan: stages.Plan, timings: stages.Timings, on_step, should_cancel) -> GenerationResult:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        req: GenerationRequest,
+        on_step: StepCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+    ) -> GenerationResult:
+        start, timings = time.perf_counter(), stages.Timings()
+        with timings("validate"):
+            plan = self.plan(req)
+        result = self.run(plan, timings, on_step, should_cancel)
+        result.fps = plan.fps
+        result.timings = {**timings, "total": time.perf_counter() - start}
+        return result

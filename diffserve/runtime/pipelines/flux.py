@@ -1,0 +1,142 @@
+"""FLUX.1 (dev and schnell): text-to-image, and image-to-image with `strength` for the edit route.
+
+Same numbers as diffusers' FluxPipeline / FluxImg2ImgPipeline for the same seed: CLIP pooled + T5 states,
+2x2-packed latents, resolution-dependent sigma shift, the guidance embedding for dev (optional true CFG
+with a negative prompt and extra["true_cfg_scale"] > 1), Euler flow-matching steps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from diffserve.runtime.api import GenerationRequest, GenerationResult, InvalidRequest
+from diffserve.runtime.pipelines import stages
+from diffserve.runtime.pipelines.base import NativePipeline
+
+T5_LENGTH = 512  # diffusers' max_sequence_length default for both dev and schnell
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(b, c, h, w) -> (b, h/2 * w/2, c*4): each 2x2 latent patch becomes one token."""
+    b, c, h, w = latents.shape
+    return (
+        latents.view(b, c, h // 2, 2, w // 2, 2)
+        .permute(0, 2, 4, 1, 3, 5)
+        .reshape(b, (h // 2) * (w // 2), c * 4)
+    )
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    b, _, d = tokens.shape
+    return tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
+
+
+def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
+    """(h*w, 3) positions (0, row, col) of the packed image tokens, for the 3-axis RoPE."""
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] += torch.arange(h)[:, None]
+    ids[..., 2] += torch.arange(w)[None, :]
+    return ids.reshape(h * w, 3).to(device=device, dtype=dtype)
+
+
+def sigma_shift(seq_len: int, config) -> float:
+    """mu for the scheduler's resolution-dependent shift: linear in the token count between two anchors."""
+    x0, x1 = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    y0, y1 = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    m = (y1 - y0) / (x1 - x0)
+    return seq_len * m + (y0 - m * x0)
+
+
+class FluxPipeline(NativePipeline):
+    family, task, accepts_image = "flux", "image", True
+
+    def setup(self):
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.guidance_embeds = bool(self.transformer_config.get("guidance_embeds", False))
+        self.rules = stages.Rules(multiple=self.vae_scale * 2, accepts_image=True, label="FLUX")
+        # diffusers' FluxPipeline defaults; schnell (no guidance embedding) is the 4-step distilled model.
+        steps, guidance = (28, 3.5) if self.guidance_embeds else (4, 0.0)
+        self.defaults = {
+            "width": 1024,
+            "height": 1024,
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "strength": 0.6,
+        }
+        self.image_defaults = {"guidance_scale": 7.0 if self.guidance_embeds else 0.0}  # FluxImg2ImgPipeline
+
+    def encode(self, prompts: list[str]):
+        pooled = stages.clip_pooled(self.tokenizer, self.text_encoder, prompts)
+        states = stages.t5_states(self.tokenizer_2, self.text_encoder_2, prompts, T5_LENGTH)
+        return states.to(self.device), pooled.to(self.device)
+
+    def run(self, p: stages.Plan, timings, on_step, should_cancel) -> GenerationResult:
+        n, true_cfg = p.num_outputs, float(p.extra.get("true_cfg_scale", 1.0))
+        with timings("encode_text"):
+            states, pooled = (x.repeat_interleave(n, 0) for x in self.encode([p.prompt]))
+            if true_cfg > 1 and p.negative_prompt is not None:
+                neg_states, neg_pooled = (x.repeat_interleave(n, 0) for x in self.encode([p.negative_prompt]))
+            else:
+                true_cfg = 1.0
+        with timings("prepare_latents"):
+            dtype, gen = states.dtype, stages.cpu_generator(p.seed)
+            h, w = 2 * (p.height // (self.vae_scale * 2)), 2 * (p.width // (self.vae_scale * 2))
+            scheduler = stages.fresh_scheduler(self.scheduler)
+            sigmas = np.linspace(1.0, 1 / p.steps, p.steps)
+            scheduler.set_timesteps(
+                sigmas=sigmas, mu=sigma_shift((h // 2) * (w // 2), scheduler.config), device=self.device
+            )
+            timesteps, shape = scheduler.timesteps, (n, self.transformer_config["in_channels"] // 4, h, w)
+            if p.image is None:
+                latents = stages.gaussian(shape, gen, self.device, dtype)
+            else:
+                timesteps = self.img2img_timesteps(scheduler, p)
+                image = stages.image_tensor(p.image, p.width, p.height).to(self.device, dtype)
+                clean = self.vae.encode(image.to(self.vae.dtype)).latent_dist.sample(gen)
+                clean = ((clean - self.vae.config.shift_factor) * self.vae.config.scaling_factor).to(dtype)
+                noise = stages.gaussian(shape, gen, self.device, dtype)
+                latents = scheduler.scale_noise(clean.expand(n, -1, -1, -1), timesteps[:1].repeat(n), noise)
+            latents = pack(latents)
+            img_ids, txt_ids = image_ids(h // 2, w // 2, self.device, dtype), torch.zeros(states.shape[1], 3)
+            txt_ids = txt_ids.to(self.device, self.text_encoder.dtype)
+            guidance = torch.full([n], p.guidance, device=self.device) if self.guidance_embeds else None
+
+        def predict(x, t, i):
+            common = dict(
+                hidden_states=x,
+                timestep=t.expand(n).to(x.dtype) / 1000,
+                guidance=guidance,
+                img_ids=img_ids,
+                txt_ids=txt_ids,
+                return_dict=False,
+            )
+            out = self.transformer(encoder_hidden_states=states, pooled_projections=pooled, **common)[0]
+            if true_cfg > 1:
+                neg = self.transformer(
+                    encoder_hidden_states=neg_states, pooled_projections=neg_pooled, **common
+                )[0]
+                out = neg + true_cfg * (out - neg)
+            return out
+
+        with timings("denoise"):
+            latents = stages.denoise(scheduler, timesteps, latents, predict, on_step, should_cancel)
+        with timings("decode"):
+            latents = unpack(latents, h, w) / self.vae.config.scaling_factor + self.vae.config.shift_factor
+            images = stages.decode_images(self.vae, latents)
+        return GenerationResult(images=images, width=p.width, height=p.height)
+
+    @staticmethod
+    def img2img_timesteps(scheduler, p: stages.Plan) -> torch.Tensor:
+        """Start `strength` of the way into the schedule: strength 1 is text-to-image from the image's noise."""
+        start = int(max(p.steps - min(p.steps * p.strength, p.steps), 0))
+        if start >= p.steps:
+            raise InvalidRequest(
+                f"strength {p.strength} with {p.steps} steps leaves no denoising step; "
+                "raise strength or num_inference_steps"
+            )
+        scheduler.set_begin_index(start * scheduler.order)
+        return scheduler.timesteps[start * scheduler.order :]
+
+    def plan(self, req: GenerationRequest) -> stages.Plan:
+        return stages.plan_request(req, self.defaults, self.rules, self.image_defaults)

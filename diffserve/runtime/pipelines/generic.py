@@ -1,0 +1,176 @@
+"""Any other diffusers pipeline (SD3, Qwen-Image, Wan image-to-video, ...), run by diffusers itself and
+labelled "generic": no native DiT, but our attention backend, progress, cancellation and defaults.
+
+Attention: the transformers text encoders get our backend through transformers' registry (as in the
+native pipelines). diffusers' models call torch's scaled_dot_product_attention from many processor
+classes; while a generic pipeline runs, unmasked calls are routed to `layers.attention.attention` (the
+platform-selected backend) and anything else (masks, dropout, GQA) goes to torch's own function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from diffserve.runtime.api import GenerationCancelled, GenerationRequest, GenerationResult
+from diffserve.runtime.pipelines import stages
+
+_torch_sdpa = F.scaled_dot_product_attention
+_inside = threading.local()
+
+
+def _routed_sdpa(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
+    from diffserve.runtime.layers.attention import attention
+
+    plain = attn_mask is None and not dropout_p and not enable_gqa and query.ndim == 4
+    if not plain or key.shape[1] != query.shape[1] or getattr(_inside, "active", False):
+        return _torch_sdpa(
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
+        )
+    _inside.active = True  # our SDPA backend calls torch's function: do not route it back to ourselves
+    try:
+        out = attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=scale, causal=is_causal
+        )
+    finally:
+        _inside.active = False
+    return out.transpose(1, 2)
+
+
+@contextlib.contextmanager
+def routed_attention():
+    F.scaled_dot_product_attention = _routed_sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = _torch_sdpa
+
+
+class GenericPipeline:
+    family = "generic"
+
+    def __init__(self, pipe, device):
+        self.pipe, self.device = pipe, torch.device(device)
+        self.params = inspect.signature(pipe.__call__).parameters
+        self.task = "video" if "num_frames" in self.params else "image"
+        self.accepts_image = "image" in self.params
+        self.defaults = self._defaults()
+        vae_scale = getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", 8)
+        denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+        patch = getattr(getattr(denoiser, "config", None), "patch_size", None) or 1
+        patch = patch[-1] if isinstance(patch, (list, tuple)) else patch
+        temporal = getattr(pipe, "vae_scale_factor_temporal", 4)
+        self.rules = stages.Rules(
+            multiple=int(vae_scale * patch),
+            accepts_image=self.accepts_image,
+            frame_step=temporal if self.task == "video" else None,
+            label=f"generic {type(pipe).__name__}",
+        )
+
+    @classmethod
+    def load(cls, spec, device: str, dtype, attention_backend: str | None = None) -> GenericPipeline:
+        from diffusers import DiffusionPipeline
+        from diffusers.pipelines.pipeline_utils import SUPPORTED_DEVICE_MAP
+        from transformers import PreTrainedModel
+
+        from diffserve.runtime.layers.text_attention import apply_to_text_encoder
+        from diffserve.runtime.loader import diffusers_dtype_kwarg
+
+        # Straight to the device where diffusers can place a whole pipeline ("cpu", "cuda"); else move after.
+        if str(device) in SUPPORTED_DEVICE_MAP:
+            pipe = DiffusionPipeline.from_pretrained(
+                spec.path, device_map=str(device), **diffusers_dtype_kwarg(dtype)
+            )
+        else:
+            pipe = DiffusionPipeline.from_pretrained(spec.path, **diffusers_dtype_kwarg(dtype)).to(device)
+        for component in pipe.components.values():
+            if isinstance(component, PreTrainedModel):
+                apply_to_text_encoder(component, attention_backend)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, device)
+
+    def _default(self, name: str, fallback):
+        p = self.params.get(name)
+        return p.default if p is not None and p.default not in (None, inspect.Parameter.empty) else fallback
+
+    def _defaults(self) -> dict[str, Any]:
+        """The pipeline's own __call__ defaults; a size left to None there comes from the model's sample size."""
+        pipe = self.pipe
+        size = None
+        if getattr(pipe, "default_sample_size", None) and getattr(pipe, "vae_scale_factor", None):
+            size = pipe.default_sample_size * pipe.vae_scale_factor
+        denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+        sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
+        if size is None and isinstance(sample, int):
+            size = sample * getattr(pipe, "vae_scale_factor", 8)
+        out = {
+            "width": self._default("width", size or 1024),
+            "height": self._default("height", size or 1024),
+            "num_inference_steps": self._default("num_inference_steps", 50),
+            "guidance_scale": self._default("guidance_scale", 5.0),
+        }
+        if self.task == "video":
+            out.update(num_frames=self._default("num_frames", 81), fps=16)
+        if self.accepts_image and "strength" in self.params:
+            out["strength"] = self._default("strength", 0.6)
+        return out
+
+    @torch.inference_mode()
+    def __call__(self, req: GenerationRequest, on_step=None, should_cancel=None) -> GenerationResult:
+        start, timings = time.perf_counter(), stages.Timings()
+        with timings("validate"):
+            p = stages.plan_request(req, self.defaults, self.rules)
+        kwargs = dict(
+            prompt=p.prompt,
+            height=p.height,
+            width=p.width,
+            num_inference_steps=p.steps,
+            guidance_scale=p.guidance,
+            generator=stages.cpu_generator(p.seed),
+            output_type="pil",
+        )
+        per_prompt = (
+            "num_videos_per_prompt" if "num_videos_per_prompt" in self.params else "num_images_per_prompt"
+        )
+        optional = {
+            "negative_prompt": p.negative_prompt,
+            "num_frames": p.num_frames,
+            "image": p.image,
+            "strength": p.strength,
+            per_prompt: p.num_outputs,
+        }
+        kwargs.update({k: v for k, v in optional.items() if v is not None and k in self.params})
+
+        def step_end(pipe, i, t, tensors):
+            if on_step is not None:
+                on_step(i + 1, getattr(pipe, "_num_timesteps", None) or p.steps)
+            if should_cancel is not None and should_cancel():
+                raise GenerationCancelled(f"cancelled after {i + 1} denoising steps")
+            return tensors
+
+        if "callback_on_step_end" in self.params:
+            kwargs["callback_on_step_end"] = step_end
+        with timings("pipeline"), routed_attention():
+            out = self.pipe(**kwargs)
+        result = GenerationResult(width=p.width, height=p.height, fps=p.fps)
+        if self.task == "video":
+            result.videos = [list(v) for v in out.frames]
+        else:
+            result.images = list(out.images)
+        result.timings = {**timings, "total": time.perf_counter() - start}
+        return result

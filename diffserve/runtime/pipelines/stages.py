@@ -1,0 +1,290 @@
+"""The stages every pipeline is made of: validate -> encode text -> prepare latents -> denoise -> decode.
+
+Family pipelines (flux.py, wan.py) compose these; anything family-specific (latent packing, guidance
+style) stays in the family file. Random numbers come from a CPU torch.Generator in the order diffusers'
+pipelines draw them, so a seed gives the same picture as diffusers on any device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import io
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffserve.runtime.api import (
+    CancelCheck,
+    GenerationCancelled,
+    GenerationRequest,
+    InvalidRequest,
+    StepCallback,
+)
+
+# ---- validate ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """A request with every default filled in and every value checked: what the stages run on."""
+
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+    num_outputs: int
+    num_frames: int | None = None
+    fps: int | None = None
+    image: Any = None  # PIL.Image (RGB) for image-to-image
+    strength: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Rules:
+    """What a family accepts: sizes in multiples of `multiple`, frame counts of the form k*temporal+1."""
+
+    multiple: int
+    max_side: int = 8192
+    frame_step: int | None = None  # video: (num_frames - 1) must be divisible by this
+    max_frames: int = 1025
+    accepts_image: bool = False
+    label: str = ""
+
+
+def plan_request(
+    req: GenerationRequest,
+    defaults: dict[str, Any],
+    rules: Rules,
+    image_defaults: dict[str, Any] | None = None,
+) -> Plan:
+    """Fill defaults and validate; every problem raises InvalidRequest with a message for the user."""
+    if not isinstance(req.prompt, str):
+        raise InvalidRequest("prompt must be a string")
+    image = None
+    if req.image is not None:
+        if not rules.accepts_image:
+            raise InvalidRequest(f"this model ({rules.label}) does not take an input image")
+        image = load_image(req.image)
+        defaults = {**defaults, **(image_defaults or {})}
+        # Without a size, an edit keeps the input's size (rounded down to what the model accepts).
+        defaults["width"] = max(rules.multiple, image.width // rules.multiple * rules.multiple)
+        defaults["height"] = max(rules.multiple, image.height // rules.multiple * rules.multiple)
+    width = _int(req.width, defaults["width"], "width")
+    height = _int(req.height, defaults["height"], "height")
+    for name, v in (("width", width), ("height", height)):
+        if v < rules.multiple or v % rules.multiple or v > rules.max_side:
+            raise InvalidRequest(
+                f"{name} must be a multiple of {rules.multiple} between {rules.multiple} and "
+                f"{rules.max_side} for {rules.label}, got {v}"
+            )
+    steps = _int(req.num_inference_steps, defaults["num_inference_steps"], "num_inference_steps")
+    if not 1 <= steps <= 1000:
+        raise InvalidRequest(f"num_inference_steps must be between 1 and 1000, got {steps}")
+    guidance = float(defaults["guidance_scale"] if req.guidance_scale is None else req.guidance_scale)
+    if not 0.0 <= guidance <= 100.0:
+        raise InvalidRequest(f"guidance_scale must be between 0 and 100, got {guidance}")
+    if not isinstance(req.num_outputs, int) or req.num_outputs < 1:
+        raise InvalidRequest(f"num_outputs must be a positive integer, got {req.num_outputs!r}")
+    seed = random.SystemRandom().randrange(2**32) if req.seed is None else _int(req.seed, 0, "seed")
+    if not 0 <= seed < 2**64:
+        raise InvalidRequest(f"seed must be between 0 and 2**64-1, got {seed}")
+    plan = Plan(
+        req.prompt,
+        req.negative_prompt,
+        width,
+        height,
+        steps,
+        guidance,
+        seed,
+        req.num_outputs,
+        image=image,
+        extra=dict(req.extra or {}),
+    )
+    if rules.frame_step is not None:
+        frames = _int(req.num_frames, defaults["num_frames"], "num_frames")
+        if frames < 1 or (frames - 1) % rules.frame_step or frames > rules.max_frames:
+            raise InvalidRequest(
+                f"num_frames must be {rules.frame_step}*k+1 (1, {rules.frame_step + 1}, "
+                f"{2 * rules.frame_step + 1}, ...) up to {rules.max_frames} for {rules.label}, "
+                f"got {frames}"
+            )
+        plan.num_frames = frames
+        plan.fps = _int(req.fps, defaults["fps"], "fps")
+        if not 1 <= plan.fps <= 240:
+            raise InvalidRequest(f"fps must be between 1 and 240, got {plan.fps}")
+    elif req.num_frames not in (None, 1):
+        raise InvalidRequest(f"this model ({rules.label}) makes images: num_frames is not accepted")
+    if image is not None:
+        plan.strength = float(defaults.get("strength", 0.6) if req.strength is None else req.strength)
+        if not 0.0 < plan.strength <= 1.0:
+            raise InvalidRequest(f"strength must be in (0, 1], got {plan.strength}")
+    return plan
+
+
+def _int(value, default, name: str) -> int:
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidRequest(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def load_image(data: bytes):
+    """PNG/JPEG/WebP bytes -> an RGB PIL image (alpha dropped: the VAE takes three channels)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise InvalidRequest(f"the input image could not be decoded ({e})") from None
+    return img.convert("RGB")
+
+
+# ---- timing ------------------------------------------------------------------------------------------
+
+
+class Timings(dict):
+    """stage name -> seconds; `with timings("denoise"): ...` adds to one entry."""
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[stage] = self.get(stage, 0.0) + time.perf_counter() - start
+
+
+# ---- encode text -------------------------------------------------------------------------------------
+
+
+def clean_prompt(text: str) -> str:
+    """Wan's prompt normalisation (ftfy when installed, HTML entities, collapsed whitespace)."""
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(text)).strip()).strip()
+
+
+def tokenize(tokenizer, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to exactly max_length (the encoders were trained on fixed-length padded prompts)."""
+    out = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    return out.input_ids, out.attention_mask
+
+
+def encoder_device(encoder) -> torch.device:
+    return next(encoder.parameters()).device
+
+
+def clip_pooled(tokenizer, encoder, prompts: list[str]) -> torch.Tensor:
+    """CLIP's pooled output (the end-of-text token's state), as FLUX conditions on it."""
+    ids, _ = tokenize(tokenizer, prompts, tokenizer.model_max_length)
+    return encoder(ids.to(encoder_device(encoder)), output_hidden_states=False).pooler_output.to(
+        encoder.dtype
+    )
+
+
+def t5_states(tokenizer, encoder, prompts: list[str], max_length: int, zero_padding: bool = False):
+    """T5/UMT5 last hidden states, (batch, max_length, dim). FLUX runs T5 without a mask over the padding;
+    Wan passes the mask and zeroes the padded positions (zero_padding=True)."""
+    ids, mask = tokenize(tokenizer, prompts, max_length)
+    device = encoder_device(encoder)
+    if not zero_padding:
+        return encoder(ids.to(device), output_hidden_states=False)[0].to(encoder.dtype)
+    mask = mask.to(device)
+    states = encoder(ids.to(device), mask).last_hidden_state.to(encoder.dtype)
+    return states.masked_fill(~mask.bool()[..., None], 0.0)
+
+
+# ---- prepare latents ---------------------------------------------------------------------------------
+
+
+def cpu_generator(seed: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def gaussian(shape: tuple[int, ...], generator: torch.Generator, device, dtype) -> torch.Tensor:
+    """Standard normal noise drawn on the CPU (device-independent results), then moved."""
+    return torch.randn(shape, generator=generator, device="cpu", dtype=dtype).to(device)
+
+
+def image_tensor(image, width: int, height: int) -> torch.Tensor:
+    """RGB PIL image -> (1, 3, height, width) in [-1, 1], resized with Lanczos like diffusers."""
+    from PIL import Image
+
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.LANCZOS)
+    arr = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1)[None] * 2.0 - 1.0
+
+
+def fresh_scheduler(scheduler):
+    """Schedulers keep per-run state (step index, solver history): each generation gets its own."""
+    return type(scheduler).from_config(scheduler.config)
+
+
+# ---- denoise -----------------------------------------------------------------------------------------
+
+
+def denoise(
+    scheduler,
+    timesteps: torch.Tensor,
+    latents: torch.Tensor,
+    predict: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+    on_step: StepCallback | None = None,
+    should_cancel: CancelCheck | None = None,
+) -> torch.Tensor:
+    """The loop: predict(latents, t, i) -> model output; scheduler step; progress; cancellation checked
+    before every step, so a cancelled request stops within one step."""
+    total = len(timesteps)
+    for i, t in enumerate(timesteps):
+        if should_cancel is not None and should_cancel():
+            raise GenerationCancelled(f"cancelled after {i} of {total} denoising steps")
+        latents = scheduler.step(predict(latents, t, i), t, latents, return_dict=False)[0]
+        if on_step is not None:
+            on_step(i + 1, total)
+    return latents
+
+
+# ---- decode ------------------------------------------------------------------------------------------
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """(batch, 3, H, W) in [-1, 1] -> PIL images, rounded to uint8 as diffusers' image processor does."""
+    from PIL import Image
+
+    arr = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+    return [Image.fromarray(a) for a in (arr * 255).round().astype(np.uint8)]
+
+
+def decode_images(vae, latents: torch.Tensor) -> list:
+    """AutoencoderKL latents (batch, C, h, w), already un-normalised -> PIL images."""
+    return to_pil(vae.decode(latents.to(vae.dtype), return_dict=False)[0])
+
+
+def decode_videos(vae, latents: torch.Tensor) -> list[list]:
+    """AutoencoderKLWan latents (batch, C, f, h, w), already un-normalised -> one list of frames per video."""
+    videos = vae.decode(latents.to(vae.dtype), return_dict=False)[0]  # (batch, 3, frames, H, W)
+    return [to_pil(v.transpose(0, 1)) for v in videos]

@@ -1,0 +1,102 @@
+"""Wan2.1 / Wan2.2 text-to-video.
+
+Same numbers as diffusers' WanPipeline for the same seed: UMT5 states with the padding zeroed,
+float32 latents, classifier-free guidance as two passes when guidance_scale > 1, the scheduler that ships
+with the model (UniPC flow for Wan2.1). Wan2.2 A14B's second expert (transformer_2, below
+boundary_ratio) and TI2V-5B's per-token timesteps (expand_timesteps) follow the pipeline config.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffserve.runtime.api import GenerationRequest, GenerationResult
+from diffserve.runtime.pipelines import stages
+from diffserve.runtime.pipelines.base import NativePipeline
+
+TEXT_LENGTH = 512  # diffusers' max_sequence_length default
+
+
+class WanPipeline(NativePipeline):
+    family, task, accepts_image = "wan", "video", False
+
+    def setup(self):
+        self.scale_t = self.vae.config.get("scale_factor_temporal") or 4
+        self.scale_s = self.vae.config.get("scale_factor_spatial") or 8
+        patch = self.transformer_config.get("patch_size", (1, 2, 2))
+        # The latent grid must fit the DiT's RoPE table along every axis.
+        rope_len = self.transformer_config.get("rope_max_seq_len", 1024)
+        self.rules = stages.Rules(
+            multiple=self.scale_s * patch[1],
+            max_side=rope_len * self.scale_s * patch[1],
+            frame_step=self.scale_t,
+            max_frames=(rope_len - 1) * self.scale_t + 1,
+            label="Wan",
+        )
+        self.defaults = {
+            "width": 832,
+            "height": 480,
+            "num_frames": 81,
+            "num_inference_steps": 50,
+            "guidance_scale": 5.0,
+            "fps": 16,
+        }  # diffusers' WanPipeline defaults; 16 fps as Wan
+        ratio = self.pipeline_config.get("boundary_ratio")
+        has_second = getattr(self, "transformer_2", None) is not None
+        self.boundary = ratio * self.scheduler.config.num_train_timesteps if ratio and has_second else None
+        self.expand_timesteps = bool(self.pipeline_config.get("expand_timesteps", False))
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        prompts = [stages.clean_prompt(p) for p in prompts]
+        states = stages.t5_states(self.tokenizer, self.text_encoder, prompts, TEXT_LENGTH, zero_padding=True)
+        return states.to(self.device, self.transformer.dtype)
+
+    def run(self, p: stages.Plan, timings, on_step, should_cancel) -> GenerationResult:
+        n, cfg = p.num_outputs, p.guidance > 1.0
+        guidance_2 = float(p.extra.get("guidance_scale_2", p.guidance))
+        with timings("encode_text"):
+            cond = self.encode([p.prompt]).repeat_interleave(n, 0)
+            uncond = self.encode([p.negative_prompt or ""]).repeat_interleave(n, 0) if cfg else None
+        with timings("prepare_latents"):
+            scheduler = stages.fresh_scheduler(self.scheduler)
+            scheduler.set_timesteps(p.steps, device=self.device)
+            frames = (p.num_frames - 1) // self.scale_t + 1
+            shape = (
+                n,
+                self.transformer_config["in_channels"],
+                frames,
+                p.height // self.scale_s,
+                p.width // self.scale_s,
+            )
+            latents = stages.gaussian(shape, stages.cpu_generator(p.seed), self.device, torch.float32)
+            scheduler.set_begin_index(0)
+
+        def predict(x, t, i):
+            second = self.boundary is not None and t < self.boundary
+            model, scale = (self.transformer_2, guidance_2) if second else (self.transformer, p.guidance)
+            x = x.to(model.dtype)
+            if self.expand_timesteps:  # one timestep per latent token (Wan2.2 TI2V)
+                tokens = x.shape[2] * (x.shape[3] // 2) * (x.shape[4] // 2)
+                timestep = (torch.ones(tokens, device=x.device) * t).expand(n, -1)
+            else:
+                timestep = t.expand(n)
+            out = model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False)[0]
+            if cfg:
+                neg = model(
+                    hidden_states=x, timestep=timestep, encoder_hidden_states=uncond, return_dict=False
+                )[0]
+                out = neg + scale * (out - neg)
+            return out
+
+        with timings("denoise"):
+            latents = stages.denoise(scheduler, scheduler.timesteps, latents, predict, on_step, should_cancel)
+        with timings("decode"):
+            latents = latents.to(self.vae.dtype)
+            view = (1, self.vae.config.z_dim, 1, 1, 1)
+            mean = torch.tensor(self.vae.config.latents_mean).view(view).to(latents)
+            inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(view).to(latents)
+            videos = stages.decode_videos(self.vae, latents / inv_std + mean)
+        return GenerationResult(videos=videos, width=p.width, height=p.height)
+
+    def plan(self, req: GenerationRequest) -> stages.Plan:
+        return stages.plan_request(req, self.defaults, self.rules)
