@@ -315,26 +315,15 @@ def load_diffusers_model(folder: Path, cls: str, device: str, dtype):
 
 def dit_class(family: str):
     """Our native DiT for `family`: `from_pretrained(transformer_dir, device, dtype)` and diffusers' forward."""
-    try:  # TEMPORARY switch until the native DiTs land: diffusers' classes behind the same interface.
-        if family == "flux":
-            from diffserve.runtime.models.flux import FluxTransformer
+    if family == "flux":
+        from diffserve.runtime.models.flux import FluxTransformer
 
-            return FluxTransformer
-        if family == "wan":
-            from diffserve.runtime.models.wan import WanTransformer
+        return FluxTransformer
+    if family == "wan":
+        from diffserve.runtime.models.wan import WanTransformer
 
-            return WanTransformer
-    except ImportError:
-        return _DiffusersDiT(family)
+        return WanTransformer
     raise ModelLoadError(f"no native DiT for family {family!r}")
-
-
-class _DiffusersDiT:
-    def __init__(self, family):
-        self.cls = {"flux": "FluxTransformer2DModel", "wan": "WanTransformer3DModel"}[family]
-
-    def from_pretrained(self, folder, device, dtype):
-        return load_diffusers_model(Path(folder), self.cls, device, dtype)
 
 
 def load_dit(folder: Path, family: str, device: str, dtype):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from diffserve.runtime.api import GenerationRequest, GenerationResult, InvalidRequest
+from diffserve.runtime.api import GenerationRequest, GenerationResult
 from diffserve.runtime.pipelines import stages
 from diffserve.runtime.pipelines.base import NativePipeline
 
@@ -129,12 +129,7 @@ class FluxPipeline(NativePipeline):
     @staticmethod
     def img2img_timesteps(scheduler, p: stages.Plan) -> torch.Tensor:
         """Start `strength` of the way into the schedule: strength 1 is text-to-image from the image's noise."""
-        start = int(max(p.steps - min(p.steps * p.strength, p.steps), 0))
-        if start >= p.steps:
-            raise InvalidRequest(
-                f"strength {p.strength} with {p.steps} steps leaves no denoising step; "
-                "raise strength or num_inference_steps"
-            )
+        start = int(max(p.steps - min(p.steps * p.strength, p.steps), 0))  # < steps for any strength > 0
         scheduler.set_begin_index(start * scheduler.order)
         return scheduler.timesteps[start * scheduler.order :]
 

@@ -1,0 +1,338 @@
+"""Our stage pipelines against diffusers' own pipelines on the same tiny random models, prompts and seeds.
+
+Tolerance: everything runs in float32 on the CPU, and our pipelines do the same operations in the same
+order as diffusers' (the DiTs are ours, checked separately to < 1e-5 relative error), so the images agree
+to about 1e-5 relative before they are rounded to uint8. We compare our uint8 pixels with diffusers'
+float output x 255: each must be within 0.5 (the rounding) + 0.02 (1e-5 relative of 255, with margin)
+— i.e. our pixel is diffusers' pixel rounded, and can differ by one level only where diffusers' value
+sits within 0.02 of a rounding boundary.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from diffserve.runtime.api import GenerationCancelled, GenerationRequest, InvalidRequest
+from diffserve.runtime.runner import load_runner
+
+PIXEL_TOLERANCE = 0.5 + 0.02
+
+
+def _pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(im) for im in images]).astype(np.float64)
+
+
+def _assert_same_picture(ours: np.ndarray, reference: np.ndarray):
+    """reference: diffusers' float output in [0, 1], (..., H, W, 3); ours: uint8 values."""
+    assert ours.shape == reference.shape
+    err = np.abs(ours - reference * 255.0)
+    assert err.max() <= PIXEL_TOLERANCE, f"max |ours - diffusers| = {err.max():.4f} levels"
+    assert reference.std() > 0.05, "a flat reference image would not test anything"
+
+
+@pytest.fixture(scope="module")
+def flux(tiny_flux_dir):
+    return load_runner(str(tiny_flux_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def flux_reference(tiny_flux_dir):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def wan(tiny_wan_dir):
+    return load_runner(str(tiny_wan_dir), device="cpu")
+
+
+# ---- FLUX ----
+
+
+def test_flux_runner_facts(flux):
+    assert (flux.family, flux.task, flux.accepts_image, flux.model_id) == ("flux", "image", True, "model")
+    # diffusers' FluxPipeline defaults (FLUX.1-dev: guidance embedding present)
+    assert flux.defaults == {
+        "width": 1024,
+        "height": 1024,
+        "num_inference_steps": 28,
+        "guidance_scale": 3.5,
+        "strength": 0.6,
+    }
+
+
+def test_flux_text_to_image_matches_diffusers(flux, flux_reference):
+    kw = dict(prompt="a red fox in the snow", width=96, height=64, num_inference_steps=3, guidance_scale=4.0)
+    ours = flux.generate(GenerationRequest(seed=42, num_outputs=2, **kw))
+    ref = flux_reference(
+        kw["prompt"],
+        height=64,
+        width=96,
+        num_inference_steps=3,
+        guidance_scale=4.0,
+        num_images_per_prompt=2,
+        generator=torch.Generator().manual_seed(42),
+        output_type="np",
+    )
+    assert [im.size for im in ours.images] == [(96, 64)] * 2
+    _assert_same_picture(_pixels(ours.images), ref.images)
+    assert set(ours.timings) >= {"encode_text", "prepare_latents", "denoise", "decode", "total"}
+
+
+def test_flux_output_depends_on_seed_prompt_and_guidance(flux):
+    base = dict(prompt="a red fox", width=64, height=64, num_inference_steps=2, guidance_scale=3.5, seed=1)
+
+    def run(**change):
+        return _pixels(flux.generate(GenerationRequest(**{**base, **change})).images)
+
+    first = run()
+    np.testing.assert_array_equal(first, run())  # deterministic for one seed
+    for change in ({"seed": 2}, {"prompt": "a blue fox"}, {"guidance_scale": 1.0}):
+        assert np.abs(first - run(**change)).mean() > 0.5, f"{change} did not change the image"
+
+
+def test_flux_image_to_image_matches_diffusers(flux, flux_reference):
+    from diffusers import FluxImg2ImgPipeline
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    init = Image.fromarray(rng.integers(0, 256, (80, 112, 3), dtype=np.uint8))  # resized to 96x64 by both
+    buf = io.BytesIO()
+    init.save(buf, format="PNG")
+    ours = flux.generate(
+        GenerationRequest(
+            "a painting of a fox",
+            width=96,
+            height=64,
+            num_inference_steps=4,
+            guidance_scale=3.5,
+            seed=3,
+            image=buf.getvalue(),
+            strength=0.5,
+        )
+    )
+    ref_pipe = FluxImg2ImgPipeline.from_pipe(flux_reference)
+    ref = ref_pipe(
+        "a painting of a fox",
+        image=init,
+        height=64,
+        width=96,
+        num_inference_steps=4,
+        strength=0.5,
+        guidance_scale=3.5,
+        generator=torch.Generator().manual_seed(3),
+        output_type="np",
+    )
+    _assert_same_picture(_pixels(ours.images), ref.images)
+
+
+def test_flux_image_to_image_keeps_input_size_by_default(flux):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGBA", (70, 50), (200, 10, 10, 128)).save(buf, format="PNG")
+    steps = []
+    result = flux.generate(
+        GenerationRequest("x", image=buf.getvalue(), num_inference_steps=4, strength=0.5, seed=0),
+        on_step=lambda done, total: steps.append((done, total)),
+    )
+    assert result.images[0].size == (64, 48)  # rounded down to multiples of 16
+    assert steps == [(1, 2), (2, 2)]  # strength 0.5 of 4 steps
+
+
+def test_flux_schnell_defaults(tiny_flux_schnell_dir):
+    runner = load_runner(str(tiny_flux_schnell_dir), device="cpu")
+    assert runner.defaults["num_inference_steps"] == 4 and runner.defaults["guidance_scale"] == 0.0
+    result = runner.generate(GenerationRequest("a fox", width=32, height=48, seed=0))
+    assert result.images[0].size == (32, 48)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"width": 100}, "width must be a multiple of 16"),
+        ({"height": 8}, "height must be a multiple of 16"),
+        ({"num_inference_steps": 0}, "num_inference_steps must be between 1 and 1000"),
+        ({"guidance_scale": -1.0}, "guidance_scale must be between 0 and 100"),
+        ({"num_frames": 9}, "makes images: num_frames is not accepted"),
+        ({"num_outputs": 0}, "num_outputs must be a positive integer"),
+        ({"image": b"not an image"}, "input image could not be decoded"),
+    ],
+)
+def test_flux_invalid_requests(flux, change, message):
+    req = GenerationRequest(**{"prompt": "x", "width": 64, "height": 64, **change})
+    with pytest.raises(InvalidRequest, match=message):
+        flux.generate(req)
+
+
+def test_flux_strength_out_of_range(flux):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buf, format="PNG")
+    with pytest.raises(InvalidRequest, match=r"strength must be in \(0, 1\]"):
+        flux.generate(GenerationRequest("x", image=buf.getvalue(), strength=1.5))
+    # A small strength still runs one step (as diffusers: int(steps - steps * strength) < steps).
+    calls = []
+    flux.generate(
+        GenerationRequest("x", image=buf.getvalue(), strength=0.1, num_inference_steps=2),
+        on_step=lambda done, total: calls.append((done, total)),
+    )
+    assert calls == [(1, 1)]
+
+
+def test_on_step_called_once_per_step(flux):
+    calls = []
+    flux.generate(
+        GenerationRequest("x", width=32, height=32, num_inference_steps=5, seed=0),
+        on_step=lambda done, total: calls.append((done, total)),
+    )
+    assert calls == [(i, 5) for i in range(1, 6)]
+
+
+def test_cancellation_between_steps(flux):
+    calls = []
+    with pytest.raises(GenerationCancelled):
+        flux.generate(
+            GenerationRequest("x", width=32, height=32, num_inference_steps=6, seed=0),
+            on_step=lambda done, total: calls.append(done),
+            should_cancel=lambda: len(calls) >= 2,
+        )
+    assert calls == [1, 2]  # stopped before the third step
+
+
+def test_warmup(flux):
+    flux.warmup([(32, 32), (48, 32)])
+
+
+# ---- Wan ----
+
+
+def test_wan_runner_facts(wan):
+    assert (wan.family, wan.task, wan.accepts_image) == ("wan", "video", False)
+    assert wan.defaults == {
+        "width": 832,
+        "height": 480,
+        "num_frames": 81,
+        "num_inference_steps": 50,
+        "guidance_scale": 5.0,
+        "fps": 16,
+    }
+
+
+def test_wan_text_to_video_matches_diffusers(wan, tiny_wan_dir):
+    from diffusers import WanPipeline
+
+    ref_pipe = WanPipeline.from_pretrained(tiny_wan_dir)
+    ref_pipe.set_progress_bar_config(disable=True)
+    kw = dict(
+        negative_prompt="blurry,  static",
+        height=48,
+        width=64,
+        num_frames=9,
+        num_inference_steps=3,
+        guidance_scale=4.0,
+    )
+    ref = ref_pipe(
+        "waves  on a &amp; beach", generator=torch.Generator().manual_seed(11), output_type="np", **kw
+    )
+    steps = []
+    ours = wan.generate(
+        GenerationRequest("waves  on a &amp; beach", seed=11, **kw),
+        on_step=lambda done, total: steps.append(done),
+    )
+    assert steps == [1, 2, 3]
+    assert len(ours.videos) == 1 and len(ours.videos[0]) == 9 and ours.fps == 16
+    assert ours.videos[0][0].size == (64, 48)
+    _assert_same_picture(_pixels(ours.videos[0]), ref.frames[0])
+
+
+def test_wan_without_guidance_matches_diffusers(wan, tiny_wan_dir):
+    from diffusers import WanPipeline
+
+    ref_pipe = WanPipeline.from_pretrained(tiny_wan_dir)
+    ref_pipe.set_progress_bar_config(disable=True)
+    ref = ref_pipe(
+        "a cat",
+        height=32,
+        width=32,
+        num_frames=5,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    )
+    ours = wan.generate(
+        GenerationRequest(
+            "a cat", width=32, height=32, num_frames=5, num_inference_steps=2, guidance_scale=1.0, seed=0
+        )
+    )
+    _assert_same_picture(_pixels(ours.videos[0]), ref.frames[0])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_frames": 10}, r"num_frames must be 4\*k\+1"),
+        ({"width": 40}, "width must be a multiple of 16"),
+        ({"width": 16 * 40}, "between 16 and 512"),  # the tiny DiT's RoPE table covers 32 latent patches
+        ({"image": b"\x89PNG"}, "does not take an input image"),
+        ({"fps": 0}, "fps must be between 1 and 240"),
+    ],
+)
+def test_wan_invalid_requests(wan, change, message):
+    req = GenerationRequest(**{"prompt": "x", "width": 32, "height": 32, "num_frames": 5, **change})
+    with pytest.raises(InvalidRequest, match=message):
+        wan.generate(req)
+
+
+def test_wan_cancellation(wan):
+    with pytest.raises(GenerationCancelled):
+        wan.generate(
+            GenerationRequest("x", width=32, height=32, num_frames=5, num_inference_steps=3),
+            should_cancel=lambda: True,
+        )
+
+
+# ---- generic (SD3 through diffusers) ----
+
+
+def test_generic_family_runs_with_progress_and_matches_diffusers(tiny_generic_dir):
+    from diffusers import DiffusionPipeline
+
+    runner = load_runner(str(tiny_generic_dir), device="cpu")
+    assert (runner.family, runner.task, runner.accepts_image) == ("generic", "image", False)
+    assert runner.defaults["num_inference_steps"] == 28 and runner.defaults["guidance_scale"] == 7.0
+    for component in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        assert getattr(runner.pipeline.pipe, component).config._attn_implementation == "diffserve"
+    steps = []
+    ours = runner.generate(
+        GenerationRequest("a cat", width=64, height=48, num_inference_steps=3, seed=5),
+        on_step=lambda done, total: steps.append((done, total)),
+    )
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    ref_pipe = DiffusionPipeline.from_pretrained(tiny_generic_dir)
+    ref_pipe.set_progress_bar_config(disable=True)
+    ref = ref_pipe(
+        "a cat",
+        height=48,
+        width=64,
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(5),
+        output_type="np",
+    )
+    _assert_same_picture(_pixels(ours.images), ref.images)
+
+    with pytest.raises(GenerationCancelled):
+        runner.generate(
+            GenerationRequest("a cat", width=32, height=32, num_inference_steps=3), should_cancel=lambda: True
+        )
+    with pytest.raises(InvalidRequest, match="multiple of 8"):
+        runner.generate(GenerationRequest("a cat", width=30, height=32))
