@@ -108,6 +108,10 @@ def test_flux_guidance_changes_output_and_is_required():
         a = ours(**inputs)
         b = ours(**{**inputs, "guidance": torch.full((2,), 1.0)})
     assert _rel_err(a, b) > 1e-3
+    with torch.no_grad():  # a single timestep/guidance value is shared by the batch
+        shared = ours(**{**inputs, "timestep": torch.tensor(0.4), "guidance": 3.5})
+        batched = ours(**{**inputs, "timestep": torch.full((2,), 0.4), "guidance": torch.full((2,), 3.5)})
+    assert torch.equal(shared, batched)
     with pytest.raises(ValueError, match="guidance"):
         ours(**{**inputs, "guidance": None})
 
@@ -178,6 +182,14 @@ def test_from_pretrained_round_trip(tmp_path, family, shard):
     assert half.dtype == torch.bfloat16
     for name, p in ref_half.named_parameters():
         assert torch.equal(half.get_parameter(name), p), name
+    # bf16 forward, mixed with the float32-kept parameters, follows diffusers' own bf16 forward.
+    half_inputs = {
+        k: v.bfloat16() if k in ("hidden_states", "encoder_hidden_states", "pooled_projections") else v
+        for k, v in inputs.items()
+    }
+    with torch.no_grad():
+        got, expected = half(**half_inputs), ref_half(**half_inputs, return_dict=False)[0]
+    assert got.dtype == torch.bfloat16 and _rel_err(got, expected) < 1e-3
 
 
 def test_from_pretrained_truncated_file(tmp_path):

@@ -75,6 +75,8 @@ class NativeDiT(nn.Module):
         dtype: torch.dtype = torch.bfloat16,
     ):
         """Load a diffusers-format transformer directory (config.json + safetensors, sharded or not)."""
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype.removeprefix("torch."))
         config = cls.config_class.from_dict(read_config(transformer_dir))
         with torch.device("meta"):
             model = cls(config)
@@ -123,6 +125,12 @@ class NativeDiT(nn.Module):
     def cache_context(self, name: str, **kwargs):
         """No-op: diffusers' pipelines wrap each call in this for their step caches, which we do not use."""
         yield
+
+    @staticmethod
+    def _per_sample(t, batch: int, device: torch.device) -> torch.Tensor:
+        """Timesteps as given ((batch,), or (batch, seq) for per-token); a single value is shared by the batch."""
+        t = torch.as_tensor(t, device=device)
+        return t.reshape(1).expand(batch) if t.numel() == 1 else t
 
     @staticmethod
     def _output(sample: torch.Tensor, return_dict: bool):

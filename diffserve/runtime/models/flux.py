@@ -109,7 +109,9 @@ class FluxAttention(nn.Module):
         if context is None:
             return out
         n_txt = context.shape[1]
-        return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
+        # contiguous(): with batch > 1 the slices are strided, and strided GEMM inputs take a slower (and on
+        # the CPU, less accurate) path. A no-op for batch 1.
+        return self.to_out[0](out[:, n_txt:].contiguous()), self.to_add_out(out[:, :n_txt].contiguous())
 
 
 class FluxDualBlock(nn.Module):
@@ -214,9 +216,10 @@ class FluxTransformer(NativeDiT):
         img = self.x_embedder(hidden_states)
         # Rounding the timestep to the activation dtype before scaling follows the reference; the model was
         # trained and distilled with it.
-        timestep = timestep.to(img.dtype) * 1000
+        batch = img.shape[0]
+        timestep = self._per_sample(timestep, batch, img.device).to(img.dtype) * 1000
         if self.config.guidance_embeds:
-            guidance = guidance.to(img.dtype) * 1000
+            guidance = self._per_sample(guidance, batch, img.device).to(img.dtype) * 1000
         else:
             guidance = None  # schnell has no guidance embedder; pipelines may pass one anyway
         temb = self.time_text_embed(timestep, guidance, pooled_projections)

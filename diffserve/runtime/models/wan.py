@@ -203,6 +203,7 @@ class WanTransformer(NativeDiT):
         x = self._patchify(hidden_states)
 
         batch = x.shape[0]
+        timestep = self._per_sample(timestep, batch, x.device)
         temb, temb6, context = self.condition_embedder(timestep.flatten(), encoder_hidden_states)
         # One modulation per sample (batch, 1, ...) or per token (batch, seq, ...), broadcast over tokens.
         temb = temb.reshape(batch, -1, 1, temb.shape[-1])
