@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 
+import diffusers
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
-
-from diffserve.runtime.models.flux import FluxTransformer  # noqa: E402
-from diffserve.runtime.models.wan import WanTransformer  # noqa: E402
+from diffserve.runtime.models.flux import FluxTransformer
+from diffserve.runtime.models.wan import WanTransformer
 
 TOL = 1e-5
 

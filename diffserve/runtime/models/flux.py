@@ -79,7 +79,6 @@ class FluxAttention(nn.Module):
         self.to_q, self.to_k, self.to_v = (nn.Linear(dim, inner) for _ in range(3))
         self.norm_q = nn.RMSNorm(head_dim, eps=_EPS)
         self.norm_k = nn.RMSNorm(head_dim, eps=_EPS)
-        self.dual = dual
         if dual:
             self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(dim, inner) for _ in range(3))
             self.norm_added_q = nn.RMSNorm(head_dim, eps=_EPS)

@@ -116,7 +116,7 @@ class WanBlock(nn.Module):
             ).to(x.dtype)
         x = x + self.attn2(h, context=context)
         ff = self.ffn(norm_modulate(x, mlp_shift, mlp_scale, self.eps, upcast=True))
-        return gated_residual(x, ff.float(), mlp_gate)
+        return gated_residual(x, ff, mlp_gate)  # float32 gate: the sum is taken in float32
 
 
 class _ConditionEmbedder(nn.Module):
