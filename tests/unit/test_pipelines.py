@@ -304,7 +304,7 @@ def test_wan_cancellation(wan):
 # ---- generic (SD3 through diffusers) ----
 
 
-def test_generic_family_runs_with_progress_and_matches_diffusers(tiny_generic_dir):
+def test_generic_family_runs_with_progress_and_matches_diffusers(tiny_generic_dir, monkeypatch):
     from diffusers import DiffusionPipeline
 
     runner = load_runner(str(tiny_generic_dir), device="cpu")
@@ -312,12 +312,20 @@ def test_generic_family_runs_with_progress_and_matches_diffusers(tiny_generic_di
     assert runner.defaults["num_inference_steps"] == 28 and runner.defaults["guidance_scale"] == 7.0
     for component in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         assert getattr(runner.pipeline.pipe, component).config._attn_implementation == "diffserve"
+    # While the pipeline runs, the DiT's attention goes through our layer; torch's function is restored after.
+    from diffserve.runtime.layers import attention as attention_layer
+
+    routed, original = [], attention_layer.attention
+    monkeypatch.setattr(attention_layer, "attention", lambda *a, **k: routed.append(1) or original(*a, **k))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
     steps = []
     ours = runner.generate(
         GenerationRequest("a cat", width=64, height=48, num_inference_steps=3, seed=5),
         on_step=lambda done, total: steps.append((done, total)),
     )
     assert steps == [(1, 3), (2, 3), (3, 3)]
+    assert len(routed) >= 3 * 2, "two joint-attention layers per step"
+    assert torch.nn.functional.scaled_dot_product_attention is sdpa
     ref_pipe = DiffusionPipeline.from_pretrained(tiny_generic_dir)
     ref_pipe.set_progress_bar_config(disable=True)
     ref = ref_pipe(

@@ -1,0 +1,324 @@
+"""Denoising-step time of a whole pipeline, ours vs diffusers', side by side in one process, same weights.
+
+Models (random weights, bf16, full size; tokenizers are diffserve.testing's tiny offline ones, so the
+prompt token ids differ from the real tokenizers' but the sequence lengths do not):
+  flux: FLUX.1-dev — 12B DiT, CLIP-L, T5-XXL encoder, 16-channel AutoencoderKL — at 1024x1024, 28-step
+        schedule shape, guidance 3.5 (one DiT forward per step).
+  wan:  Wan2.1-T2V-1.3B — 1.3B DiT, UMT5-XXL encoder, AutoencoderKLWan — at 480x832, 81 frames, guidance
+        5.0 (classifier-free guidance: two DiT forwards per step).
+Every component is built directly on the GPU in bf16 and initialised there (seconds, no download, no
+disk). Our pipeline (diffserve.runtime.pipelines) and diffusers' FluxPipeline/WanPipeline share the text
+encoders, VAE and scheduler config; our native DiT takes the diffusers DiT's tensors (load_state_dict
+with assign=True), so memory holds one copy of the weights.
+
+Figure: ms per denoising step = median of the intervals between consecutive end-of-step callbacks
+(on_step for ours, callback_on_step_end for diffusers; each synchronises the GPU) over --steps steps,
+after one untimed warm-up generation per pipeline. A step is everything between two callbacks: the DiT
+forward(s), guidance, the scheduler step. Ours also reports its text-encoding and VAE-decode times.
+
+    python benchmarks/bench_pipeline.py [--family flux wan] [--steps 4]
+    python benchmarks/bench_pipeline.py --tiny     # CPU, tiny models: checks this script end to end
+
+Each figure is appended to benchmarks/results.jsonl (benchmarks/record.py); --tiny writes to a temporary
+file instead, so CPU figures never mix with GPU results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_dit import FULL as FULL_DIT  # noqa: E402  (one place for the full-size DiT configs)
+from bench_dit import init_weights_  # noqa: E402
+from record import RESULTS, record  # noqa: E402
+
+# fmt: off
+TEXT_ENCODERS = {
+    "clip-l": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                   num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu"),
+    "t5-xxl": dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                   relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                   feed_forward_proj="gated-gelu"),
+    "umt5-xxl": dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                     relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                     feed_forward_proj="gated-gelu"),
+}
+FLUX_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
+                scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+REQUESTS = {  # what each family is timed at: diffusers' defaults for these models
+    "flux": dict(full=dict(width=1024, height=1024, guidance_scale=3.5), label="FLUX.1-dev 1024x1024",
+                 tiny=dict(width=128, height=128, guidance_scale=3.5)),
+    "wan": dict(full=dict(width=832, height=480, num_frames=81, guidance_scale=5.0),
+                label="Wan2.1-1.3B 480x832x81", tiny=dict(width=64, height=64, num_frames=9, guidance_scale=5.0)),
+}
+# fmt: on
+PROMPT = "a red fox running through fresh snow at dawn, cinematic lighting"
+
+
+def on_device(device: torch.device, dtype: torch.dtype, build):
+    """Construct modules directly on `device` in `dtype`: a float32 CPU FLUX would need 48 GB first."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return build().eval().requires_grad_(False)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def keep_fp32_like_diffusers(model: torch.nn.Module) -> None:
+    """diffusers' from_pretrained keeps `_keep_in_fp32_modules` in float32 under bf16; do the same here."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, p in model.named_parameters():
+        if any(m in name.split(".") for m in keep):
+            p.data = p.data.float()
+
+
+def full_reference(family: str, device: torch.device, dtype: torch.dtype):
+    """diffusers' pipeline at full size, random weights, built on the GPU."""
+    import diffusers
+    import transformers
+
+    from diffserve.testing.tiny_models import clip_tokenizer, t5_tokenizer
+
+    dit_cls = {"flux": diffusers.FluxTransformer2DModel, "wan": diffusers.WanTransformer3DModel}[family]
+    dit = on_device(device, dtype, lambda: dit_cls(**FULL_DIT[family]["config"]))
+    init_weights_(dit)
+    keep_fp32_like_diffusers(dit)
+    t5_tok = t5_tokenizer(512)
+    t5_cfg = dict(
+        TEXT_ENCODERS["t5-xxl" if family == "flux" else "umt5-xxl"],
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    if family == "flux":
+        clip_tok = clip_tokenizer(77)
+        clip_cfg = transformers.CLIPTextConfig(
+            **TEXT_ENCODERS["clip-l"],
+            bos_token_id=clip_tok.bos_token_id,
+            eos_token_id=clip_tok.eos_token_id,
+            pad_token_id=clip_tok.pad_token_id,
+        )
+        return diffusers.FluxPipeline(
+            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
+            vae=on_device(device, dtype, lambda: diffusers.AutoencoderKL(**FLUX_VAE)),
+            text_encoder=on_device(device, dtype, lambda: transformers.CLIPTextModel(clip_cfg)),
+            tokenizer=clip_tok,
+            text_encoder_2=on_device(
+                device, dtype, lambda: transformers.T5EncoderModel(transformers.T5Config(**t5_cfg))
+            ),
+            tokenizer_2=t5_tok,
+            transformer=dit,
+        )
+    return diffusers.WanPipeline(
+        tokenizer=t5_tok,
+        text_encoder=on_device(
+            device, dtype, lambda: transformers.UMT5EncoderModel(transformers.UMT5Config(**t5_cfg))
+        ),
+        vae=on_device(device, dtype, lambda: diffusers.AutoencoderKLWan()),
+        transformer=dit,
+        scheduler=diffusers.UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+        ),
+    )
+
+
+def tiny_reference(family: str, device: torch.device):
+    from diffserve.testing import make_tiny_pipeline
+
+    return make_tiny_pipeline(family).to(device)
+
+
+def ours_from(reference, family: str, device: torch.device):
+    """Our pipeline over the reference's components; our native DiT takes the diffusers DiT's tensors."""
+    from diffserve.runtime.layers.text_attention import apply_to_text_encoder
+    from diffserve.runtime.loader import dit_class
+    from diffserve.runtime.pipelines import pipeline_class
+
+    ref_dit = reference.transformer
+    with torch.device("meta"):
+        dit = dit_class(family).from_config(dict(ref_dit.config))
+    dit.load_state_dict(ref_dit.state_dict(), strict=True, assign=True)
+    dit.eval().requires_grad_(False)
+    shared = {p.data_ptr() for p in ref_dit.parameters()}
+    assert all(p.data_ptr() in shared for p in dit.parameters()), "ours must share diffusers' tensors"
+    components = {name: c for name, c in reference.components.items() if c is not None}
+    components["transformer"] = dit
+    for name, c in components.items():
+        if name.startswith("text_encoder"):
+            apply_to_text_encoder(c)  # shared: diffusers' text encoding uses it too (not in the step time)
+    config = {k: v for k, v in reference.config.items() if not isinstance(v, (list, tuple))}
+    return pipeline_class(family)(components, dict(ref_dit.config), device, config)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_intervals(run, device: torch.device) -> tuple[list[float], object]:
+    """run(tick) generates and calls tick() after every step; returns (ms between consecutive ticks, what
+    run returned)."""
+    stamps: list[float] = []
+
+    def tick():
+        synchronize(device)
+        stamps.append(time.perf_counter())
+
+    out = run(tick)
+    return [(b - a) * 1e3 for a, b in zip(stamps[:-1], stamps[1:], strict=True)], out
+
+
+def run_family(family: str, args, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    from diffserve.runtime.api import GenerationRequest
+    from diffserve.runtime.layers.attention import get_attention_backend
+
+    spec = REQUESTS[family]
+    shape = spec["tiny" if args.tiny else "full"]
+    size = f"{shape['width']}x{shape['height']}" + (
+        f"x{shape['num_frames']}" if "num_frames" in shape else ""
+    )
+    label = f"tiny {family} {size}" if args.tiny else spec["label"]
+    t0 = time.perf_counter()
+    reference = tiny_reference(family, device) if args.tiny else full_reference(family, device, dtype)
+    reference.set_progress_bar_config(disable=True)
+    ours = ours_from(reference, family, device)
+    synchronize(device)
+    print(f"\n{label}: built in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    def run_ours(steps: int, tick=None):
+        req = GenerationRequest(PROMPT, num_inference_steps=steps, seed=0, **shape)
+        return ours(req, on_step=None if tick is None else (lambda done, total: tick()))
+
+    def run_diffusers(steps: int, tick=None):
+        def callback(pipe, i, t, tensors):
+            if tick is not None:
+                tick()
+            return tensors
+
+        return reference(
+            PROMPT,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(0),
+            callback_on_step_end=callback,
+            output_type="pil",
+            **shape,
+        )
+
+    rows = []
+    for impl, run in (("diffserve", run_ours), ("diffusers", run_diffusers)):
+        t = time.perf_counter()
+        run(2)  # warm-up: kernels, cuBLAS heuristics, attention backend resolution
+        synchronize(device)
+        warmup_s = time.perf_counter() - t
+        ms, result = step_intervals(lambda tick, run=run: run(args.steps, tick), device)
+        extra = {}
+        if impl == "diffserve":
+            timings = result.timings
+            extra = {
+                "encode_text_ms": round(timings["encode_text"] * 1e3, 2),
+                "decode_ms": round(timings["decode"] * 1e3, 2),
+                "attention": get_attention_backend(128, dtype).__name__,
+            }
+        row = dict(
+            model=label, impl=impl, ms=statistics.median(ms), steps=args.steps, warmup_s=warmup_s, **extra
+        )
+        rows.append(row)
+        print(
+            f"  {impl:9s}: {row['ms']:.2f} ms/step (intervals {', '.join(f'{v:.1f}' for v in ms)}), "
+            f"warm-up {warmup_s:.1f} s {extra or ''}",
+            flush=True,
+        )
+        if args.record:
+            record(
+                f"pipeline step: {label}",
+                impl,
+                row["ms"],
+                path=args.results,
+                steps=args.steps,
+                dtype=str(dtype).replace("torch.", ""),
+                **{k: v for k, v in row.items() if k in extra},
+            )
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | impl | ms / denoising step | vs diffusers |", "|---|---|---:|---:|"]
+    base = {r["model"]: r["ms"] for r in rows if r["impl"] == "diffusers"}
+    for r in rows:
+        ratio = f"{base[r['model']] / r['ms']:.2f}x" if r["model"] in base else ""
+        lines.append(f"| {r['model']} | {r['impl']} | {r['ms']:.2f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--family", nargs="+", choices=("flux", "wan"), default=["flux", "wan"])
+    p.add_argument("--steps", type=int, default=4, help="denoising steps timed (median of steps-1 intervals)")
+    p.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default=None,
+        help="default bfloat16 on the GPU, float32 with --tiny",
+    )
+    p.add_argument("--tiny", action="store_true", help="CPU, tiny models: an end-to-end check of the script")
+    p.add_argument("--no-record", dest="record", action="store_false", help="do not append to results")
+    p.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help=f"results file (default {RESULTS}; with --tiny a file in the temp dir)",
+    )
+    args = p.parse_args(argv)
+    if args.steps < 3:
+        p.error("--steps must be at least 3 (two intervals between end-of-step callbacks)")
+    if args.results is None:
+        args.results = Path(tempfile.gettempdir()) / "bench_pipeline_tiny.jsonl" if args.tiny else RESULTS
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.tiny:
+        device = torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        print(
+            "bench_pipeline.py needs a CUDA GPU (use --tiny for a CPU check of the script)", file=sys.stderr
+        )
+        return 2
+    dtype = getattr(torch, args.dtype or ("float32" if args.tiny else "bfloat16"))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {name}, torch {torch.__version__}, {dtype}")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    rows = []
+    for family in args.family:
+        rows += run_family(family, args, device, dtype)
+        gc.collect()  # the family's models went out of scope: free them before building the next
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print()
+    print(markdown(rows))
+    if args.record:
+        print(f"\nappended {len(rows)} rows to {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
