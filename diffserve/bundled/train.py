@@ -128,6 +128,11 @@ def train_dit(pipe, args, device, log) -> dict[str, torch.nn.Module]:
     params = [p for m in trained.values() for p in m.parameters()]
     for m in trained.values():
         m.train()
+    # Eager attention in the text encoders while training: with SDPA, T5's trainable relative-position bias
+    # (broadcast over the batch) goes through the memory-efficient kernel's backward, and the first training
+    # step on an H100 died in it (CUBLAS_STATUS_EXECUTION_FAILED). Saved configs do not keep this choice.
+    for m in (pipe.text_encoder, pipe.text_encoder_2):
+        m.set_attn_implementation("eager")
     pipe.vae.requires_grad_(False)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     rng = random.Random(f"dit:{args.seed}")
@@ -211,7 +216,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=DEFAULTS["default_width"])
     p.add_argument("--budget-s", type=float, default=480.0, help="wall time for both phases together")
-    p.add_argument("--vae-share", type=float, default=0.22, help="fraction of the budget for the VAE")
+    p.add_argument("--vae-share", type=float, default=0.2, help="fraction of the budget for the VAE")
     p.add_argument("--vae-steps", type=int, default=4000)
     p.add_argument("--vae-batch", type=int, default=64)
     p.add_argument("--vae-lr", type=float, default=1e-3)
