@@ -33,3 +33,9 @@ def tiny_wan_dir(tmp_path_factory):
 def tiny_generic_dir(tmp_path_factory):
     """A tiny Stable Diffusion 3 model: served through the generic diffusers path."""
     return _tiny(tmp_path_factory, "sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_wan22_dir(tmp_path_factory):
+    """A tiny Wan2.2-A14B-shaped model: two DiTs, the second below boundary_ratio of the schedule."""
+    return _tiny(tmp_path_factory, "wan2.2")

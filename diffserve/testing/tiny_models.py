@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("flux", "flux-schnell", "wan", "sd3")
+FAMILIES = ("flux", "flux-schnell", "wan", "wan2.2", "sd3")
 
 # Byte-level BPE maps every byte to a printable unicode character; this is that standard table.
 _BYTE_CHARS = [
@@ -178,7 +178,9 @@ def _flux(guidance_embeds: bool):
     )
 
 
-def _wan():
+def _wan(two_experts: bool = False):
+    """Wan2.1-T2V; two_experts: Wan2.2-A14B's layout, a second DiT for the low-noise steps below
+    boundary_ratio of the schedule."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
     tok = t5_tokenizer(512)
@@ -190,20 +192,24 @@ def _wan():
         num_res_blocks=1,
         temperal_downsample=[False, True, True],
     )
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
-        text_dim=te.config.d_model,
-        freq_dim=32,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    )
+
+    def dit():
+        model = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=16,
+            out_channels=16,
+            text_dim=te.config.d_model,
+            freq_dim=32,
+            ffn_dim=32,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        )
+        return randomize_zero_weights(model.eval())
+
     # Wan2.1-T2V-*-Diffusers ship UniPC with flow sigmas and shift 3.0.
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction",
@@ -215,7 +221,9 @@ def _wan():
         tokenizer=tok,
         text_encoder=te,
         vae=randomize_zero_weights(vae.eval()),
-        transformer=randomize_zero_weights(transformer.eval()),
+        transformer=dit(),
+        transformer_2=dit() if two_experts else None,
+        boundary_ratio=0.875 if two_experts else None,
         scheduler=scheduler,
     )
 
@@ -259,6 +267,7 @@ def make_tiny_pipeline(family: str, seed: int = 0):
         "flux": lambda: _flux(guidance_embeds=True),
         "flux-schnell": lambda: _flux(guidance_embeds=False),
         "wan": _wan,
+        "wan2.2": lambda: _wan(two_experts=True),
         "sd3": _sd3,
     }
     if family not in builders:
@@ -269,7 +278,7 @@ def make_tiny_pipeline(family: str, seed: int = 0):
 
 
 def make_tiny_model(family: str, path: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random `family` model ("flux", "flux-schnell", "wan" or the generic "sd3") in
+    """Write a tiny random `family` model (see FAMILIES; "sd3" is served by the generic path) in
     diffusers format to `path` (model_index.json, safetensors, configs, tokenizers) and return the path."""
     path = Path(path)
     pipe = make_tiny_pipeline(family, seed)

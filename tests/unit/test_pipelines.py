@@ -11,6 +11,8 @@ sits within 0.02 of a rounding boundary.
 from __future__ import annotations
 
 import io
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -84,6 +86,31 @@ def test_flux_text_to_image_matches_diffusers(flux, flux_reference):
     assert [im.size for im in ours.images] == [(96, 64)] * 2
     _assert_same_picture(_pixels(ours.images), ref.images)
     assert set(ours.timings) >= {"encode_text", "prepare_latents", "denoise", "decode", "total"}
+
+
+def test_flux_true_cfg_with_negative_prompt_matches_diffusers(flux, flux_reference):
+    ours = flux.generate(
+        GenerationRequest(
+            "a fox",
+            negative_prompt="blurry",
+            width=48,
+            height=32,
+            num_inference_steps=2,
+            seed=9,
+            extra={"true_cfg_scale": 2.5},
+        )
+    )
+    ref = flux_reference(
+        "a fox",
+        negative_prompt="blurry",
+        true_cfg_scale=2.5,
+        height=32,
+        width=48,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(9),
+        output_type="np",
+    )
+    _assert_same_picture(_pixels(ours.images), ref.images)
 
 
 def test_flux_output_depends_on_seed_prompt_and_guidance(flux):
@@ -275,6 +302,41 @@ def test_wan_without_guidance_matches_diffusers(wan, tiny_wan_dir):
         )
     )
     _assert_same_picture(_pixels(ours.videos[0]), ref.frames[0])
+
+
+def _wan_parity(runner, model_dir, steps: int = 4):
+    from diffusers import WanPipeline
+
+    ref_pipe = WanPipeline.from_pretrained(model_dir)
+    ref_pipe.set_progress_bar_config(disable=True)
+    kw = dict(height=32, width=48, num_frames=5, num_inference_steps=steps, guidance_scale=3.0)
+    ref = ref_pipe("a cat", generator=torch.Generator().manual_seed(2), output_type="np", **kw)
+    ours = runner.generate(GenerationRequest("a cat", seed=2, **kw))
+    _assert_same_picture(_pixels(ours.videos[0]), ref.frames[0])
+    return ours
+
+
+def test_wan22_two_experts_match_diffusers(tiny_wan22_dir):
+    runner = load_runner(str(tiny_wan22_dir), device="cpu")
+    assert runner.pipeline.boundary == 875.0 and runner.pipeline.transformer_2 is not None
+    used = []
+    for name in ("transformer", "transformer_2"):
+        model = getattr(runner.pipeline, name)
+        model.register_forward_hook(lambda *a, name=name: used.append(name))
+    _wan_parity(runner, tiny_wan22_dir)
+    assert "transformer" in used and "transformer_2" in used  # both experts ran
+
+
+def test_wan_per_token_timesteps_match_diffusers(tiny_wan_dir, tmp_path):
+    """Wan2.2 TI2V's expand_timesteps: one timestep per latent token."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_wan_dir, model)
+    index = json.loads((model / "model_index.json").read_text())
+    index["expand_timesteps"] = True
+    (model / "model_index.json").write_text(json.dumps(index))
+    runner = load_runner(str(model), device="cpu")
+    assert runner.pipeline.expand_timesteps
+    _wan_parity(runner, model, steps=2)
 
 
 @pytest.mark.parametrize(
