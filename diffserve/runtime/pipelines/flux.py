@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from diffserve.runtime.api import GenerationRequest, GenerationResult
+from diffserve.runtime.api import GenerationRequest, GenerationResult, InvalidRequest
 from diffserve.runtime.pipelines import stages
 from diffserve.runtime.pipelines.base import NativePipeline
 
@@ -72,7 +72,10 @@ class FluxPipeline(NativePipeline):
         return states.to(self.device), pooled.to(self.device)
 
     def run(self, p: stages.Plan, timings, on_step, should_cancel) -> GenerationResult:
-        n, true_cfg = p.num_outputs, float(p.extra.get("true_cfg_scale", 1.0))
+        n, true_cfg = (
+            p.num_outputs,
+            float(p.extra.get("true_cfg_scale", 1.0)),
+        )  # > 1: real CFG (negative prompt)
         with timings("encode_text"):
             states, pooled = (x.repeat_interleave(n, 0) for x in self.encode([p.prompt]))
             if true_cfg > 1 and p.negative_prompt is not None:
@@ -89,6 +92,7 @@ class FluxPipeline(NativePipeline):
             )
             timesteps, shape = scheduler.timesteps, (n, self.transformer_config["in_channels"] // 4, h, w)
             if p.image is None:
+                scheduler.set_begin_index(0)
                 latents = stages.gaussian(shape, gen, self.device, dtype)
             else:
                 timesteps = self.img2img_timesteps(scheduler, p)
@@ -134,4 +138,12 @@ class FluxPipeline(NativePipeline):
         return scheduler.timesteps[start * scheduler.order :]
 
     def plan(self, req: GenerationRequest) -> stages.Plan:
-        return stages.plan_request(req, self.defaults, self.rules, self.image_defaults)
+        plan = stages.plan_request(req, self.defaults, self.rules, self.image_defaults)
+        true_cfg = plan.extra.get("true_cfg_scale", 1.0)
+        if (
+            isinstance(true_cfg, bool)
+            or not isinstance(true_cfg, (int, float))
+            or not 1.0 <= true_cfg <= 100.0
+        ):
+            raise InvalidRequest(f"true_cfg_scale must be a number between 1 and 100, got {true_cfg!r}")
+        return plan

@@ -155,7 +155,8 @@ def load_image(data: bytes):
 
 
 class Timings(dict):
-    """stage name -> seconds; `with timings("denoise"): ...` adds to one entry."""
+    """stage name -> seconds; `with timings("denoise"): ...` adds to one entry. GPU work is asynchronous:
+    each stage waits for the device at its end so its time is its own (a few syncs per request)."""
 
     @contextlib.contextmanager
     def __call__(self, stage: str):
@@ -163,6 +164,8 @@ class Timings(dict):
         try:
             yield
         finally:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
             self[stage] = self.get(stage, 0.0) + time.perf_counter() - start
 
 
