@@ -188,6 +188,8 @@ def test_flux_schnell_defaults(tiny_flux_schnell_dir):
         ({"height": 8}, "height must be a multiple of 16"),
         ({"num_inference_steps": 0}, "num_inference_steps must be between 1 and 1000"),
         ({"guidance_scale": -1.0}, "guidance_scale must be between 0 and 100"),
+        ({"guidance_scale": "7"}, "guidance_scale must be a number"),
+        ({"seed": 1.5}, "seed must be an integer"),
         ({"num_frames": 9}, "makes images: num_frames is not accepted"),
         ({"num_outputs": 0}, "num_outputs must be a positive integer"),
         ({"image": b"not an image"}, "input image could not be decoded"),

@@ -91,7 +91,7 @@ def plan_request(
     steps = _int(req.num_inference_steps, defaults["num_inference_steps"], "num_inference_steps")
     if not 1 <= steps <= 1000:
         raise InvalidRequest(f"num_inference_steps must be between 1 and 1000, got {steps}")
-    guidance = float(defaults["guidance_scale"] if req.guidance_scale is None else req.guidance_scale)
+    guidance = _float(req.guidance_scale, defaults["guidance_scale"], "guidance_scale")
     if not 0.0 <= guidance <= 100.0:
         raise InvalidRequest(f"guidance_scale must be between 0 and 100, got {guidance}")
     if not isinstance(req.num_outputs, int) or req.num_outputs < 1:
@@ -126,7 +126,7 @@ def plan_request(
     elif req.num_frames not in (None, 1):
         raise InvalidRequest(f"this model ({rules.label}) makes images: num_frames is not accepted")
     if image is not None:
-        plan.strength = float(defaults.get("strength", 0.6) if req.strength is None else req.strength)
+        plan.strength = _float(req.strength, defaults.get("strength", 0.6), "strength")
         if not 0.0 < plan.strength <= 1.0:
             raise InvalidRequest(f"strength must be in (0, 1], got {plan.strength}")
     return plan
@@ -137,6 +137,13 @@ def _int(value, default, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise InvalidRequest(f"{name} must be an integer, got {value!r}")
     return int(value)
+
+
+def _float(value, default, name: str) -> float:
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise InvalidRequest(f"{name} must be a number, got {value!r}")
+    return float(value)
 
 
 def load_image(data: bytes):
