@@ -50,6 +50,7 @@ class GenerationResult:
     images: list[Any] = field(default_factory=list)
     videos: list[list[Any]] = field(default_factory=list)
     fps: Optional[int] = None
+    seed: Optional[int] = None  # the seed used (drawn at random when the request gave none)
     width: int = 0
     height: int = 0
     timings: dict[str, float] = field(default_factory=dict)  # stage name -> seconds

@@ -409,3 +409,12 @@ def test_generic_family_runs_with_progress_and_matches_diffusers(tiny_generic_di
         )
     with pytest.raises(InvalidRequest, match="multiple of 8"):
         runner.generate(GenerationRequest("a cat", width=30, height=32))
+
+
+def test_result_reports_the_seed_and_it_reproduces(flux):
+    kw = dict(prompt="a blue square", width=32, height=32, num_inference_steps=2)
+    drawn = flux.generate(GenerationRequest(**kw))
+    assert isinstance(drawn.seed, int)
+    again = flux.generate(GenerationRequest(seed=drawn.seed, **kw))
+    assert again.seed == drawn.seed
+    assert np.array_equal(_pixels(again.images), _pixels(drawn.images))

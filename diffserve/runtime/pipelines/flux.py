@@ -128,7 +128,7 @@ class FluxPipeline(NativePipeline):
         with timings("decode"):
             latents = unpack(latents, h, w) / self.vae.config.scaling_factor + self.vae.config.shift_factor
             images = stages.decode_images(self.vae, latents)
-        return GenerationResult(images=images, width=p.width, height=p.height)
+        return GenerationResult(images=images, width=p.width, height=p.height, seed=p.seed)
 
     @staticmethod
     def img2img_timesteps(scheduler, p: stages.Plan) -> torch.Tensor:

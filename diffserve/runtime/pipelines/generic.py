@@ -167,7 +167,7 @@ class GenericPipeline:
             kwargs["callback_on_step_end"] = step_end
         with timings("pipeline"), routed_attention():
             out = self.pipe(**kwargs)
-        result = GenerationResult(width=p.width, height=p.height, fps=p.fps)
+        result = GenerationResult(width=p.width, height=p.height, fps=p.fps, seed=p.seed)
         if self.task == "video":
             result.videos = [list(v) for v in out.frames]
         else:

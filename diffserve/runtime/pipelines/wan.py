@@ -96,7 +96,7 @@ class WanPipeline(NativePipeline):
             mean = torch.tensor(self.vae.config.latents_mean).view(view).to(latents)
             inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(view).to(latents)
             videos = stages.decode_videos(self.vae, latents / inv_std + mean)
-        return GenerationResult(videos=videos, width=p.width, height=p.height)
+        return GenerationResult(videos=videos, width=p.width, height=p.height, seed=p.seed)
 
     def plan(self, req: GenerationRequest) -> stages.Plan:
         return stages.plan_request(req, self.defaults, self.rules)
