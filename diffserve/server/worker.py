@@ -77,8 +77,9 @@ def classify(exc: BaseException) -> tuple[str, str]:
 class _Cancels:
     """Cancel requests arrive on their own queue; the runner polls them between denoising steps."""
 
-    def __init__(self, cancel_q):
+    def __init__(self, cancel_q, parent: int):
         self._q = cancel_q
+        self._parent = parent
         self.ids: set[str] = set()
 
     def drain(self) -> None:
@@ -88,9 +89,12 @@ class _Cancels:
             except queue.Empty:
                 return
 
+    def orphaned(self) -> bool:
+        return os.getppid() != self._parent  # the API process died without stopping us
+
     def all_cancelled(self, ids: list[str]) -> bool:
         self.drain()
-        return all(i in self.ids for i in ids)
+        return self.orphaned() or all(i in self.ids for i in ids)
 
 
 def _encode(items: list[WorkItem], counts: list[int], result) -> list[dict[str, Any]]:
@@ -181,17 +185,20 @@ def worker_main(cfg: WorkerConfig, req_q, cancel_q, res_q) -> None:
         res_q.close()
         res_q.join_thread()
         raise SystemExit(1) from None
-    cancels = _Cancels(cancel_q)
+    cancels = _Cancels(cancel_q, parent)
     while True:
         try:
             msg = req_q.get(timeout=1.0)
         except queue.Empty:
-            if os.getppid() != parent:  # the API process died without stopping us
-                return
-            continue
+            msg = False
         if msg is None:
             break
-        _, items = msg
-        run_batch(runner, items, cancels, res_q)
+        if msg:
+            run_batch(runner, msg[1], cancels, res_q)
+        if cancels.orphaned():
+            # Nobody will read what is left; this process holds the pipe's read end itself, so a full pipe
+            # would block the exit forever.
+            res_q.cancel_join_thread()
+            return
     res_q.close()
     res_q.join_thread()
