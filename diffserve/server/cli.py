@@ -28,7 +28,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.max_batch,
         help="outputs merged into one runner call for identical unseeded image requests",
     )
-    a("--request-timeout", type=float, default=d.request_timeout, help="seconds per request, queue included")
+    a(
+        "--request-timeout",
+        type=float,
+        default=d.request_timeout,
+        help="seconds per image request, queue included",
+    )
+    a("--video-timeout", type=float, default=d.video_timeout, help="seconds per video job, queue included")
     a(
         "--drain-timeout",
         type=float,
@@ -74,6 +80,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         attention_backend=args.attention_backend,
         warmup_resolutions=parse_resolutions(args.warmup_resolutions),
         runner_factory=args.runner_factory,
+        log_level=args.log_level,
     )
     return ServerConfig(
         worker=worker,
@@ -84,6 +91,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_queue=args.max_queue,
         max_batch=args.max_batch,
         request_timeout=args.request_timeout,
+        video_timeout=args.video_timeout,
         drain_timeout=args.drain_timeout,
         kill_grace=args.kill_grace,
         cors_origins=[o.strip() for o in (args.cors_origins or "").split(",") if o.strip()],

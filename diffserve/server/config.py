@@ -35,6 +35,7 @@ class WorkerConfig:
     # "module:function" called like load_runner(model=, device=, dtype=, attention_backend=). Other values
     # exist for tests (a deliberately slow or crashing runner) and for embedding a custom runtime.
     runner_factory: str = DEFAULT_RUNNER_FACTORY
+    log_level: str = "info"
 
 
 @dataclass
@@ -46,7 +47,8 @@ class ServerConfig:
     output_dir: Path = Path("diffserve-output")
     max_queue: int = 16  # requests waiting for the worker (not counting the batch it runs)
     max_batch: int = 4  # outputs merged into one runner call (identical unseeded image requests)
-    request_timeout: float = 600.0  # seconds from admission to result, images and video jobs alike
+    request_timeout: float = 600.0  # seconds from admission to result, for an image request
+    video_timeout: float = 3600.0  # the same for a video job (a large Wan video takes many minutes)
     drain_timeout: float = 30.0  # SIGTERM: how long in-flight work may finish before the process exits
     kill_grace: float = 30.0  # a worker that ignores a cancel this long after its deadline is killed
     cors_origins: list[str] = field(default_factory=list)  # empty -> no CORS headers at all
@@ -75,7 +77,7 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("request_timeout", "drain_timeout", "kill_grace", "image_ttl"):
+        for name in ("request_timeout", "video_timeout", "drain_timeout", "kill_grace", "image_ttl"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.api_key is not None and not self.api_key.strip():

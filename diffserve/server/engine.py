@@ -302,7 +302,7 @@ class Engine:
                 "queue_full", f"the queue is full ({self.cfg.max_queue} requests waiting); retry later"
             )
         t = Ticket(item)
-        t.timer = self._loop.call_later(self.cfg.request_timeout, self._expire, t)
+        t.timer = self._loop.call_later(self._timeout(t), self._expire, t)
         self._queue.append(t)
         self._idle.clear()
         self.metrics.queue_depth.set(len(self._queue))
@@ -363,10 +363,11 @@ class Engine:
         self._abort(t, EngineError(kind, message))
         return True
 
+    def _timeout(self, t: Ticket) -> float:
+        return self.cfg.video_timeout if t.item.kind == "video" else self.cfg.request_timeout
+
     def _expire(self, t: Ticket) -> None:
-        self._abort(
-            t, EngineError("timeout", f"the request did not finish within {self.cfg.request_timeout:g} s")
-        )
+        self._abort(t, EngineError("timeout", f"the request did not finish within {self._timeout(t):g} s"))
 
     def _abort(self, t: Ticket, error: EngineError) -> None:
         if t.done:

@@ -114,7 +114,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        # 400 here: Starlette's multipart parser (too many fields, a form field over its size limit)
+        code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_error"
+        )
         _count(request, code)
         return error_response(exc.status_code, str(exc.detail), code, headers=getattr(exc, "headers", None))
 

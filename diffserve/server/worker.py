@@ -163,7 +163,7 @@ def worker_main(cfg: WorkerConfig, req_q, cancel_q, res_q) -> None:
     # reach this process too: the API process decides when the worker stops, after draining.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parent = os.getppid()
     try:
         factory = resolve_factory(cfg.runner_factory)

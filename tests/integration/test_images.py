@@ -198,6 +198,15 @@ def test_api_key_required(flux_server):
         assert httpx.get(f"{flux_server.url}{path}", timeout=10).status_code == 200
 
 
+def test_cors_is_off_unless_configured(flux_server):
+    r = httpx.get(
+        f"{flux_server.url}/v1/models",
+        headers={**flux_server.headers(), "Origin": "http://app.example"},
+        timeout=10,
+    )
+    assert r.status_code == 200 and not any(h.startswith("access-control-") for h in r.headers)
+
+
 def test_models(flux_server):
     ids = [m.id for m in flux_server.openai().models.list()]
     assert ids == ["model", "flux", "flux-alias"]  # the directory's name, then the --served-model-name ones

@@ -20,7 +20,16 @@ from tests.integration.conftest import CLEAN_EXIT, FAKE_RUNNER, LiveServer, proc
 @pytest.fixture(scope="module")
 def server(tiny_flux_dir, tmp_path_factory):
     server = LiveServer(
-        ["--model", str(tiny_flux_dir), "--warmup-resolutions", "64x64", "--max-queue", "2"],
+        [
+            "--model",
+            str(tiny_flux_dir),
+            "--warmup-resolutions",
+            "64x64",
+            "--max-queue",
+            "2",
+            "--cors-origins",
+            "http://app.example",
+        ],
         tmp_path_factory.mktemp("resilience-out"),
     )
     # Started here but NOT waited for: the first test watches the warmup.
@@ -89,6 +98,20 @@ def test_client_disconnect_cancels_the_generation(server):
     assert server.metric("diffserve_requests_finished_total", task="image", outcome="cancelled") >= 1
 
 
+def test_client_hanging_up_on_a_plain_request_cancels_it(server):
+    server.wait_healthy()
+    stopped = server.metric("diffserve_worker_cancelled_total")
+    with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=server.url, timeout=1.0) as http:
+        http.post(
+            "/v1/images/generations",
+            json={"prompt": "impatient", "size": "64x64", "num_inference_steps": 200},
+        )
+    deadline = time.monotonic() + 20
+    while server.metric("diffserve_worker_cancelled_total") == stopped:
+        assert time.monotonic() < deadline, "the worker never stopped the abandoned request"
+        time.sleep(0.05)
+
+
 def test_killed_worker_fails_its_request_then_restarts(server):
     old_pid = server.worker_pid()
     restarts = server.metric("diffserve_worker_restarts_total")
@@ -130,7 +153,7 @@ def test_full_queue_answers_429_and_loses_nothing(server):
         with server.http() as http:
             return http.post(
                 "/v1/images/generations",
-                json={"prompt": f"crowd {i}", "size": "64x64", "num_inference_steps": 40, "seed": i},
+                json={"prompt": f"crowd {i}", "size": "64x64", "num_inference_steps": 20, "seed": i},
             )
 
     with cf.ThreadPoolExecutor(8) as pool:
@@ -185,3 +208,19 @@ def test_timeout_and_a_worker_that_ignores_cancel(tmp_path):
             assert http.post("/v1/images/generations", json={"prompt": "quick"}).status_code == 200
     finally:
         assert fake.stop() in CLEAN_EXIT
+
+
+def test_cors_only_for_configured_origins(server):
+    preflight = {
+        "Origin": "http://app.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
+    r = httpx.options(f"{server.url}/v1/images/generations", headers=preflight, timeout=5)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+    r = httpx.options(
+        f"{server.url}/v1/images/generations",
+        headers={**preflight, "Origin": "http://evil.example"},
+        timeout=5,
+    )
+    assert "access-control-allow-origin" not in r.headers
