@@ -247,9 +247,8 @@ class Engine:
             )
             self._kick()
         elif kind == "fatal":
-            self.last_error = msg[1]
+            self.last_error = msg[1]  # the worker has logged it; /health and on_fatal report it
             w.fatal = True
-            log.error("worker %d failed to start: %s", w.gen, msg[1])
         elif kind == "started":
             for t in self._tickets(msg[1]):
                 t.events.put_nowait(("started",))

@@ -1,0 +1,42 @@
+"""Starting without a loadable model, and the output directory's housekeeping (no server needed for the
+latter)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from diffserve.server.files import OutputFiles
+from tests.integration.conftest import REPO, free_port
+
+
+def test_unloadable_model_exits_with_the_reason(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffserve",
+        "serve",
+        "--model",
+        str(tmp_path / "missing"),
+        "--port",
+        str(free_port()),
+        "--output-dir",
+        str(tmp_path / "out"),
+    ]
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "cannot serve the model" in run.stderr and str(tmp_path / "missing") in run.stderr
+
+
+def test_expired_images_are_removed_and_names_are_checked(tmp_path):
+    files = OutputFiles(tmp_path)
+    old, new = files.save_image(b"old", "png"), files.save_image(b"new", "webp")
+    past = time.time() - 7200
+    os.utime(files.images / old, (past, past))
+    assert files.expire_images(ttl=3600) == 1
+    assert files.image_path(old) is None and files.image_path(new).read_bytes() == b"new"
+    (tmp_path / "secret.png").write_bytes(b"x")
+    for name in ("../secret.png", "secret.png", new.upper(), new + "/", "/etc/passwd"):
+        assert files.image_path(name) is None
