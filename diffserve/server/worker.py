@@ -107,6 +107,8 @@ def _encode(items: list[WorkItem], counts: list[int], result) -> list[dict[str, 
             "height": result.height,
             "fps": result.fps,
             "timings": dict(result.timings),
+            # The seed reproduces a request that ran alone; a share of a merged call has none of its own.
+            "seed": getattr(result, "seed", None) if len(items) == 1 else None,
         }
         if item.kind == "video":
             fps = result.fps or item.request.fps or 16

@@ -87,6 +87,15 @@ def test_seed_reproducible(flux_server):
     assert decode(outs[0]).tobytes() != decode(other).tobytes()
 
 
+def test_unseeded_request_reports_its_seed(flux_server):
+    with flux_server.http() as http:
+        body = {"model": "flux", "prompt": "lucky", "size": "64x64", "num_inference_steps": 2}
+        first = http.post("/v1/images/generations", json=body).json()
+        again = http.post("/v1/images/generations", json={**body, "seed": first["seed"]}).json()
+    assert isinstance(first["seed"], int) and again["seed"] == first["seed"]
+    assert again["data"][0]["b64_json"] == first["data"][0]["b64_json"]
+
+
 def test_sse_stream_progress_and_image(flux_server):
     with (
         flux_server.http() as http,

@@ -121,6 +121,7 @@ async def _run(request: Request, body, generation: GenerationRequest, event_pref
         "data": data,
         "output_format": body.output_format,
         "size": f"{payload['width']}x{payload['height']}",
+        "seed": payload.get("seed"),  # extension: the seed used, drawn at random when none was given
     }
 
 
