@@ -1,6 +1,7 @@
 """adaLN modulation pieces shared by FLUX and Wan blocks.
 
-Each elementwise step is one function, so a fused kernel can later replace it without touching the blocks.
+Each elementwise step is one function backed by diffserve.kernels.fused_ops.adaln: one Triton pass on CUDA
+(residual, norm and modulation together), the plain torch formula on the CPU and under torch.compile.
 Dtype rule: inputs may mix the activation dtype with float32 modulation tensors (Wan keeps its modulation
 in float32); ordinary type promotion decides the compute dtype, and results return in x.dtype.
 """
@@ -8,8 +9,9 @@ in float32); ordinary type promotion decides the compute dtype, and results retu
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from diffserve.kernels.fused_ops import adaln
 
 
 def norm_modulate(
@@ -20,13 +22,27 @@ def norm_modulate(
     upcast=True normalises in float32 (Wan's checkpoints expect it); FLUX normalises in the activation
     dtype. shift/scale broadcast against x: (batch, 1, dim) or per token (batch, seq, dim).
     """
-    normed = F.layer_norm(x.float() if upcast else x, (x.shape[-1],), eps=eps)
-    return (normed * (1 + scale) + shift).to(x.dtype)
+    return adaln(x, shift, scale, eps, upcast)[1]
 
 
-def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """x + y * gate, result in x.dtype (computed in float32 when gate is float32)."""
-    return (x + y * gate).to(x.dtype)
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """x + y * gate (gate None: x + y), result in x.dtype (computed in float32 when gate is float32)."""
+    return adaln(x, None, None, 0.0, residual=y, gate=gate, normalize=False)[0]
+
+
+def residual_norm_modulate(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor | None,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+    upcast: bool = False,
+    affine: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x', h): x' = gated_residual(x, y, gate) and h = norm_modulate(x', shift, scale) — or, with affine,
+    h = layer_norm(x', weight=scale, bias=shift) — in one pass over the tokens."""
+    return adaln(x, shift, scale, eps, upcast, residual=y, gate=gate, affine=affine)
 
 
 def clip_fp16(x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,9 @@ positions times frequencies in float32 lose precision for long sequences.
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from diffserve.kernels.fused_ops import qk_norm_rope
 
 
 def _angle_dtype(device: torch.device) -> torch.dtype:
@@ -49,8 +52,23 @@ def grid_rope(grid: tuple[int, int, int], axes_dim: tuple[int, int, int], device
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (batch, seq, heads, head_dim) by cos/sin (seq, head_dim // 2); computed in float32,
-    returned in x.dtype. One function so a fused kernel can replace it."""
-    xr, xi = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    out = torch.stack([xr * cos - xi * sin, xr * sin + xi * cos], dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    returned in x.dtype."""
+    return qk_norm_rope(x.flatten(2), None, 0.0, cos, sin, x.shape[-1], per_head=True)
+
+
+def norm_rope(
+    x: torch.Tensor,
+    norm: nn.RMSNorm | None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
+    head_dim: int,
+) -> torch.Tensor:
+    """A q or k projection (batch, seq, heads * head_dim) -> (batch, seq, heads, head_dim), RMS-normalised by
+    `norm` (over one head when its size is head_dim — FLUX —, over all heads otherwise — Wan) and rotated
+    by `rope` (cos, sin), either may be None. One pass on CUDA (fused_ops.qk_norm_rope); x may be a column
+    slice of a fused q|k|v projection."""
+    weight, eps, per_head = None, 0.0, True
+    if norm is not None:
+        weight, eps = norm.weight, norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+        per_head = norm.normalized_shape[-1] == head_dim
+    cos, sin = rope if rope is not None else (None, None)
+    return qk_norm_rope(x, weight, eps, cos, sin, head_dim, per_head)

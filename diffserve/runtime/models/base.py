@@ -135,3 +135,35 @@ class NativeDiT(nn.Module):
     @staticmethod
     def _output(sample: torch.Tensor, return_dict: bool):
         return sample if return_dict else (sample,)
+
+    def fuse_projections(self):
+        """Run every submodule's fuse_projections() (q|k|v, and FLUX's single-block q|k|v|mlp-in, become one
+        GEMM each; see fuse_linears). Call it once the model is loaded and on its device. Returns self."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "fuse_projections"):
+                module.fuse_projections()
+        return self
+
+
+def fuse_linears(owner: nn.Module, names: tuple[str, ...], fused: str) -> None:
+    """Concatenate the nn.Linear layers owner.<name> (dotted paths, all reading the same input) into one
+    weight and one bias, kept as non-persistent buffers `<fused>_weight` / `<fused>_bias` of owner, and make
+    each layer's parameters views into them.
+
+    One GEMM instead of several: fewer launches and wider, more efficient matmuls. The state dict keeps
+    diffusers' names and load_state_dict(strict=True) still works (it copies through the views), and memory
+    holds one copy. Fuse after the model is on its final device and dtype: .to() copies parameters one by
+    one, which would break the sharing (outputs stay right; memory would double). Idempotent."""
+    if getattr(owner, f"{fused}_weight", None) is not None:
+        return
+    layers = [owner.get_submodule(name) for name in names]
+    weight = torch.cat([layer.weight.detach() for layer in layers])
+    bias = torch.cat([layer.bias.detach() for layer in layers])
+    owner.register_buffer(f"{fused}_weight", weight, persistent=False)
+    owner.register_buffer(f"{fused}_bias", bias, persistent=False)
+    row = 0
+    for layer in layers:
+        rows = layer.weight.shape[0]
+        layer.weight = nn.Parameter(weight[row : row + rows], requires_grad=False)
+        layer.bias = nn.Parameter(bias[row : row + rows], requires_grad=False)
+        row += rows

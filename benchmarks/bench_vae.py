@@ -1,0 +1,201 @@
+"""Wan VAE decode, 81 frames at 480x832: diffusers' AutoencoderKLWan.decode vs diffserve's decode_wan_latents
+(whole frames, and strips of the high-resolution part), same VAE and latents, one process.
+
+Figures: ms per decode (median of --iters after one warm-up, CUDA events), peak GPU memory during the
+decode (torch.cuda.max_memory_allocated after a reset; it includes the VAE's weights and the latents, ~0.5 GB
+in bf16, so it is what the process needs), and the relative error of ours against diffusers' output.
+
+--memory-report writes the largest allocations live at diffusers' peak (torch.cuda.memory history, with
+the Python frames that made them) to --out-dir, to show what the peak is made of.
+
+    python benchmarks/bench_vae.py [--dtype bfloat16] [--tiles 1 2] [--memory-report]
+    python benchmarks/bench_vae.py --tiny      # CPU, tiny VAE: checks this script end to end
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from record import RESULTS, record  # noqa: E402
+
+FULL = dict(config=dict(), latents=(1, 16, 21, 60, 104), label="Wan2.1 VAE 480x832x81")  # diffusers' defaults
+TINY = dict(
+    config=dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
+    latents=(1, 4, 3, 4, 12),
+    label="tiny Wan VAE 32x96x9",
+)
+
+
+def build_vae(config: dict, device, dtype):
+    import diffusers
+
+    with torch.device(device):
+        vae = diffusers.AutoencoderKLWan(**config).to(dtype).eval().requires_grad_(False)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():  # random weights that keep activations in range: N(0, 0.02) kernels, norms near 1
+        for name, p in vae.named_parameters():
+            if "gamma" in name or name.endswith("norm.weight"):
+                p.normal_(1.0, 0.02, generator=gen)
+            else:
+                p.normal_(0.0, 0.02 if p.ndim > 1 else 0.01, generator=gen)
+    return vae
+
+
+def timed(fn, device, iters: int):
+    """(median ms, peak GB, output) over iters calls after one warm-up."""
+    out = fn()
+    del out
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        out = fn()
+        if device.type == "cuda":
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) < iters:
+            del out
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return statistics.median(times), peak, out
+
+
+def memory_report(fn, path: Path, top: int = 25) -> None:
+    """The largest blocks allocated during one call of fn that were live at its peak, with their frames."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
+    try:
+        out = fn()
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    del out
+    live: dict[int, tuple[int, list]] = {}
+    current = best = 0
+    at_peak: dict[int, tuple[int, list]] = {}
+    for event in snapshot["device_traces"][0]:
+        if event["action"] == "alloc":
+            live[event["addr"]] = (event["size"], event.get("frames", []))
+            current += event["size"]
+            if current > best:
+                best, at_peak = current, dict(live)
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            current -= live.pop(event["addr"])[0]
+    lines = [f"# live allocations at the peak of one call ({best / 2**30:.2f} GB above the start)", ""]
+    for size, frames in sorted(at_peak.values(), key=lambda sf: -sf[0])[:top]:
+        where = [
+            f"{f['filename'].rsplit('/', 2)[-1]}:{f['line']} {f['name']}"
+            for f in frames
+            if "torch/" not in f["filename"] or "nn/modules" in f["filename"]
+        ][:4]
+        lines.append(f"{size / 2**20:10.1f} MiB  " + " <- ".join(where))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:12]))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--tiles", type=int, nargs="+", default=[1, 2], help="strip counts to run for ours")
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--memory-report", action="store_true", help="what diffusers' peak is made of (GPU)")
+    p.add_argument("--profile", action="store_true", help="kernel table of ours with the first --tiles")
+    p.add_argument("--out-dir", type=Path, default=Path("."))
+    p.add_argument("--no-record", dest="record", action="store_false")
+    p.add_argument("--results", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.results is None:
+        args.results = Path(tempfile.gettempdir()) / "bench_vae_tiny.jsonl" if args.tiny else RESULTS
+
+    from diffserve.runtime.vae_decode import decode_wan_latents
+
+    device = torch.device("cpu" if args.tiny else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_vae.py needs a CUDA GPU (use --tiny for a CPU check of the script)", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype)
+    spec = TINY if args.tiny else FULL
+    vae = build_vae(spec["config"], device, dtype)
+    latents = torch.randn(spec["latents"], device=device, generator=torch.Generator(device).manual_seed(1))
+    latents = latents.to(dtype)
+    print(
+        f"{spec['label']}, latents {tuple(latents.shape)}, {args.dtype}, torch {torch.__version__}",
+        flush=True,
+    )
+
+    rows = []
+    with torch.inference_mode():
+        ms, peak, reference = timed(lambda: vae.decode(latents, return_dict=False)[0], device, args.iters)
+        rows.append(dict(impl="diffusers", ms=ms, peak_gb=peak, rel_err=0.0))
+        print(f"  diffusers        {ms:9.1f} ms  peak {peak or 0:6.2f} GB", flush=True)
+        for tiles in args.tiles:
+            ms, peak, out = timed(
+                lambda t=tiles: decode_wan_latents(vae, latents, tiles=t), device, args.iters
+            )
+            err = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
+            rows.append(dict(impl=f"ours-tiles{tiles}", ms=ms, peak_gb=peak, rel_err=err))
+            print(
+                f"  ours tiles={tiles:<4d} {ms:9.1f} ms  peak {peak or 0:6.2f} GB  rel err {err:.2e}",
+                flush=True,
+            )
+            del out
+        if args.memory_report and device.type == "cuda":
+            memory_report(
+                lambda: vae.decode(latents, return_dict=False)[0], args.out_dir / "vae_memory_diffusers.txt"
+            )
+            memory_report(
+                lambda: decode_wan_latents(vae, latents, tiles=args.tiles[0]),
+                args.out_dir / f"vae_memory_ours_tiles{args.tiles[0]}.txt",
+            )
+        if args.profile and device.type == "cuda":
+            from profile_kernels import profile_forward
+
+            profile_forward(
+                lambda: decode_wan_latents(vae, latents, tiles=args.tiles[0]),
+                args.out_dir / f"profile_vae_tiles{args.tiles[0]}.txt",
+                title=f"{spec['label']} decode_wan_latents tiles={args.tiles[0]}",
+                iters=1,
+            )
+    lines = ["| impl | ms | peak GB | rel err vs diffusers |", "|---|---:|---:|---:|"]
+    for r in rows:
+        peak = "-" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
+        lines.append(f"| {r['impl']} | {r['ms']:.1f} | {peak} | {r['rel_err']:.2e} |")
+        if args.record:
+            record(
+                f"vae_decode_{'tiny' if args.tiny else 'wan2.1_480x832x81'}",
+                r["impl"],
+                r["ms"],
+                path=args.results,
+                dtype=args.dtype,
+                peak_gb=None if r["peak_gb"] is None else round(r["peak_gb"], 2),
+                rel_err_vs_diffusers=r["rel_err"],
+                latents=list(spec["latents"]),
+                torch=torch.__version__,
+            )
+    print("\n" + "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

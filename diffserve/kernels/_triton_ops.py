@@ -1,0 +1,139 @@
+"""Triton kernels behind diffserve.kernels.fused_ops (imported only when Triton is there; the reference
+formulas and the dispatch live in fused_ops.py).
+
+Each program handles one token row, so every kernel is a single pass over the activations: the row is
+loaded once, reduced in registers (float32) and written once. Rows of a DiT are 1,536-5,120 wide, which
+fits a program's registers; the grids have thousands of rows, which fills the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _warps(block: int) -> int:
+    return 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
+def _row_strides(t: torch.Tensor | None, batch: int, seq: int) -> tuple[int, int]:
+    """(batch stride, seq stride) in elements of a modulation tensor broadcast to (batch, seq, dim); the
+    last dim must be contiguous. (dim,) tensors broadcast over both."""
+    if t is None:
+        return 0, 0
+    t = t.expand(batch, seq, t.shape[-1])
+    return t.stride(0), t.stride(1)
+
+
+def _last_dim_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+@triton.jit
+def _adaln_kernel(
+    X, R, GATE, SHIFT, SCALE, OUT_X, OUT_H,
+    seq, dim, sx_b, sx_s, sr_b, sr_s, sg_b, sg_s, ssh_b, ssh_s, ssc_b, ssc_s,
+    eps,
+    HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, NORMALIZE: tl.constexpr, AFFINE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    b = row // seq
+    s = row % seq
+    cols = tl.arange(0, BLOCK)
+    mask = cols < dim
+    x = tl.load(X + b * sx_b + s * sx_s + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(R + b * sr_b + s * sr_s + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GATE:
+            r = r * tl.load(GATE + b * sg_b + s * sg_s + cols, mask=mask, other=0.0).to(tl.float32)
+        x_out = (x + r).to(OUT_X.dtype.element_ty)
+        tl.store(OUT_X + row * dim + cols, x_out, mask=mask)
+        x = x_out.to(tl.float32)  # normalise the stream as stored, as the unfused code does
+    if NORMALIZE:
+        mean = tl.sum(x, axis=0) / dim
+        xc = tl.where(mask, x - mean, 0.0)
+        rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / dim + eps)
+        sh = tl.load(SHIFT + b * ssh_b + s * ssh_s + cols, mask=mask, other=0.0).to(tl.float32)
+        sc = tl.load(SCALE + b * ssc_b + s * ssc_s + cols, mask=mask, other=0.0).to(tl.float32)
+        if not AFFINE:
+            sc = sc + 1.0
+        tl.store(OUT_H + row * dim + cols, (xc * rstd * sc + sh).to(OUT_H.dtype.element_ty), mask=mask)
+
+
+def adaln_triton(x, shift, scale, eps, residual, gate, affine, normalize):
+    batch, seq, dim = x.shape
+    x, residual, gate, shift, scale = map(_last_dim_contiguous, (x, residual, gate, shift, scale))
+    out_x = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x
+    out_h = torch.empty(x.shape, device=x.device, dtype=x.dtype) if normalize else None
+    dummy = x  # pointer for absent operands (never read: the constexpr flags skip them)
+    block = triton.next_power_of_2(dim)
+    _adaln_kernel[(batch * seq,)](
+        x, residual if residual is not None else dummy, gate if gate is not None else dummy,
+        shift if shift is not None else dummy, scale if scale is not None else dummy,
+        out_x, out_h if out_h is not None else dummy,
+        seq, dim, x.stride(0), x.stride(1), *_row_strides(residual, batch, seq),
+        *_row_strides(gate, batch, seq), *_row_strides(shift, batch, seq), *_row_strides(scale, batch, seq),
+        eps,
+        HAS_RES=residual is not None, HAS_GATE=gate is not None, NORMALIZE=normalize, AFFINE=affine,
+        BLOCK=block, num_warps=_warps(block),
+    )  # fmt: skip
+    return out_x, out_h
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    X, W, COS, SIN, OUT,
+    seq, heads, sx_b, sx_s, eps,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    HAS_NORM: tl.constexpr, PER_HEAD: tl.constexpr, HAS_ROPE: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    b = row // seq
+    s = row % seq
+    h = tl.arange(0, BLOCK_H)[:, None]
+    i = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (h < heads) & (i < HALF)
+    # Channel pairs (2i, 2i+1) of every head: the even and odd halves as two (heads, head_dim/2) tiles.
+    offs = h * HEAD_DIM + 2 * i
+    x_even = tl.load(X + b * sx_b + s * sx_s + offs, mask=mask, other=0.0).to(tl.float32)
+    x_odd = tl.load(X + b * sx_b + s * sx_s + offs + 1, mask=mask, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        sq = x_even * x_even + x_odd * x_odd
+        if PER_HEAD:
+            rstd = tl.rsqrt(tl.sum(sq, axis=1) / HEAD_DIM + eps)[:, None]
+            w_offs = 0 * h + 2 * i
+        else:
+            rstd = tl.rsqrt(tl.sum(tl.sum(sq, axis=1), axis=0) / (heads * HEAD_DIM) + eps)
+            w_offs = offs
+        x_even = x_even * rstd * tl.load(W + w_offs, mask=mask, other=0.0).to(tl.float32)
+        x_odd = x_odd * rstd * tl.load(W + w_offs + 1, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ROPE:
+        c = tl.load(COS + s * HALF + i, mask=i < HALF, other=0.0)
+        sn = tl.load(SIN + s * HALF + i, mask=i < HALF, other=0.0)
+        rotated_even = x_even * c - x_odd * sn
+        x_odd = x_even * sn + x_odd * c
+        x_even = rotated_even
+    out = OUT + row * heads * HEAD_DIM + offs
+    tl.store(out, x_even.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(out + 1, x_odd.to(OUT.dtype.element_ty), mask=mask)
+
+
+def qk_norm_rope_triton(x, weight, eps, cos, sin, head_dim, per_head):
+    batch, seq, width = x.shape
+    heads = width // head_dim
+    if cos is not None:
+        cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    weight = weight.contiguous() if weight is not None else None
+    out = torch.empty(batch, seq, heads, head_dim, device=x.device, dtype=x.dtype)
+    half = head_dim // 2
+    block_h, block_half = triton.next_power_of_2(heads), triton.next_power_of_2(half)
+    _qk_norm_rope_kernel[(batch * seq,)](
+        x, weight if weight is not None else x, cos if cos is not None else x, sin if sin is not None else x,
+        out, seq, heads, x.stride(0), x.stride(1), eps,
+        HEAD_DIM=head_dim, HALF=half, BLOCK_H=block_h, BLOCK_HALF=block_half,
+        HAS_NORM=weight is not None, PER_HEAD=per_head, HAS_ROPE=cos is not None,
+        num_warps=_warps(block_h * block_half * 2),
+    )  # fmt: skip
+    return out

@@ -1,0 +1,180 @@
+"""Fused elementwise ops for the DiT blocks: Triton kernels on CUDA, the plain-torch reference elsewhere.
+
+The memory-bound work between the matmuls of a DiT block reads and writes the whole activation several
+times when written as torch ops (LayerNorm, then *(1+scale), then +shift, each a pass). Here each op is
+one pass:
+  adaln(...)          optional gated residual x + y*gate, then LayerNorm * (1 + scale) + shift (or an affine
+                      LayerNorm); returns the new residual stream and the modulated input of the next layer
+  qk_norm_rope(...)   RMSNorm of q or k (per head, or across all heads) then rotary embedding; reads the
+                      (possibly strided) projection output and writes (batch, seq, heads, head_dim)
+  linear_gelu(...)    x @ W^T + b followed by GELU(tanh), the GELU done in cuBLASLt's epilogue
+
+Which path runs: Triton when the tensors are on CUDA, Triton imports, the ops are enabled
+(DIFFSERVE_FUSED_OPS=0 or set_fused_ops(False) turns them off) and we are not inside torch.compile —
+Inductor fuses the reference code itself, and an opaque kernel would only stop it fusing across the
+boundary. Everywhere else (the CPU, CI, ROCm without Triton) the reference runs: it is the exact formula
+the blocks used before, so parity with diffusers on the CPU is unchanged.
+
+Numerics: the kernels compute in float32 and round once at the end; the reference rounds after some
+intermediate ops in the activation dtype. In bf16 the two differ by bf16 rounding (~4e-3 relative per
+element), which is the tolerance the GPU parity tests use.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+ENV_VAR = "DIFFSERVE_FUSED_OPS"
+_enabled: bool | None = None
+
+
+def set_fused_ops(enabled: bool | None) -> None:
+    """Force the Triton kernels on or off for this process (None: back to the environment's choice)."""
+    global _enabled
+    _enabled = enabled
+
+
+def fused_ops_enabled() -> bool:
+    if _enabled is not None:
+        return _enabled
+    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        from diffserve.kernels import _triton_ops  # noqa: F401  (imports triton)
+    except Exception:  # ImportError, or a broken Triton install: the reference path still works
+        return False
+    return True
+
+
+def _use_triton(*tensors: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling() or not fused_ops_enabled():
+        return False
+    return all(t.is_cuda for t in tensors) and triton_available()
+
+
+# ---------------------------------------------------------------- adaLN: residual + norm + modulation
+
+
+def adaln_reference(
+    x: torch.Tensor,
+    shift: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    eps: float,
+    upcast: bool = False,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    affine: bool = False,
+    normalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The formula in torch ops (the blocks' original code). See `adaln`."""
+    if residual is not None:
+        x = (x + (residual if gate is None else residual * gate)).to(x.dtype)
+    if not normalize:
+        return x, None
+    if affine:  # LayerNorm with its own weight (scale) and bias (shift), in float32 when upcast
+        w, b = (scale.float(), shift.float()) if upcast else (scale, shift)
+        h = F.layer_norm(x.float() if upcast else x, (x.shape[-1],), w, b, eps)
+        return x, h.to(x.dtype)
+    normed = F.layer_norm(x.float() if upcast else x, (x.shape[-1],), eps=eps)
+    return x, (normed * (1 + scale) + shift).to(x.dtype)
+
+
+def adaln(
+    x: torch.Tensor,
+    shift: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    eps: float,
+    upcast: bool = False,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    affine: bool = False,
+    normalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x', h) with x' = x + residual * gate (x' = x without residual; gate None means 1) and
+    h = LayerNorm(x') * (1 + scale) + shift — or LayerNorm(x') * scale + shift with affine=True (a LayerNorm's
+    own weight and bias) — or h = None with normalize=False.
+
+    x, residual: (batch, seq, dim); shift/scale/gate broadcast against them: (batch, 1, dim) per sample,
+    (batch, seq, dim) per token, or (dim,) for affine. Any float dtypes: the sum is taken in the promoted
+    dtype and returned in x.dtype; upcast=True normalises in float32 (else in x's dtype).
+    """
+    tensors = [t for t in (x, shift, scale, residual, gate) if t is not None]
+    if _use_triton(*tensors) and x.dim() == 3 and x.shape[-1] <= 16384:
+        from diffserve.kernels._triton_ops import adaln_triton
+
+        return adaln_triton(x, shift, scale, eps, residual, gate, affine, normalize)
+    return adaln_reference(x, shift, scale, eps, upcast, residual, gate, affine, normalize)
+
+
+# ---------------------------------------------------------------- q/k: RMSNorm + rotary embedding
+
+
+def qk_norm_rope_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    head_dim: int,
+    per_head: bool,
+) -> torch.Tensor:
+    """The formula in torch ops. See `qk_norm_rope`."""
+    if weight is not None:
+        if per_head:
+            x = F.rms_norm(x.unflatten(-1, (-1, head_dim)), (head_dim,), weight, eps)
+        else:
+            x = F.rms_norm(x, (x.shape[-1],), weight, eps).unflatten(-1, (-1, head_dim))
+    else:
+        x = x.unflatten(-1, (-1, head_dim))
+    if cos is None:
+        return x
+    # Channel pairs (2i, 2i+1) rotate by the angle whose cos/sin are column i; in float32.
+    xr, xi = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    out = torch.stack([xr * cos - xi * sin, xr * sin + xi * cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+def qk_norm_rope(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    head_dim: int,
+    per_head: bool,
+) -> torch.Tensor:
+    """x (batch, seq, heads * head_dim) — may be a column slice of a fused q|k|v projection — to
+    (batch, seq, heads, head_dim): RMSNorm with `weight` (None: no norm) over each head (per_head) or over
+    all heads together, then the rotary embedding cos/sin (seq, head_dim // 2), float32 (None: none)."""
+    tensors = [t for t in (x, weight, cos, sin) if t is not None]
+    if _use_triton(*tensors) and x.dim() == 3 and x.stride(-1) == 1 and x.shape[-1] <= 16384:
+        from diffserve.kernels._triton_ops import qk_norm_rope_triton
+
+        return qk_norm_rope_triton(x, weight, eps, cos, sin, head_dim, per_head)
+    return qk_norm_rope_reference(x, weight, eps, cos, sin, head_dim, per_head)
+
+
+# ---------------------------------------------------------------- linear + GELU(tanh)
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """GELU(tanh)(x @ weight^T + bias). On CUDA eager, one cuBLASLt call with a GELU epilogue (the hidden
+    activation, 4x the model width, is written once instead of written, read and written again)."""
+    if (
+        bias is not None
+        and x.is_cuda
+        and fused_ops_enabled()
+        and not torch.compiler.is_compiling()
+        and x.dtype in (torch.bfloat16, torch.float16)
+    ):
+        out = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return F.gelu(F.linear(x, weight, bias), approximate="tanh")

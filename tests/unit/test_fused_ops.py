@@ -1,0 +1,205 @@
+"""diffserve.kernels.fused_ops: the CPU fallback against formulas written out here, and (on a GPU) the
+Triton kernels against the fallback.
+
+GPU tolerance: the kernels compute in float32 and round once; the fallback rounds some intermediates to
+bf16, so in bf16 the two differ by about one bf16 rounding per element (relative error ~4e-3 worst case
+per element, ~1e-3 over a tensor); in float32 they agree to ~1e-6.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffserve.kernels import fused_ops as fo
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.double()
+    mean = x.mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(((x - mean) ** 2).mean(-1, keepdim=True) + eps)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (b, s, h, d): pair (2i, 2i+1) rotated by the angle of column i, as a complex product."""
+    pairs = torch.view_as_complex(x.double().unflatten(-1, (-1, 2)).contiguous())
+    rot = torch.complex(cos.double(), sin.double())[:, None, :]
+    return torch.view_as_real(pairs * rot).flatten(-2)
+
+
+@pytest.fixture(autouse=True)
+def _default_dispatch():
+    fo.set_fused_ops(None)
+    yield
+    fo.set_fused_ops(None)
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_adaln_fallback_matches_formula(per_token):
+    g = torch.Generator().manual_seed(0)
+    b, s, d = 2, 5, 24
+    x, y = torch.randn(b, s, d, generator=g), torch.randn(b, s, d, generator=g)
+    mod = (b, s if per_token else 1, d)
+    shift, scale, gate = (torch.randn(mod, generator=g) for _ in range(3))
+
+    x2, h = fo.adaln(x, shift, scale, 1e-6, residual=y, gate=gate)
+    expect_x = x.double() + y.double() * gate.double()
+    assert _rel(x2, expect_x) < 1e-6
+    assert _rel(h, _layer_norm(expect_x, 1e-6) * (1 + scale.double()) + shift.double()) < 1e-5
+
+    x_only, none = fo.adaln(x, None, None, 0.0, residual=y, gate=None, normalize=False)
+    assert none is None and torch.equal(x_only, x + y)
+
+    same, h = fo.adaln(x, shift, scale, 1e-6)  # no residual: x comes back as is
+    assert same is x and _rel(h, _layer_norm(x, 1e-6) * (1 + scale.double()) + shift.double()) < 1e-5
+
+    weight, bias = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    _, h = fo.adaln(x, bias, weight, 1e-6, upcast=True, affine=True)
+    assert _rel(h, _layer_norm(x, 1e-6) * weight.double() + bias.double()) < 1e-5
+
+
+def test_adaln_keeps_activation_dtype_with_float32_modulation():
+    g = torch.Generator().manual_seed(1)
+    x, y = (torch.randn(1, 4, 16, generator=g).bfloat16() for _ in range(2))
+    gate, shift, scale = (torch.randn(1, 1, 16, generator=g) for _ in range(3))  # float32, as in Wan
+    x2, h = fo.adaln(x, shift, scale, 1e-6, upcast=True, residual=y, gate=gate)
+    assert x2.dtype == h.dtype == torch.bfloat16
+    assert _rel(x2, x.double() + y.double() * gate.double()) < 4e-3  # summed in float32, rounded once
+
+
+@pytest.mark.parametrize("per_head", [True, False], ids=["per-head", "across-heads"])
+def test_qk_norm_rope_fallback_matches_formula(per_head):
+    g = torch.Generator().manual_seed(2)
+    b, s, heads, hd = 2, 6, 3, 8
+    qkv = torch.randn(b, s, 3 * heads * hd, generator=g)
+    q = qkv[..., : heads * hd]  # a column slice of a fused projection, as the models pass it
+    weight = torch.randn(hd if per_head else heads * hd, generator=g)
+    angles = torch.rand(s, hd // 2, generator=g) * 6.3
+    cos, sin = angles.cos(), angles.sin()
+
+    out = fo.qk_norm_rope(q, weight, 1e-6, cos, sin, hd, per_head)
+    assert out.shape == (b, s, heads, hd)
+    x = q.double().unflatten(-1, (heads, hd)) if per_head else q.double()
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight.double()
+    expected = _rope(normed.reshape(b, s, heads, hd), cos, sin)
+    assert _rel(out, expected) < 1e-5
+
+    # Rope only, and norm only.
+    assert (
+        _rel(fo.qk_norm_rope(q, None, 0.0, cos, sin, hd, True), _rope(q.unflatten(-1, (heads, hd)), cos, sin))
+        < 1e-6
+    )
+    assert (
+        _rel(fo.qk_norm_rope(q, weight, 1e-6, None, None, hd, per_head), normed.reshape(b, s, heads, hd))
+        < 1e-5
+    )
+
+
+def test_linear_gelu_fallback():
+    g = torch.Generator().manual_seed(3)
+    x, w, bias = (
+        torch.randn(3, 5, 8, generator=g),
+        torch.randn(16, 8, generator=g),
+        torch.randn(16, generator=g),
+    )
+    z = x.double() @ w.double().T + bias.double()
+    tanh_gelu = 0.5 * z * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (z + 0.044715 * z**3)))
+    assert _rel(fo.linear_gelu(x, w, bias), tanh_gelu) < 1e-6
+
+
+def test_switch_and_environment(monkeypatch):
+    monkeypatch.setenv(fo.ENV_VAR, "0")
+    assert not fo.fused_ops_enabled()
+    monkeypatch.setenv(fo.ENV_VAR, "1")
+    assert fo.fused_ops_enabled()
+    fo.set_fused_ops(False)
+    assert not fo.fused_ops_enabled()
+    # CPU tensors never take the Triton path.
+    fo.set_fused_ops(True)
+    assert not fo._use_triton(torch.zeros(1))
+
+
+# ---------------------------------------------------------------- GPU: Triton kernels against the fallback
+
+
+def _both(fn, *args, **kwargs):
+    """(Triton result, fallback result) of fused_ops.fn on the same CUDA inputs."""
+    fo.set_fused_ops(True)
+    fast = fn(*args, **kwargs)
+    fo.set_fused_ops(False)
+    slow = fn(*args, **kwargs)
+    fo.set_fused_ops(None)
+    return fast, slow
+
+
+@gpu
+@pytest.mark.parametrize(
+    "dtype,dim,mod_dtype,tol",
+    [
+        (torch.bfloat16, 3072, torch.bfloat16, 8e-3),  # FLUX: bf16 modulation, norm in bf16
+        (torch.bfloat16, 1536, torch.float32, 4e-3),  # Wan: float32 modulation, norm in float32
+        (torch.float32, 1000, torch.float32, 1e-5),  # not a power of two: masked tail
+    ],
+)
+@pytest.mark.parametrize("per_token", [False, True])
+def test_triton_adaln_matches_fallback(dtype, dim, mod_dtype, tol, per_token):
+    assert fo.triton_available(), "Triton must import on a CUDA machine"
+    g = torch.Generator(device="cuda").manual_seed(4)
+    b, s = 2, 333
+    x, y = (torch.randn(b, s, dim, device="cuda", generator=g).to(dtype) for _ in range(2))
+    mod = (b, s if per_token else 1, dim)
+    shift, scale, gate = (torch.randn(mod, device="cuda", generator=g).to(mod_dtype) * 0.5 for _ in range(3))
+    upcast = mod_dtype == torch.float32
+    for kwargs in (
+        dict(),
+        dict(residual=y, gate=gate),
+        dict(residual=y),
+        dict(residual=y, gate=gate, normalize=False),
+    ):
+        (fx, fh), (sx, sh) = _both(fo.adaln, x, shift, scale, 1e-6, upcast, **kwargs)
+        assert fx.dtype == sx.dtype == dtype and _rel(fx, sx) < tol, kwargs
+        if fh is not None:
+            assert _rel(fh, sh) < tol, kwargs
+    weight, bias = torch.randn(dim, device="cuda", generator=g), torch.randn(dim, device="cuda", generator=g)
+    (_, fh), (_, sh) = _both(fo.adaln, x, bias, weight, 1e-6, True, residual=y, gate=gate, affine=True)
+    assert _rel(fh, sh) < tol
+
+
+@gpu
+@pytest.mark.parametrize(
+    "heads,hd,per_head,dtype,tol",
+    [
+        (24, 128, True, torch.bfloat16, 8e-3),  # FLUX
+        (12, 128, False, torch.bfloat16, 8e-3),  # Wan
+        (3, 16, True, torch.float32, 1e-5),  # heads not a power of two
+    ],
+)
+def test_triton_qk_norm_rope_matches_fallback(heads, hd, per_head, dtype, tol):
+    g = torch.Generator(device="cuda").manual_seed(5)
+    b, s = 2, 257
+    qkv = torch.randn(b, s, 3 * heads * hd, device="cuda", generator=g).to(dtype)
+    k = qkv[..., heads * hd : 2 * heads * hd]  # strided rows, as from a fused projection
+    weight = torch.randn(hd if per_head else heads * hd, device="cuda", generator=g).to(dtype)
+    angles = torch.rand(s, hd // 2, device="cuda", generator=g) * 100
+    cos, sin = angles.cos(), angles.sin()
+    for args in ((weight, 1e-6, cos, sin), (None, 0.0, cos, sin), (weight, 1e-6, None, None)):
+        fast, slow = _both(fo.qk_norm_rope, k, *args, hd, per_head)
+        assert fast.shape == slow.shape == (b, s, heads, hd) and fast.dtype == dtype
+        assert _rel(fast, slow) < tol
+
+
+@gpu
+def test_linear_gelu_epilogue_matches_fallback():
+    g = torch.Generator(device="cuda").manual_seed(6)
+    x = torch.randn(2, 300, 512, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(2048, 512, device="cuda", generator=g) * 0.05).bfloat16()
+    bias = torch.randn(2048, device="cuda", generator=g).bfloat16()
+    fast, slow = _both(fo.linear_gelu, x, w, bias)
+    assert fast.shape == slow.shape and _rel(fast, slow) < 8e-3
