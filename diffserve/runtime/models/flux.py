@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffserve.runtime.layers.attention import attention
+from diffserve.runtime.distributed.ulysses import sequence_parallel_attention, shard_sequence
 from diffserve.runtime.layers.embeddings import MLPEmbedder, timestep_sinusoid
 from diffserve.runtime.layers.mlp import FeedForward, gelu_tanh
 from diffserve.runtime.layers.modulation import AdaLNProjection, clip_fp16, gated_residual, norm_modulate
@@ -104,7 +104,7 @@ class FluxAttention(nn.Module):
             )
             q, k, v = torch.cat([cq, q], dim=1), torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v).flatten(2)
+        out = sequence_parallel_attention(q, k, v).flatten(2)  # = attention() unless sequence-parallel
         if context is None:
             return out
         n_txt = context.shape[1]
@@ -212,6 +212,10 @@ class FluxTransformer(NativeDiT):
         diffusers' pipelines pass (joint_attention_kwargs, ...) are accepted and ignored."""
         if self.config.guidance_embeds and guidance is None:
             raise ValueError("this FLUX transformer has a guidance embedding (dev); pass guidance")
+        # Sequence parallelism (a no-op alone): this rank keeps its share of the image tokens; the text
+        # tokens stay whole and lead every joint attention.
+        seq = shard_sequence(hidden_states.shape[1], replicated_prefix=encoder_hidden_states.shape[1])
+        hidden_states = seq.shard(hidden_states, 1)
         img = self.x_embedder(hidden_states)
         # Rounding the timestep to the activation dtype before scaling follows the reference; the model was
         # trained and distilled with it.
@@ -227,7 +231,7 @@ class FluxTransformer(NativeDiT):
 
         # 3-D ids (with a batch dim) are a deprecated diffusers input; all rows are identical.
         txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
-        img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+        img_ids = seq.shard(img_ids[0] if img_ids.ndim == 3 else img_ids, 0)
         rope = axes_rope(torch.cat([txt_ids, img_ids]), self.config.axes_dims_rope)
 
         for block in self.transformer_blocks:
@@ -240,4 +244,4 @@ class FluxTransformer(NativeDiT):
 
         scale, shift = self.norm_out(cond.to(img.dtype))
         out = self.proj_out(norm_modulate(img, shift, scale, _EPS))
-        return self._output(out, return_dict)
+        return self._output(seq.gather(out, 1), return_dict)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffserve.runtime.distributed.ulysses import sequence_parallel_attention, shard_sequence
 from diffserve.runtime.layers.attention import attention
 from diffserve.runtime.layers.embeddings import MLPEmbedder, timestep_sinusoid
 from diffserve.runtime.layers.mlp import FeedForward
@@ -82,7 +83,9 @@ class WanAttention(nn.Module):
         q, k, v = (t.unflatten(-1, (self.heads, -1)) for t in (q, k, self.to_v(kv)))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return self.to_out[0](attention(q, k, v).flatten(2))
+        # Cross-attention keys are the text, whole on every rank: no exchange even when sequence-parallel.
+        out = attention(q, k, v) if context is not None else sequence_parallel_attention(q, k, v)
+        return self.to_out[0](out.flatten(2))
 
 
 class WanBlock(nn.Module):
@@ -201,6 +204,9 @@ class WanTransformer(NativeDiT):
             raise ValueError(f"latent grid {grid} exceeds rope_max_seq_len {c.rope_max_seq_len}")
         rope = grid_rope(grid, c.rope_axes, hidden_states.device)
         x = self._patchify(hidden_states)
+        # Sequence parallelism (a no-op alone): this rank keeps its share of the video tokens and their RoPE.
+        seq = shard_sequence(x.shape[1])
+        x, rope = seq.shard(x, 1), tuple(seq.shard(r, 0) for r in rope)
 
         batch = x.shape[0]
         timestep = self._per_sample(timestep, batch, x.device)
@@ -208,10 +214,12 @@ class WanTransformer(NativeDiT):
         # One modulation per sample (batch, 1, ...) or per token (batch, seq, ...), broadcast over tokens.
         temb = temb.reshape(batch, -1, 1, temb.shape[-1])
         temb6 = temb6.reshape(batch, -1, 6, temb.shape[-1])
+        if temb.shape[1] > 1:  # per-token modulation follows its tokens
+            temb, temb6 = seq.shard(temb, 1), seq.shard(temb6, 1)
 
         for block in self.blocks:
             x = block(x, context, temb6, rope)
 
         shift, scale = (self.scale_shift_table + temb).unbind(2)
         x = self.proj_out(norm_modulate(x, shift, scale, c.eps, upcast=True))
-        return self._output(self._unpatchify(x, grid), return_dict)
+        return self._output(self._unpatchify(seq.gather(x, 1), grid), return_dict)

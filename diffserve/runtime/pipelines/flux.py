@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from diffserve.runtime.api import GenerationRequest, GenerationResult, InvalidRequest
+from diffserve.runtime.distributed.cfg import cfg_pair
 from diffserve.runtime.pipelines import stages
 from diffserve.runtime.pipelines.base import NativePipeline
 
@@ -115,13 +116,16 @@ class FluxPipeline(NativePipeline):
                 txt_ids=txt_ids,
                 return_dict=False,
             )
-            out = self.transformer(encoder_hidden_states=states, pooled_projections=pooled, **common)[0]
-            if true_cfg > 1:
-                neg = self.transformer(
-                    encoder_hidden_states=neg_states, pooled_projections=neg_pooled, **common
-                )[0]
-                out = neg + true_cfg * (out - neg)
-            return out
+
+            def branch(text, text_pooled):
+                kwargs = dict(encoder_hidden_states=text, pooled_projections=text_pooled, **common)
+                return self.transformer(**kwargs)[0]
+
+            if true_cfg <= 1:
+                return branch(states, pooled)
+            # With --cfg-parallel the two branches run on different ranks at once (distributed/cfg.py).
+            out, neg = cfg_pair(lambda: branch(states, pooled), lambda: branch(neg_states, neg_pooled))
+            return neg + true_cfg * (out - neg)
 
         with timings("denoise"):
             latents = stages.denoise(scheduler, timesteps, latents, predict, on_step, should_cancel)

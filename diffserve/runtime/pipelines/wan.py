@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from diffserve.runtime.api import GenerationRequest, GenerationResult
+from diffserve.runtime.distributed.cfg import cfg_pair
 from diffserve.runtime.pipelines import stages
 from diffserve.runtime.pipelines.base import NativePipeline
 
@@ -80,13 +81,17 @@ class WanPipeline(NativePipeline):
                 timestep = (torch.ones(tokens, device=x.device) * t).expand(n, -1)
             else:
                 timestep = t.expand(n)
-            out = model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False)[0]
-            if cfg:
-                neg = model(
-                    hidden_states=x, timestep=timestep, encoder_hidden_states=uncond, return_dict=False
+
+            def branch(text):
+                return model(
+                    hidden_states=x, timestep=timestep, encoder_hidden_states=text, return_dict=False
                 )[0]
-                out = neg + scale * (out - neg)
-            return out
+
+            if not cfg:
+                return branch(cond)
+            # With --cfg-parallel the two branches run on different ranks at once (distributed/cfg.py).
+            out, neg = cfg_pair(lambda: branch(cond), lambda: branch(uncond))
+            return neg + scale * (out - neg)
 
         with timings("denoise"):
             latents = stages.denoise(scheduler, scheduler.timesteps, latents, predict, on_step, should_cancel)

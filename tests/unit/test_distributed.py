@@ -1,0 +1,247 @@
+"""Ulysses and CFG parallelism on the CPU: 2 and 4 gloo ranks give what 1 rank gives.
+
+Each world is spawned once (torch.multiprocessing, a free port on 127.0.0.1) and runs every layout of its
+size in turn: 2 ranks -> ulysses 2, cfg 2; 4 ranks -> ulysses 4, ulysses 2 x cfg 2. Under each, rank 0
+compares against its own unsharded run of the same code: FLUX and Wan DiT forwards (token counts the
+degree does not divide, so the padding path runs; Wan with per-token timesteps too) and whole 2-step
+generations (FLUX with true CFG and a negative prompt, Wan with CFG), through load_runner on tiny models
+widened to 4 heads so that Ulysses 4 has a head per rank.
+
+Tolerance: fp32, relative 1e-5 (norm of the difference over the norm of the reference). Sharding changes
+how many rows each matmul sees and how many heads each attention call gets, so the CPU kernels block and
+vectorise the sums differently: the results differ by rounding (about 1e-7 per operation), not exactly.
+A real mistake (a token or head out of place, RoPE on the wrong rows, padding attended to) gives O(1).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import save_file
+
+from diffserve.runtime.api import GenerationCancelled, GenerationRequest
+from diffserve.runtime.distributed import group as pg
+from diffserve.runtime.distributed.config import ParallelConfig, ParallelConfigError
+from diffserve.runtime.models.flux import FluxTransformer
+from diffserve.runtime.models.wan import WanTransformer
+
+TOL = 1e-5
+HEADS = 4
+# Token counts: FLUX 5x3 = 15 image tokens, Wan 3x3x5 = 45 video tokens (neither divisible by 2 or 4).
+FLUX_REQ = dict(
+    width=80,
+    height=48,
+    num_inference_steps=2,
+    seed=3,
+    negative_prompt="blurry",
+    extra={"true_cfg_scale": 4.0},
+)
+WAN_REQ = dict(width=80, height=48, num_frames=9, num_inference_steps=2, guidance_scale=5.0, seed=4,
+               negative_prompt="static")  # fmt: skip
+LAYOUTS = {2: [ParallelConfig(2), ParallelConfig(1, True)], 4: [ParallelConfig(4), ParallelConfig(2, True)]}
+
+
+def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.15 if p.ndim > 1 else 0.5))
+    return model.eval()
+
+
+def _widen(src, dst, cls, changes: dict, seed: int):
+    """A copy of the tiny model whose DiT has HEADS heads (same width), random weights."""
+    shutil.copytree(src, dst)
+    cfg_path = dst / "transformer" / "config.json"
+    config = {**json.loads(cfg_path.read_text()), **changes}
+    cfg_path.write_text(json.dumps(config))
+    for f in (dst / "transformer").glob("*.safetensors*"):
+        f.unlink()
+    model = _randomise(cls.from_config(config), seed)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              dst / "transformer" / "diffusion_pytorch_model.safetensors")  # fmt: skip
+    return dst
+
+
+@pytest.fixture(scope="module")
+def wide_models(tiny_flux_dir, tiny_wan_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("wide")
+    flux = _widen(tiny_flux_dir, root / "flux", FluxTransformer,
+                  dict(num_attention_heads=HEADS, attention_head_dim=8, axes_dims_rope=[2, 2, 4]), 1)  # fmt: skip
+    wan = _widen(
+        tiny_wan_dir, root / "wan", WanTransformer, dict(num_attention_heads=HEADS, attention_head_dim=6), 2
+    )
+    return str(flux), str(wan)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- what every rank runs -----------------------------------------------------------------------------
+
+
+def _dit_inputs(runner, family: str, per_token: bool = False) -> dict:
+    g = torch.Generator().manual_seed(7)
+    c = runner.pipeline.transformer.config
+    if family == "flux":
+        h, w, txt = 3, 5, 6
+        return dict(
+            hidden_states=torch.randn(2, h * w, c.in_channels, generator=g),
+            encoder_hidden_states=torch.randn(2, txt, c.joint_attention_dim, generator=g),
+            pooled_projections=torch.randn(2, c.pooled_projection_dim, generator=g),
+            timestep=torch.rand(2, generator=g),
+            img_ids=torch.randint(0, 8, (h * w, 3), generator=g).float(),
+            txt_ids=torch.zeros(txt, 3),
+            guidance=torch.full((2,), 3.5),
+            return_dict=False,
+        )
+    frames, h, w = 3, 6, 10  # 3 x 3 x 5 = 45 tokens after the 1x2x2 patches
+    tokens = frames * (h // 2) * (w // 2)
+    timestep = torch.rand(2, tokens, generator=g) * 1000 if per_token else torch.rand(2, generator=g) * 1000
+    return dict(
+        hidden_states=torch.randn(2, c.in_channels, frames, h, w, generator=g),
+        timestep=timestep,
+        encoder_hidden_states=torch.randn(2, 7, c.text_dim, generator=g),
+        return_dict=False,
+    )
+
+
+def _generate(runner, family: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(final latents, pixels, DiT forward calls) of one 2-step generation."""
+    latents, calls, vae, dit = [], [0], runner.pipeline.vae, runner.pipeline.transformer
+    decode = vae.decode
+    vae.decode = lambda z, *a, **k: latents.append(z.clone()) or decode(z, *a, **k)
+    hook = dit.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        req = GenerationRequest(prompt=f"a tiny {family}", **(FLUX_REQ if family == "flux" else WAN_REQ))
+        result = runner.generate(req)
+    finally:
+        hook.remove()
+        del vae.decode
+    frames = result.images if family == "flux" else result.videos[0]
+    pixels = torch.stack([torch.as_tensor(list(im.getdata())) for im in frames])
+    return latents[0], pixels, calls[0]
+
+
+def _note(seen: dict, key: str, value) -> None:  # a forward pre-hook must return None
+    seen[key] = value
+
+
+def _run_all(flux, wan) -> dict:
+    """Every output compared, under whatever parallel state is active."""
+    out, calls, tokens = {}, {}, {}
+    for family, runner in (("flux", flux), ("wan", wan)):
+        dit = runner.pipeline.transformer
+        first = (dit.transformer_blocks if family == "flux" else dit.blocks)[0]
+        hook = first.register_forward_pre_hook(lambda _, args, f=family: _note(tokens, f, args[0].shape[1]))
+        out[f"{family}_dit"] = dit(**_dit_inputs(runner, family))[0]
+        hook.remove()
+        if family == "wan":
+            out["wan_dit_per_token"] = dit(**_dit_inputs(runner, family, per_token=True))[0]
+        out[f"{family}_latents"], out[f"{family}_pixels"], calls[family] = _generate(runner, family)
+    return {"out": out, "dit_calls": calls, "tokens": tokens}
+
+
+def _rank_main(rank: int, world: int, port: int, models: tuple[str, str], results: str) -> None:
+    from diffserve.runtime.runner import load_runner
+
+    torch.set_num_threads(1)
+    flux, wan = (load_runner(m, device="cpu") for m in models)
+    first, *others = LAYOUTS[world]
+    states = [
+        pg.init_distributed(first, "cpu", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+    ]
+    states += [pg.build_state(config, "cpu") for config in others]
+    report = {}
+    with torch.inference_mode():
+        if rank == 0:
+            pg.activate(None)
+            report["reference"] = _run_all(flux, wan)
+        for state in states:
+            pg.activate(state)
+            report[state.config.describe()] = _run_all(flux, wan)
+        # Cancellation decided on rank 0 stops every rank at the same step (synced over the control group).
+        from diffserve.runtime.distributed.launch import synced_cancel
+
+        checks = []
+        cancel = synced_cancel(states[-1], lambda: len(checks) >= 2 if rank == 0 else True)
+        try:
+            wan.generate(
+                GenerationRequest(prompt="x", **WAN_REQ), should_cancel=lambda: checks.append(1) or cancel()
+            )
+            report["cancelled_after_checks"] = None
+        except GenerationCancelled:
+            report["cancelled_after_checks"] = len(checks)
+    torch.save(report, f"{results}/rank{rank}.pt")  # files: tensors in a queue would outlive their sender
+    pg.shutdown_distributed()
+
+
+def _spawn_world(world: int, models, results) -> dict[int, dict]:
+    port = _free_port()
+    mp.start_processes(
+        _rank_main, args=(world, port, models, str(results)), nprocs=world, start_method="spawn"
+    )
+    return {rank: torch.load(results / f"rank{rank}.pt") for rank in range(world)}
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_parallel_layouts_match_one_rank(world, wide_models, tmp_path):
+    reports = _spawn_world(world, wide_models, tmp_path)
+    ref = reports[0]["reference"]
+    for config in LAYOUTS[world]:
+        name = config.describe()
+        for rank in range(world):
+            got = reports[rank][name]
+            for key, value in ref["out"].items():
+                if key.endswith("pixels"):  # uint8 after rounding: a value may land on the other side of .5
+                    assert (got["out"][key] - value).abs().max() <= 1, (name, rank, key)
+                else:
+                    assert _rel_err(got["out"][key], value) < TOL, (name, rank, key)
+                # Every rank ends with the same tensors, bit for bit: they step their schedulers identically.
+                assert torch.equal(got["out"][key], reports[0][name]["out"][key]), (name, rank, key)
+            # The work really was split: with CFG parallelism each rank runs one DiT forward per step
+            # instead of two (2 steps; FLUX: 2 forwards per step only with true CFG).
+            # ... and each rank's blocks saw its share of the tokens: ceil(15 / P) image, ceil(45 / P) video.
+            share = -(-15 // config.ulysses_degree), -(-45 // config.ulysses_degree)
+            assert tuple(got["tokens"].values()) == share, (name, rank, got["tokens"])
+            per_step = 1 if config.cfg_parallel else 2
+            assert got["dit_calls"] == {"flux": 2 * per_step, "wan": 2 * per_step}, (
+                name,
+                rank,
+                got["dit_calls"],
+            )
+    assert {reports[r]["cancelled_after_checks"] for r in range(world)} == {2}
+
+
+# ---- configuration ------------------------------------------------------------------------------------
+
+
+def test_parallel_config_validation():
+    assert ParallelConfig(3, True).world_size == 6 and ParallelConfig().world_size == 1
+    with pytest.raises(ParallelConfigError, match="at least 1"):
+        ParallelConfig(0)
+    with pytest.raises(ParallelConfigError, match="12 attention heads.*1, 2, 3, 4, 6, 12"):
+        ParallelConfig(8).check_model("wan", 12, "Wan2.1-1.3B")
+    ParallelConfig(4, True).check_model("flux", 24)
+    with pytest.raises(ParallelConfigError, match="FLUX and Wan"):
+        ParallelConfig(2).check_model("generic", 8, "sd3")
+    with pytest.raises(ParallelConfigError, match="needs exactly 4 processes.*has 2"):
+        ParallelConfig(2, True).check_world_size(2)
+    with pytest.raises(ParallelConfigError, match="needs 4 cuda devices"):
+        ParallelConfig(4).check_devices("cuda", 2)
+    assert pg.backend_for(torch.device("cpu")) == "gloo" and pg.backend_for(torch.device("cuda", 1)) == "nccl"
+    assert not dist.is_initialized() and pg.current() is None
