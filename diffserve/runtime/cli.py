@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from diffserve.runtime.distributed.config import ParallelConfigError, add_parallel_arguments
+
 
 def parse_size(text: str) -> tuple[int, int]:
     try:
@@ -59,6 +61,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         help="output file: .png, .jpg, .webp (images) or .mp4 (videos)",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_parallel_arguments(parser)  # --ulysses-degree, --cfg-parallel (multi-GPU; also under torchrun)
 
 
 def _quiet_libraries() -> None:
@@ -78,9 +81,10 @@ def _fail(message: str) -> int:
 
 def run_generate(args: argparse.Namespace) -> int:
     from diffserve.runtime.api import GenerationCancelled, GenerationRequest, InvalidRequest
+    from diffserve.runtime.distributed.launch import load_parallel_runner
     from diffserve.runtime.loader import ModelLoadError
     from diffserve.runtime.outputs import VIDEO_FORMATS, output_format, save_result
-    from diffserve.runtime.runner import OutOfMemory, load_runner
+    from diffserve.runtime.runner import OutOfMemory
 
     try:
         fmt = output_format(args.output)
@@ -106,7 +110,14 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     bar = None
     try:
-        runner = load_runner(args.model, args.device, args.dtype, args.attention_backend)
+        runner = load_parallel_runner(
+            args.model,
+            args.device,
+            args.dtype,
+            args.attention_backend,
+            ulysses_degree=args.ulysses_degree,
+            cfg_parallel=args.cfg_parallel,
+        )
         wants = "video" if fmt in VIDEO_FORMATS else "image"
         if wants != runner.task:
             suffix = ".mp4" if runner.task == "video" else ".png, .jpg or .webp"
@@ -124,7 +135,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
         start = time.perf_counter()
         result = runner.generate(req, on_step=on_step)
-    except (ModelLoadError, InvalidRequest, OutOfMemory) as e:
+    except (ModelLoadError, InvalidRequest, OutOfMemory, ParallelConfigError) as e:
         return _fail(str(e))
     except (KeyboardInterrupt, GenerationCancelled):
         print("\ndiffserve generate: interrupted", file=sys.stderr)

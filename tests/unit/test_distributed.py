@@ -16,8 +16,11 @@ A real mistake (a token or head out of place, RoPE on the wrong rows, padding at
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -288,3 +291,47 @@ def test_launcher_refuses_bad_layouts_before_starting(tiny_flux_dir):
     assert not dist.is_initialized()
     # A world of one is plain load_runner.
     assert type(load_parallel_runner(str(tiny_flux_dir), device="cpu")) is Runner
+
+
+# ---- `diffserve generate --ulysses-degree/--cfg-parallel`: spawned, and under torchrun -----------------
+
+
+def _cli(*args: str, torchrun: int = 0) -> subprocess.CompletedProcess:
+    launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={torchrun}"] if torchrun else []
+    cmd = [sys.executable, *launcher, "-m", "diffserve", "generate", "--device", "cpu", "-q", *args]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+
+
+def test_generate_cli_spreads_over_ranks(wide_models, tmp_path):
+    from PIL import Image
+
+    from diffserve.runtime.runner import load_runner
+
+    flux, wan = wide_models
+    common = ["--prompt", "a tiny flux", "--size", "80x48", "--steps", "2", "--seed", "3"]
+    done = _cli("--model", flux, *common, "--ulysses-degree", "2", "-o", str(tmp_path / "u2.png"))
+    assert done.returncode == 0, done.stderr
+    req = GenerationRequest("a tiny flux", width=80, height=48, num_inference_steps=2, seed=3)
+    ref = np.asarray(load_runner(flux, device="cpu").generate(req).images[0], dtype=np.int16)
+    assert np.abs(np.asarray(Image.open(tmp_path / "u2.png"), dtype=np.int16) - ref).max() <= 1
+    # The flags reach the layout check: 4 heads do not split 3 ways.
+    bad = _cli("--model", flux, *common, "--ulysses-degree", "3", "-o", str(tmp_path / "u3.png"))
+    assert bad.returncode == 2 and "4 attention heads" in bad.stderr and "1, 2, 4" in bad.stderr
+    # Under torchrun every rank runs the command; rank 0 alone writes the video, the other follows it.
+    video = [
+        "--prompt",
+        "waves",
+        "--negative-prompt",
+        "still",
+        "--size",
+        "32x32",
+        "--frames",
+        "5",
+        "--steps",
+        "2",
+    ]
+    run = _cli("--model", wan, *video, "--cfg-parallel", "-o", str(tmp_path / "cfg.mp4"), torchrun=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("wrote ") == 1 and (tmp_path / "cfg.mp4").stat().st_size > 0

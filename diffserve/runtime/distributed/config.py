@@ -93,7 +93,8 @@ def add_parallel_arguments(parser) -> None:
         "--cfg-parallel",
         action="store_true",
         help="run the conditional and unconditional branches of classifier-free guidance on two groups of "
-        "GPUs at once (GPUs used: 2 x the Ulysses degree)",
+        "GPUs at once (GPUs used: 2 x the Ulysses degree); speeds up guided requests only (Wan with "
+        "guidance > 1, FLUX with true CFG)",
     )
 
 
