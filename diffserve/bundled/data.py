@@ -234,31 +234,45 @@ def _split_words(text: str) -> list[str]:
     return out + ([word] if word else [])
 
 
+def scene_params(scenes: list[Scene]) -> torch.Tensor:
+    """(N, 10) float rows: cx, cy, half (fractions), shape index, object RGB, background RGB (0..1)."""
+    return torch.tensor(
+        [
+            [s.cx, s.cy, s.half, SHAPES.index(s.shape)]
+            + [c / 255 for c in COLOURS[s.colour]]
+            + [c / 255 for c in BACKGROUNDS[s.background]]
+            for s in scenes
+        ],
+        dtype=torch.float32,
+    )
+
+
 def render(scenes: list[Scene], size: int, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Pictures of the scenes as a float tensor (N, 3, size, size) in [0, 1], edges anti-aliased.
+    """Pictures of the scenes as a float tensor (N, 3, size, size) in [0, 1], edges anti-aliased."""
+    return render_params(scene_params(scenes).to(device), size)
+
+
+def render_params(params: torch.Tensor, size: int) -> torch.Tensor:
+    """render() from scene_params() rows already on the target device (the trainer builds them elsewhere).
 
     Each shape is a signed distance (negative inside, in pixels); coverage = clamp(0.5 - d) gives a one-pixel
     soft edge, which is what a rasteriser with box-filter anti-aliasing would draw.
     """
-    n = len(scenes)
-    f = dict(device=device, dtype=torch.float32)
-    cx = torch.tensor([s.cx for s in scenes], **f).view(n, 1, 1) * size
-    cy = torch.tensor([s.cy for s in scenes], **f).view(n, 1, 1) * size
-    h = torch.tensor([s.half for s in scenes], **f).view(n, 1, 1) * size
-    kind = torch.tensor([SHAPES.index(s.shape) for s in scenes], device=device).view(n, 1, 1)
-    coords = torch.arange(size, **f) + 0.5
+    n = params.shape[0]
+    p = params.view(n, 10, 1, 1)
+    cx, cy, h, kind = p[:, 0] * size, p[:, 1] * size, p[:, 2] * size, p[:, 3].round()
+    coords = torch.arange(size, device=params.device, dtype=torch.float32) + 0.5
     y, x = coords.view(1, size, 1), coords.view(1, 1, size)
     dx, dy = x - cx, y - cy
     circle = torch.sqrt(dx * dx + dy * dy) - h
     square = torch.maximum(dx.abs(), dy.abs()) - h
     # Upright isosceles triangle: apex (cx, cy - h), base corners (cx +- h, cy + h). The slanted sides are the
     # lines 2|dx| - dy - h = 0 with outward normals (+-2, -1)/sqrt(5); the base is dy = h.
-    slant = (2 * dx.abs() - (dy + h)) / 5**0.5
+    slant = (2 * dx.abs() - dy - h) / 5**0.5
     triangle = torch.maximum(slant, dy - h)
     dist = torch.where(kind == 0, circle, torch.where(kind == 1, square, triangle))
     cover = (0.5 - dist).clamp(0, 1).unsqueeze(1)
-    fg = torch.tensor([COLOURS[s.colour] for s in scenes], **f).view(n, 3, 1, 1) / 255
-    bg = torch.tensor([BACKGROUNDS[s.background] for s in scenes], **f).view(n, 3, 1, 1) / 255
+    fg, bg = params[:, 4:7].view(n, 3, 1, 1), params[:, 7:10].view(n, 3, 1, 1)
     return bg + (fg - bg) * cover
 
 

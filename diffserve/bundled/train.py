@@ -7,11 +7,11 @@ Two phases, both on freshly rendered batches (data.render on the training device
    deviation are written into its config as shift_factor / scaling_factor, the way FLUX's VAE has them;
 2. the FluxTransformer2DModel together with both text encoders (all three small, so they learn the
    caption words jointly; frozen random encoders would leave the words' meaning to the DiT alone), with
-   FLUX's rectified-flow objective: x_t = (1 - t) x0 + t noise, predict noise - x0. Everything that turns a
-   prompt and a picture into model inputs is FluxPipeline's own code (encode_prompt with max_sequence_length
-   512, _pack_latents, _prepare_latent_image_ids, timestep in [0, 1]), so training sees exactly what
-   FluxPipeline gives the model at sampling time. Training times t are logit-normal, then shifted with the
-   same resolution-dependent mu that FluxPipeline computes from the scheduler config, so they concentrate where
+   FLUX's rectified-flow objective: x_t = (1 - t) x0 + t noise, predict noise - x0. The model inputs are
+   those FluxPipeline builds at sampling time: its _pack_latents and _prepare_latent_image_ids, timestep
+   in [0, 1], prompts padded to max_sequence_length 512 (prompt_ids/encode_text reproduce encode_prompt, which
+   tests/unit/test_bundled.py checks). Training times t are logit-normal, then shifted with the same
+   resolution-dependent mu that FluxPipeline computes from the scheduler config, so they concentrate where
    the sampler's sigmas lie.
 
 Each phase stops at its step count or its share of --budget-s, whichever comes first; the learning rate
@@ -28,13 +28,14 @@ import math
 import random
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from diffserve.bundled import data
-from diffserve.bundled.build import DEFAULTS, build_pipeline, save_pipeline
+from diffserve.bundled.build import DEFAULTS, T5_MAX_LENGTH, build_pipeline, save_pipeline
 
 
 class Clock:
@@ -115,6 +116,38 @@ def shifted_times(n: int, mu: float, device) -> torch.Tensor:
     return math.exp(mu) / (math.exp(mu) + (1 / t.clamp(1e-4, 1 - 1e-4) - 1))
 
 
+def prompt_ids(tokenizer, captions: list[str], max_length: int) -> torch.Tensor:
+    """Token ids as FluxPipeline makes them (padding="max_length", truncation, right padding with the pad id),
+    computed as "longest" and padded here: padding 512 ids per caption inside the tokenizer cost more than a
+    whole DiT training step."""
+    ids = tokenizer(captions, padding="longest", return_tensors="pt").input_ids
+    if ids.shape[1] > max_length:  # a caption the tokenizer must truncate: let it do so
+        return tokenizer(
+            captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+    return F.pad(ids, (0, max_length - ids.shape[1]), value=tokenizer.pad_token_id)
+
+
+def encode_text(pipe, clip_ids: torch.Tensor, t5_ids: torch.Tensor):
+    """What FluxPipeline.encode_prompt computes from the ids: T5's last hidden state, CLIP's pooled output."""
+    pooled = pipe.text_encoder(clip_ids, output_hidden_states=False).pooler_output
+    embeds = pipe.text_encoder_2(t5_ids, output_hidden_states=False)[0]
+    return embeds, pooled
+
+
+def host_batch(pipe, rng: random.Random, n: int) -> dict[str, torch.Tensor]:
+    """Scene parameters and token ids for one step, in pinned CPU memory (built on a helper thread, copied
+    to the GPU without stalling it)."""
+    examples = batch_of_examples(rng, n)
+    captions = [e.caption for e in examples]
+    batch = {
+        "scenes": data.scene_params([e.scene for e in examples]),
+        "clip_ids": prompt_ids(pipe.tokenizer, captions, pipe.tokenizer_max_length),
+        "t5_ids": prompt_ids(pipe.tokenizer_2, captions, T5_MAX_LENGTH),
+    }
+    return {k: v.pin_memory() if torch.cuda.is_available() else v for k, v in batch.items()}
+
+
 def train_dit(pipe, args, device, log) -> dict[str, torch.nn.Module]:
     """Joint training of DiT + text encoders; returns EMA copies of the three trained modules."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
@@ -150,20 +183,25 @@ def train_dit(pipe, args, device, log) -> dict[str, torch.nn.Module]:
         sched.max_shift,
     )
     log(f"dit: mu {mu:.4f}, {sum(p.numel() for p in params) / 1e6:.2f}M trained parameters")
+    text_ids = torch.zeros(T5_MAX_LENGTH, 3, device=device)  # FluxPipeline's text positions: all zero
     running, last_checkpoint = None, time.monotonic()
+    n = args.batch
+    # One step ahead on a helper thread: captions, tokenization and scene rows are CPU work the GPU need not
+    # wait for (the tokenizers release the GIL).
+    prefetch = ThreadPoolExecutor(max_workers=1)
+    upcoming = prefetch.submit(host_batch, pipe, rng, n)
     while clock.progress < 1:
         for group in opt.param_groups:
             group["lr"] = args.lr * clock.lr_scale(warmup=200)
-        examples = batch_of_examples(rng, args.batch)
-        n = len(examples)
+        batch = {k: v.to(device, non_blocking=True) for k, v in upcoming.result().items()}
+        upcoming = prefetch.submit(host_batch, pipe, rng, n)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             with torch.no_grad():
-                z = pipe.vae.encode(images_for(examples, args.size, device)).latent_dist.mode().float()
+                pixels = data.render_params(batch["scenes"], args.size) * 2 - 1
+                z = pipe.vae.encode(pixels).latent_dist.mode().float()
                 x0 = (z - vae_cfg.shift_factor) * vae_cfg.scaling_factor
                 x0 = pipe._pack_latents(x0, n, channels, latent_side, latent_side)
-            prompt_embeds, pooled, text_ids = pipe.encode_prompt(
-                prompt=[e.caption for e in examples], prompt_2=None, device=device, max_sequence_length=512
-            )
+            prompt_embeds, pooled = encode_text(pipe, batch["clip_ids"], batch["t5_ids"])
             t = shifted_times(n, mu, device)
             noise = torch.randn_like(x0)
             xt = (1 - t.view(n, 1, 1)) * x0 + t.view(n, 1, 1) * noise
@@ -194,6 +232,7 @@ def train_dit(pipe, args, device, log) -> dict[str, torch.nn.Module]:
         if args.checkpoint_s and time.monotonic() - last_checkpoint > args.checkpoint_s:
             last_checkpoint = time.monotonic()
             save(pipe, ema, args, log)
+    prefetch.shutdown(wait=True, cancel_futures=True)
     return ema
 
 
@@ -228,7 +267,7 @@ def parse_args(argv=None):
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-7)
     p.add_argument("--dit-steps", type=int, default=20000)
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--log-every", type=int, default=100)
@@ -270,9 +309,11 @@ def main(argv=None) -> int:
     train_vae(pipe.vae, args, device, log)
     set_latent_stats(pipe.vae, args, device, log)
     ema = train_dit(pipe, args, device, log)
-    save(pipe, ema, args, log)
-    summary = {"seconds": round(time.monotonic() - started, 1), "args": {k: v for k, v in vars(args).items()}}
+    # Provenance next to the weights (diffusers ignores the file): how this model was trained.
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    summary = {"seconds": round(time.monotonic() - started, 1), "args": vars(args)}
     Path(args.out, "training.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    save(pipe, ema, args, log)
     return 0
 
 
