@@ -23,10 +23,10 @@ GPU) leaves the others waiting in a collective until the device-group timeout (g
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import datetime
 import logging
+import multiprocessing.util
 import os
 import pickle
 import queue
@@ -125,7 +125,9 @@ class ParallelRunner:
         self.parallel = state.config
         self._followers = followers or []
         self._closed = False
-        atexit.register(self.close)
+        # At exit, before multiprocessing joins this process's children (the followers, which would wait
+        # forever for the stop message): exit priority >= 0 runs ahead of that join. Plain atexit runs after.
+        multiprocessing.util.Finalize(None, self.close, exitpriority=10)
 
     def __getattr__(self, name):  # model_id, family, task, accepts_image, defaults, pipeline, ...
         return getattr(self.runner, name)
@@ -207,6 +209,9 @@ def _follower_main(
     )
     try:
         follow(runner, state)
+    except RuntimeError as exc:  # gloo: "Connection closed by peer" when rank 0 is gone
+        logger.error("rank %d: lost rank 0 (%s); exiting", rank, str(exc).splitlines()[0][:200])
+        raise SystemExit(1) from None
     finally:
         pg.shutdown_distributed()
 
