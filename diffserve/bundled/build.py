@@ -203,4 +203,19 @@ def save_pipeline(pipe, path: str | Path) -> Path:
         "#version: 0.2\n" + "\n".join(lines) + "\n", encoding="utf-8"
     )
     (path / "diffserve.json").write_text(json.dumps(DEFAULTS, indent=2) + "\n")
+    portable_tokenizer_class(path)
     return path
+
+
+def portable_tokenizer_class(path: str | Path) -> None:
+    """transformers 5 saves a PreTrainedTokenizerFast under its new name, TokenizersBackend, which
+    transformers 4 lacks; write the name both versions know."""
+    path = Path(path)
+    index_file = path / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index["tokenizer_2"] = ["transformers", "PreTrainedTokenizerFast"]
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    config_file = path / "tokenizer_2" / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
