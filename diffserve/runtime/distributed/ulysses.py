@@ -21,38 +21,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from diffserve.runtime.distributed import group as pg
 from diffserve.runtime.layers.attention import attention
-
-
-def seq_to_heads(x: torch.Tensor, group, degree: int) -> torch.Tensor:
-    """(L, s, H, d) with this rank's s tokens -> (L, degree * s, H / degree, d): every rank's tokens, this
-    rank's heads. L is any batch of leading rows (here q, k, v stacked times the batch)."""
-    rows, s, heads, d = x.shape
-    hp = heads // degree
-    send = x.reshape(rows, s, degree, hp, d).permute(2, 0, 1, 3, 4).contiguous()  # chunk j -> rank j
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)  # recv[j]: rank j's tokens, our heads
-    return recv.permute(1, 0, 2, 3, 4).reshape(rows, degree * s, hp, d)
-
-
-def heads_to_seq(x: torch.Tensor, group, degree: int) -> torch.Tensor:
-    """The inverse of seq_to_heads: (L, degree * s, H / degree, d) -> (L, s, H, d)."""
-    rows, n, hp, d = x.shape
-    s = n // degree
-    send = x.reshape(rows, degree, s, hp, d).permute(1, 0, 2, 3, 4).contiguous()  # token chunk j -> rank j
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)  # recv[j]: our tokens, rank j's heads
-    return recv.permute(1, 2, 0, 3, 4).reshape(rows, s, degree * hp, d)
-
-
-def gather_heads(x: torch.Tensor, group, degree: int) -> torch.Tensor:
-    """(B, n, H / degree, d) on each rank -> (B, n, H, d) on every rank (heads in rank order)."""
-    out = x.new_empty((degree, *x.shape))
-    pg.all_gather_into(out, x.contiguous(), group)
-    b, n, hp, d = x.shape
-    return out.permute(1, 2, 0, 3, 4).reshape(b, n, degree * hp, d)
 
 
 def sequence_parallel_attention(
@@ -68,29 +40,45 @@ def sequence_parallel_attention(
     layout, degree, group = state.layout, state.ulysses_size, state.ulysses_group
     if layout is None:
         raise RuntimeError("sequence-parallel attention outside a sharded forward (no shard_sequence call)")
-    heads = q.shape[2]
+    b, tokens, heads, d = q.shape
     if heads % degree:
         raise ValueError(f"{heads} attention heads cannot be split over ulysses degree {degree}")
-    n, hp, b = layout.prefix, heads // degree, q.shape[0]
-    if q.shape[1] != n + layout.local_len:
-        raise RuntimeError(
-            f"attention input has {q.shape[1]} tokens, expected {n} replicated + {layout.local_len} sharded"
-        )
-    # One all-to-all for q, k and v together: stacked as (3 * batch, tokens, heads, head_dim).
-    qkv = torch.cat([q[:, n:], k[:, n:], v[:, n:]])
-    qkv = seq_to_heads(qkv, group, degree)[:, : layout.seq_len]  # the padding leaves here
-    if n:
+    n, s, hp = layout.prefix, layout.local_len, heads // degree
+    if tokens != n + s:
+        raise RuntimeError(f"attention input has {tokens} tokens, expected {n} replicated + {s} sharded")
+    qkv = (q, k, v)
+
+    # Out: chunk j of `send` is our tokens' head group j of q, k and v, laid out (tokens, 3 * batch, ...)
+    # so that what arrives, rank after rank, is (all tokens, 3 * batch, heads / degree, head_dim) with no
+    # reshuffle on arrival; it lands in `joint` after the prefix rows.
+    send = q.new_empty(degree, s, 3 * b, hp, d)
+    for i, t in enumerate(qkv):
+        send[:, :, i * b : (i + 1) * b] = t[:, n:].unflatten(2, (degree, hp)).permute(2, 1, 0, 3, 4)
+    joint = q.new_empty(n + degree * s, 3 * b, hp, d)
+    dist.all_to_all_single(joint[n:], send, group=group)
+    if n:  # our heads of the replicated prefix
         mine = slice(state.ulysses_rank * hp, (state.ulysses_rank + 1) * hp)
-        prefix = torch.cat([q[:, :n, mine], k[:, :n, mine], v[:, :n, mine]])
-        qkv = torch.cat([prefix, qkv], dim=1)
-    out = attention(*qkv.split(b), scale=scale)  # (batch, n + seq_len, heads / degree, head_dim)
+        for i, t in enumerate(qkv):
+            joint[:n, i * b : (i + 1) * b] = t[:, :n, mine].transpose(0, 1)
+    # Padding rows (the end of the last shard) are dropped here, so attention never sees them. The views
+    # are strided in batch and tokens, contiguous in head_dim, which the attention kernels take as is.
+    out = attention(*joint[: n + layout.seq_len].transpose(0, 1).split(b), scale=scale)
+
+    # Back: chunk j = rank j's tokens (zero rows for the padding), all of our heads; what arrives is our
+    # tokens, head group after head group, written once into the result in head order.
     body = out[:, n:]
     if layout.padded_len > layout.seq_len:
-        body = torch.cat([body, body.new_zeros(b, layout.padded_len - layout.seq_len, hp, body.shape[-1])], 1)
-    body = heads_to_seq(body, group, degree)
-    if not n:
-        return body
-    return torch.cat([gather_heads(out[:, :n], group, degree), body], dim=1)
+        body = F.pad(body, (0, 0, 0, 0, 0, layout.padded_len - layout.seq_len))
+    send = body.unflatten(1, (degree, s)).transpose(0, 1).contiguous()  # a no-op for batch 1, unpadded
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    result = out.new_empty(b, n + s, degree, hp, d)
+    result[:, n:] = recv.permute(1, 2, 0, 3, 4)
+    if n:  # the prefix's output, all heads, on every rank
+        heads_out = out.new_empty(degree, b, n, hp, d)
+        pg.all_gather_into(heads_out, out[:, :n].contiguous(), group)
+        result[:, :n] = heads_out.permute(1, 2, 0, 3, 4)
+    return result.flatten(2, 3)
 
 
 class SequenceShards:
