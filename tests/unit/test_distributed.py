@@ -155,6 +155,23 @@ def _run_all(flux, wan) -> dict:
     return {"out": out, "dit_calls": calls, "tokens": tokens}
 
 
+def _compiled_dits(flux, wan) -> dict:
+    """DiT forwards with every block compiled as the runtime's regional compilation does, fullgraph=True so
+    that a graph break fails; the "eager" backend checks the tracing without a C++ toolchain."""
+    out = {}
+    for family, runner in (("flux", flux), ("wan", wan)):
+        dit = runner.pipeline.transformer
+        blocks = [*dit.transformer_blocks, *dit.single_transformer_blocks] if family == "flux" else dit.blocks
+        for block in blocks:
+            block.forward = torch.compile(block.forward, backend="eager", fullgraph=True)
+        try:
+            out[f"{family}_dit"] = dit(**_dit_inputs(runner, family))[0]
+        finally:
+            for block in blocks:
+                del block.forward
+    return out
+
+
 def _rank_main(rank: int, world: int, port: int, models: tuple[str, str], results: str) -> None:
     from diffserve.runtime.runner import load_runner
 
@@ -185,6 +202,9 @@ def _rank_main(rank: int, world: int, port: int, models: tuple[str, str], result
             report["cancelled_after_checks"] = None
         except GenerationCancelled:
             report["cancelled_after_checks"] = len(checks)
+        if world == 2:  # the sharded forward traces whole under torch.compile (blocks compiled, no break)
+            pg.activate(states[0])
+            report["compiled"] = _compiled_dits(flux, wan)
     torch.save(report, f"{results}/rank{rank}.pt")  # files: tensors in a queue would outlive their sender
     pg.shutdown_distributed()
 
@@ -229,6 +249,9 @@ def test_parallel_layouts_match_one_rank(world, wide_models, tmp_path):
                 got["dit_calls"],
             )
     assert {reports[r]["cancelled_after_checks"] for r in range(world)} == {2}
+    if world == 2:
+        for key, value in reports[0]["compiled"].items():
+            assert _rel_err(value, ref["out"][key]) < TOL, ("compiled", key)
 
 
 # ---- configuration ------------------------------------------------------------------------------------

@@ -55,7 +55,8 @@ def sequence_parallel_attention(
     for i, t in enumerate(qkv):
         send[:, :, i * b : (i + 1) * b] = t[:, n:].unflatten(2, (degree, hp)).permute(2, 1, 0, 3, 4)
     joint = q.new_empty(n + degree * s, 3 * b, hp, d)
-    dist.all_to_all_single(joint[n:], send, group=group)
+    # (The same shape on both sides: torch.compile's traced all_to_all_single needs it.)
+    dist.all_to_all_single(joint[n:].view(send.shape), send, group=group)
     if n:  # our heads of the replicated prefix
         mine = slice(state.ulysses_rank * hp, (state.ulysses_rank + 1) * hp)
         for i, t in enumerate(qkv):
