@@ -12,6 +12,7 @@ of the world size is timed on all ranks:
     torchrun --nproc-per-node 4 benchmarks/bench_parallel.py     # ulysses 4, ulysses 2 x cfg 2
     python benchmarks/bench_parallel.py                          # the baseline alone
     torchrun --nproc-per-node 2 benchmarks/bench_parallel.py --tiny    # CPU, gloo, tiny DiT: checks the script
+  --compile: fused projections + each block torch.compiled (diffserve.runtime.compile), as served fast.
 
 Figures: ms per step = median over --iters steps after --warmup, each step started together (a barrier)
 and timed to the slowest rank's end (all-reduce max); speed-up = baseline ms / layout ms (targets: >= 1.8x
@@ -125,6 +126,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--tiny", action="store_true", help="CPU (gloo), tiny DiT; records nothing")
     parser.add_argument("--attention-backend", help="fa3, fa2, torch_sdpa (default: the platform's choice)")
+    parser.add_argument("--fuse", action="store_true", help="fused q/k/v projections (runtime.compile)")
+    parser.add_argument("--compile", action="store_true", help="--fuse + torch.compile of each block")
     args = parser.parse_args()
     if args.attention_backend:
         from diffserve.runtime.layers.attention import set_attention_backend
@@ -148,6 +151,11 @@ def main() -> None:
         states = [pg.init_distributed(layouts[0], device, rank=rank, world_size=world)]
         states += [pg.build_state(config, device) for config in layouts[1:]]
     model = build_model(spec["config"], device, dtype)
+    variant = "compile" if args.compile else "fuse" if args.fuse else "eager"
+    if variant != "eager":
+        from diffserve.runtime.compile import optimize_dit
+
+        optimize_dit(model, compile=args.compile)  # compiles during each layout's warm-up
     inputs, n_vid, n_txt, flops = make_inputs("wan", spec["config"], spec["shape"], 1, device, dtype)
     uncond = torch.randn(inputs["encoder_hidden_states"].shape, generator=torch.Generator().manual_seed(2))
     step = make_step(model, inputs, uncond.to(device, dtype))
@@ -165,6 +173,7 @@ def main() -> None:
                 f"{spec['label']}: {n_vid} video + {n_txt} text tokens, {flops / 1e12:.4g} TFLOP/step",
                 flush=True,
             )
+            print(f"  ({variant}; {len(layouts)} layouts of {world} ranks)", flush=True)
             print(f"  1 GPU: {base_ms:.1f} ms/step", flush=True)
         if world > 1:
             dist.barrier(group=states[0].control_group)  # the others wait for the baseline (gloo, no timeout)
@@ -180,9 +189,9 @@ def main() -> None:
         pg.activate(None)
 
     if rank == 0 and not args.tiny:
-        command = f"torchrun --nproc-per-node {world} benchmarks/bench_parallel.py"
+        command = f"torchrun --nproc-per-node {world} benchmarks/bench_parallel.py {' '.join(sys.argv[1:])}"
         for impl, gpus, ms, err in rows:
-            record(label, impl, ms, flops / (ms * 1e-3) / 1e12, gpus=gpus, speedup=round(base_ms / ms, 3),
+            record(label, f"{impl} ({variant})", ms, flops / (ms * 1e-3) / 1e12, gpus=gpus, speedup=round(base_ms / ms, 3),
                    rel_err_vs_1gpu=err, command=command)  # fmt: skip
     if world > 1:
         pg.shutdown_distributed()
