@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from diffserve.runtime.distributed.config import ParallelConfigError, add_parallel_arguments
+from diffserve.runtime.distributed.config import add_parallel_arguments
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -135,7 +135,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
         start = time.perf_counter()
         result = runner.generate(req, on_step=on_step)
-    except (ModelLoadError, InvalidRequest, OutOfMemory, ParallelConfigError) as e:
+    except (ModelLoadError, InvalidRequest, OutOfMemory) as e:
         return _fail(str(e))
     except (KeyboardInterrupt, GenerationCancelled):
         print("\ndiffserve generate: interrupted", file=sys.stderr)

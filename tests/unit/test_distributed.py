@@ -307,10 +307,14 @@ def test_parallel_runner_follows_rank_zero(wide_models):
 
 def test_launcher_refuses_bad_layouts_before_starting(tiny_flux_dir):
     from diffserve.runtime.distributed.launch import load_parallel_runner
+    from diffserve.runtime.loader import ModelLoadError
     from diffserve.runtime.runner import Runner
 
-    with pytest.raises(ParallelConfigError, match="2 attention heads.*use one of 1, 2"):
+    # load_runner's contract: what the user can fix is a ModelLoadError with a one-line message.
+    with pytest.raises(ModelLoadError, match="2 attention heads.*use one of 1, 2"):
         load_parallel_runner(str(tiny_flux_dir), device="cpu", ulysses_degree=4)
+    with pytest.raises(ModelLoadError, match="at least 1"):
+        load_parallel_runner(str(tiny_flux_dir), device="cpu", ulysses_degree=0)
     assert not dist.is_initialized()
     # A world of one is plain load_runner.
     assert type(load_parallel_runner(str(tiny_flux_dir), device="cpu")) is Runner

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from diffserve.runtime.distributed import group as pg
-from diffserve.runtime.distributed.config import ParallelConfig
+from diffserve.runtime.distributed.config import ParallelConfig, ParallelConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -242,10 +242,15 @@ def _wait_ready(status, followers, deadline: float) -> None:
 def _spawn(config: ParallelConfig, model, device, dtype, attention_backend) -> ParallelRunner:
     import multiprocessing as mp
 
+    from diffserve.runtime.loader import ModelLoadError
+
     first = torch.device(device)
     available = {"cuda": torch.cuda.device_count, "xpu": lambda: torch.xpu.device_count()}.get(first.type)
     if available is not None:
-        config.check_devices(first.type, available() - (first.index or 0))
+        try:
+            config.check_devices(first.type, available() - (first.index or 0))
+        except ParallelConfigError as e:
+            raise ModelLoadError(str(e)) from None
     ctx = mp.get_context("spawn")
     status, init_method = ctx.Queue(), f"tcp://127.0.0.1:{free_port()}"
     followers = []
@@ -298,20 +303,28 @@ def load_parallel_runner(
     cfg_parallel: bool = False,
 ):
     """load_runner over ulysses_degree * (2 if cfg_parallel else 1) processes (see the module docstring).
-    With a world of one it is load_runner itself."""
-    from diffserve.runtime.loader import default_device
+    With a world of one it is load_runner itself. Like load_runner, anything the user can fix (a layout
+    the model or the machine cannot take) raises ModelLoadError with a one-line message."""
+    from diffserve.runtime.loader import ModelLoadError, default_device
     from diffserve.runtime.runner import load_runner
 
-    config = ParallelConfig(ulysses_degree, cfg_parallel)
+    try:
+        config = ParallelConfig(ulysses_degree, cfg_parallel)
+        if config.enabled:
+            check_model(config, model)
+    except ParallelConfigError as e:
+        raise ModelLoadError(str(e)) from None
     if not config.enabled:
         return load_runner(model, device, dtype, attention_backend)
-    check_model(config, model)
     device = device or default_device()
     torchrun = pg.env_rank()
     if torchrun is None:
         return _spawn(config, model, device, dtype, attention_backend)
     rank, world, local_rank = torchrun
-    config.check_world_size(world)
+    try:
+        config.check_world_size(world)
+    except ParallelConfigError as e:
+        raise ModelLoadError(str(e)) from None
     mine = rank_device(device, local_rank)
     runner = _load(model, mine, dtype, attention_backend, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     state = pg.init_distributed(config, mine, rank=rank, world_size=world)
