@@ -11,6 +11,11 @@ Tolerance: fp32, relative 1e-5 (norm of the difference over the norm of the refe
 how many rows each matmul sees and how many heads each attention call gets, so the CPU kernels block and
 vectorise the sums differently: the results differ by rounding (about 1e-7 per operation), not exactly.
 A real mistake (a token or head out of place, RoPE on the wrong rows, padding attended to) gives O(1).
+(On this CPU, single-threaded, most outputs come out bit-identical; the tolerance is for other BLAS builds.)
+
+Also here: the sharded forward compiled block by block (torch.compile, fullgraph) under ulysses 2; the
+launcher (load_parallel_runner: this process as rank 0 and a spawned follower); `diffserve generate` with
+--ulysses-degree (spawned) and --cfg-parallel (under torchrun).
 """
 
 from __future__ import annotations

@@ -89,7 +89,10 @@ def send(state: pg.ParallelState, message, timeout: float | None = None) -> None
     data = b"" if message is None else pickle.dumps(message)
     work = dist.broadcast(torch.tensor([len(data)]), src=0, group=state.control_group, async_op=True)
     # A bounded wait only for the goodbye: followers stuck elsewhere must not hang rank 0's exit.
-    work.wait(datetime.timedelta(seconds=timeout)) if timeout is not None else work.wait()
+    if timeout is None:
+        work.wait()
+    else:
+        work.wait(datetime.timedelta(seconds=timeout))
     if data:
         dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), src=0, group=state.control_group)
 
