@@ -259,6 +259,7 @@ def parse_args(argv=None):
     p.add_argument("--tar", help="also pack the model directory into this .tar")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", help="continue training a saved model (skips the VAE phase, keeps its latent stats)")
     p.add_argument("--size", type=int, default=DEFAULTS["default_width"])
     p.add_argument("--budget-s", type=float, default=480.0, help="wall time for both phases together")
     p.add_argument("--vae-share", type=float, default=0.2, help="fraction of the budget for the VAE")
@@ -302,12 +303,19 @@ def main(argv=None) -> int:
             with open(args.log_file, "a") as f:
                 f.write(line + "\n")
 
-    pipe = build_pipeline(args.seed).to(device)
+    if args.init:
+        from diffusers import FluxPipeline
+
+        pipe = FluxPipeline.from_pretrained(args.init, torch_dtype=torch.float32).to(device)
+        args.vae_share = 0.0  # the whole budget goes to the DiT and text encoders
+    else:
+        pipe = build_pipeline(args.seed).to(device)
     log(
         f"training on {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}): {vars(args)}"
     )
-    train_vae(pipe.vae, args, device, log)
-    set_latent_stats(pipe.vae, args, device, log)
+    if not args.init:
+        train_vae(pipe.vae, args, device, log)
+        set_latent_stats(pipe.vae, args, device, log)
     ema = train_dit(pipe, args, device, log)
     # Provenance next to the weights (diffusers ignores the file): how this model was trained.
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -75,6 +75,36 @@ class ModelSpec:
         name = "scheduler_config.json" if (folder / "scheduler_config.json").exists() else "config.json"
         return json.loads((folder / name).read_text())
 
+    def runtime_defaults(self) -> dict[str, Any]:
+        """Request defaults a model ships in its own `diffserve.json` (the bundled model is trained at 128x128
+        and 20 steps, far from FLUX.1-dev's 1024x1024 and 28). Unknown keys are ignored; bad values fail."""
+        file = self.path / RUNTIME_DEFAULTS_FILE
+        if not file.is_file():
+            return {}
+        try:
+            raw = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"{file} is not valid JSON ({e})") from None
+        out = {}
+        for key, (name, kind) in RUNTIME_DEFAULT_KEYS.items():
+            if key in raw:
+                value = raw[key]
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                    raise ModelLoadError(f"{file}: {key} must be a non-negative number, got {value!r}")
+                out[name] = kind(value)
+        return out
+
+
+RUNTIME_DEFAULTS_FILE = "diffserve.json"
+RUNTIME_DEFAULT_KEYS = {  # key in diffserve.json -> (request default it sets, type)
+    "default_width": ("width", int),
+    "default_height": ("height", int),
+    "default_steps": ("num_inference_steps", int),
+    "default_guidance": ("guidance_scale", float),
+    "default_num_frames": ("num_frames", int),
+    "default_fps": ("fps", int),
+}
+
 
 def default_model_path() -> Path:
     """The small FLUX-architecture model bundled with the package (used when no --model is given)."""
@@ -186,6 +216,7 @@ def inspect_model(model: str | os.PathLike | None) -> ModelSpec:
     spec = ModelSpec(path, model_id, detect_family(index), index.get("_class_name", ""), index)
     for name, (_, cls) in spec.components().items():
         check_component(path / name, name, cls)
+    spec.runtime_defaults()  # a broken diffserve.json fails here, before any weight is read
     return spec
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from diffserve.runtime import loader
+from diffserve.runtime.api import GenerationRequest
 from diffserve.runtime.loader import (
     ModelLoadError,
     inspect_model,
@@ -245,3 +246,28 @@ def test_tiny_models_have_no_zero_weights(tiny_flux_dir):
         state = load_file(tiny_flux_dir / name / "diffusion_pytorch_model.safetensors")
         zeros = [k for k, v in state.items() if v.numel() and not v.any()]
         assert not zeros, f"{name}: all-zero tensors {zeros[:5]}"
+
+
+def test_model_shipped_defaults_override_family_defaults(tiny_flux_dir, tmp_path):
+    from diffserve.runtime.runner import load_runner
+
+    model = _copy(tiny_flux_dir, tmp_path)
+    (model / "diffserve.json").write_text(
+        json.dumps({"default_width": 64, "default_height": 32, "default_steps": 3, "default_guidance": 1.5})
+    )
+    runner = load_runner(str(model), device="cpu")
+    assert runner.defaults["width"] == 64 and runner.defaults["height"] == 32
+    assert runner.defaults["num_inference_steps"] == 3 and runner.defaults["guidance_scale"] == 1.5
+    result = runner.generate(GenerationRequest(prompt="x", seed=0))
+    assert result.images[0].size == (64, 32)
+
+
+def test_bad_shipped_defaults_are_one_clear_error(tiny_flux_dir, tmp_path):
+    model = _copy(tiny_flux_dir, tmp_path)
+    (model / "diffserve.json").write_text(json.dumps({"default_steps": "many"}))
+    assert "default_steps must be a non-negative number" in _error(model)
+
+
+def test_bundled_model_uses_its_own_defaults():
+    spec = inspect_model(None)
+    assert spec.runtime_defaults()["width"] == 128

@@ -41,7 +41,9 @@ class NativePipeline:
 
         components = load_components(spec, device, dtype, attention_backend)
         config = {k: v for k, v in spec.index.items() if not isinstance(v, list)}
-        return cls(components, spec.config("transformer"), device, config)
+        pipeline = cls(components, spec.config("transformer"), device, config)
+        pipeline.defaults.update(spec.runtime_defaults())
+        return pipeline
 
     def setup(self) -> None:
         raise NotImplementedError
