@@ -16,83 +16,15 @@ import multiprocessing as mp
 import queue
 import threading
 import time
-import uuid
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 from diffserve.server.config import ServerConfig
 from diffserve.server.metrics import Metrics
+from diffserve.server.tickets import EngineError, Ticket, merge_key
 from diffserve.server.worker import WorkItem, worker_main
 
 log = logging.getLogger("diffserve.engine")
-
-TERMINAL = ("result", "error")
-
-
-class EngineError(Exception):
-    """A request that did not produce an output. `kind`: queue_full, shutting_down, timeout, cancelled,
-    worker_crashed, invalid_request, out_of_memory, generation_failed."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-
-
-@dataclass(eq=False)
-class Ticket:
-    item: WorkItem
-    created: float = field(default_factory=time.monotonic)
-    state: str = "queued"  # queued -> running -> done
-    dispatched: float | None = None
-    timer: Any = None
-    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-
-    @property
-    def id(self) -> str:
-        return self.item.ticket_id
-
-    @property
-    def done(self) -> bool:
-        return self.future.done()
-
-    async def wait(self) -> dict[str, Any]:
-        """The payload (encoded outputs), or raises EngineError. Cancelling the caller leaves the ticket."""
-        await asyncio.wait({self.future})
-        payload, error = self.future.result()
-        if error is not None:
-            raise error
-        return payload
-
-    async def stream(self):
-        """Events until the terminal one: ("started",), ("progress", done, total), ("result", payload),
-        ("error", EngineError)."""
-        while True:
-            event = await self.events.get()
-            yield event
-            if event[0] in TERMINAL:
-                return
-
-
-def merge_key(item: WorkItem):
-    """Requests with equal keys may share one runner call (num_outputs = the sum of their n). Only unseeded
-    image requests without an input image: a seed fixes one request's noise, which a shared call would not
-    reproduce."""
-    r = item.request
-    if item.kind != "image" or r.seed is not None or r.image is not None or r.mask is not None:
-        return None
-    return (
-        r.prompt,
-        r.negative_prompt,
-        r.width,
-        r.height,
-        r.num_inference_steps,
-        r.guidance_scale,
-        r.strength,
-        repr(sorted(r.extra.items())),
-    )
 
 
 class _Worker:
@@ -266,6 +198,7 @@ class Engine:
             self._after_item()
         elif kind == "error":
             _, ids, ekind, message = msg
+            log.debug("worker: %s %s", ids, ekind)
             if ekind == "cancelled":
                 self.metrics.worker_cancelled.inc(len(ids))
             for i in ids:
@@ -301,6 +234,7 @@ class Engine:
                 "queue_full", f"the queue is full ({self.cfg.max_queue} requests waiting); retry later"
             )
         t = Ticket(item)
+        log.debug("admit %s (%d waiting)", t.id, len(self._queue))
         t.timer = self._loop.call_later(self._timeout(t), self._expire, t)
         self._queue.append(t)
         self._idle.clear()
@@ -334,6 +268,7 @@ class Engine:
         self.metrics.queue_depth.set(len(self._queue))
         self.metrics.running.set(len(batch))
         self.metrics.batch_size.observe(len(batch))
+        log.debug("dispatch %s", [t.id for t in batch])
         w.req_q.put(("batch", [t.item for t in batch]))
 
     # ---- ending requests -------------------------------------------------------------------------
@@ -371,6 +306,7 @@ class Engine:
     def _abort(self, t: Ticket, error: EngineError) -> None:
         if t.done:
             return
+        log.debug("%s %s: %s", t.state, t.id, error.kind)
         if t.state == "queued":
             self._queue.remove(t)
             self.metrics.queue_depth.set(len(self._queue))
@@ -451,7 +387,3 @@ class Engine:
             await loop.run_in_executor(None, w.process.join, 5)
         await loop.run_in_executor(None, w.reader.join, 2)
         self._on_exit(w)
-
-
-def new_ticket_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"

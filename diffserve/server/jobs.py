@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from diffserve.server.engine import EngineError, Ticket
 from diffserve.server.files import OutputFiles, write_atomic
+from diffserve.server.tickets import EngineError, Ticket
 
 log = logging.getLogger("diffserve.jobs")
 

@@ -76,6 +76,10 @@ class LiveServer:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         }
         env.pop("DIFFSERVE_API_KEY", None)
+        # One torch thread in the worker: on 2 cores shared with the API process, the test client and
+        # whatever else runs, two OpenMP threads that wait for each other at every op made tiny
+        # generations up to 60x slower whenever a core was taken. A deployment setting, not a server one.
+        env.setdefault("OMP_NUM_THREADS", "1")
         if self.api_key:
             env["DIFFSERVE_API_KEY"] = self.api_key  # the env fallback, so the key stays out of `ps`
         log = open(self.log_path, "ab")

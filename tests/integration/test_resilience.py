@@ -16,6 +16,9 @@ import pytest
 
 from tests.integration.conftest import CLEAN_EXIT, FAKE_RUNNER, LiveServer, process_alive
 
+# Long enough (several seconds even on a fast CPU) that a cancel or a kill lands mid-generation.
+LONG = {"size": "512x512", "num_inference_steps": 200}
+
 
 @pytest.fixture(scope="module")
 def server(tiny_flux_dir, tmp_path_factory):
@@ -87,9 +90,7 @@ def sse_events(server, body: dict, on_event=None, stop_after: int | None = None)
 def test_client_disconnect_cancels_the_generation(server):
     server.wait_healthy()
     stopped = server.metric("diffserve_worker_cancelled_total")
-    events = sse_events(
-        server, {"prompt": "abandoned", "size": "64x64", "num_inference_steps": 200}, stop_after=1
-    )
+    events = sse_events(server, {"prompt": "abandoned", **LONG}, stop_after=1)
     assert events[0][0] == "image_generation.progress"
     deadline = time.monotonic() + 20
     while server.metric("diffserve_worker_cancelled_total") == stopped:
@@ -104,7 +105,7 @@ def test_client_hanging_up_on_a_plain_request_cancels_it(server):
     with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=server.url, timeout=1.0) as http:
         http.post(
             "/v1/images/generations",
-            json={"prompt": "impatient", "size": "64x64", "num_inference_steps": 200},
+            json={"prompt": "impatient", **LONG},
         )
     deadline = time.monotonic() + 20
     while server.metric("diffserve_worker_cancelled_total") == stopped:
@@ -124,7 +125,7 @@ def test_killed_worker_fails_its_request_then_restarts(server):
 
     events = sse_events(
         server,
-        {"prompt": "doomed", "size": "64x64", "num_inference_steps": 200},
+        {"prompt": "doomed", **LONG},
         on_event=kill_on_first_progress,
     )
     # the request in flight ends with a clear error instead of hanging

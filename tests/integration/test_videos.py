@@ -101,7 +101,7 @@ def test_delete_cancels_in_flight_job(wan):
     client = wan.openai()
     stopped = wan.metric("diffserve_worker_cancelled_total")
     job = client.videos.create(
-        prompt="a very long clip", size="64x64", extra_body={"num_frames": 9, "steps": 200}
+        prompt="a very long clip", size="128x128", extra_body={"num_frames": 17, "steps": 200}
     )
     wait_for(lambda: client.videos.retrieve(job.id).progress > 0)
     with wan.http() as http:
@@ -189,7 +189,9 @@ def test_restart_keeps_completed_jobs_and_drains_on_sigterm(wan):
 
 def test_crash_fails_in_flight_jobs_with_a_reason(wan):
     client = wan.openai()
-    job = client.videos.create(prompt="interrupted", size="64x64", extra_body={"num_frames": 9, "steps": 200})
+    job = client.videos.create(
+        prompt="interrupted", size="128x128", extra_body={"num_frames": 17, "steps": 200}
+    )
     wait_for(lambda: client.videos.retrieve(job.id).progress > 0)
     worker = wan.worker_pid()
     wan.stop(signal.SIGKILL)

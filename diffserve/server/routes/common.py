@@ -7,8 +7,9 @@ from typing import Any
 
 from starlette.requests import Request
 
-from diffserve.server.engine import Engine, EngineError, Ticket
+from diffserve.server.engine import Engine
 from diffserve.server.errors import APIError
+from diffserve.server.tickets import EngineError, Ticket
 from diffserve.server.worker import WorkItem
 
 # EngineError.kind -> HTTP status

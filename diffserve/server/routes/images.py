@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from diffserve.runtime.api import GenerationRequest
-from diffserve.server.engine import Engine, EngineError, Ticket, new_ticket_id
+from diffserve.server.engine import Engine
 from diffserve.server.errors import APIError, error_body
 from diffserve.server.files import OutputFiles
 from diffserve.server.inputs import read_form, read_image, read_json
@@ -28,6 +28,7 @@ from diffserve.server.schemas import (
     limits,
     parse_size,
 )
+from diffserve.server.tickets import EngineError, Ticket, new_ticket_id
 from diffserve.server.worker import WorkItem
 
 router = APIRouter()

@@ -13,13 +13,14 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
 
 from diffserve.runtime.api import GenerationRequest
-from diffserve.server.engine import Engine, new_ticket_id
+from diffserve.server.engine import Engine
 from diffserve.server.errors import APIError
 from diffserve.server.files import VIDEO_ID, OutputFiles
 from diffserve.server.inputs import decode_data_url, read_body, read_image
 from diffserve.server.jobs import IN_FLIGHT, JobStore, VideoJobs, video_object
 from diffserve.server.routes.common import served_model, submit
 from diffserve.server.schemas import VideoCreateRequest, check_common, limits, parse_size, video_frames
+from diffserve.server.tickets import new_ticket_id
 from diffserve.server.worker import WorkItem
 
 router = APIRouter()
