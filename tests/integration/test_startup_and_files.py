@@ -1,15 +1,30 @@
-"""Starting without a loadable model, and the output directory's housekeeping (no server needed for the
-latter)."""
+"""Starting with the bundled default model or without a loadable one, and the output directory's
+housekeeping (no server needed for the latter)."""
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import subprocess
 import sys
 import time
 
+from PIL import Image
+
 from diffserve.server.files import OutputFiles
-from tests.integration.conftest import REPO, free_port
+from tests.integration.conftest import CLEAN_EXIT, REPO, LiveServer, free_port
+
+
+def test_without_model_serves_the_bundled_default(tmp_path):
+    server = LiveServer([], tmp_path / "out").start()
+    try:
+        assert server.wait_healthy()["model"] == "diffserve-default"
+        r = server.openai().images.generate(prompt="a red circle", extra_body={"seed": 0})
+        im = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))
+        assert im.size == (128, 128)  # the size the bundled model was trained at, its default
+    finally:
+        assert server.stop() in CLEAN_EXIT
 
 
 def test_unloadable_model_exits_with_the_reason(tmp_path):
