@@ -7,6 +7,7 @@ import logging
 import os
 import time
 
+from diffserve.runtime.distributed.config import add_parallel_arguments
 from diffserve.server.config import DEFAULT_RUNNER_FACTORY, ServerConfig, WorkerConfig, parse_resolutions
 
 
@@ -70,6 +71,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-image-side", type=int, default=d.max_image_side, help="largest output width or height")
     a("--runner-factory", default=DEFAULT_RUNNER_FACTORY, help=argparse.SUPPRESS)  # tests, custom runtimes
     a("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_parallel_arguments(parser)  # --ulysses-degree, --cfg-parallel: one worker group over N GPUs
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -80,6 +82,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         attention_backend=args.attention_backend,
         warmup_resolutions=parse_resolutions(args.warmup_resolutions),
         runner_factory=args.runner_factory,
+        ulysses_degree=args.ulysses_degree,
+        cfg_parallel=args.cfg_parallel,
         log_level=args.log_level,
     )
     return ServerConfig(

@@ -6,7 +6,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_RUNNER_FACTORY = "diffserve.runtime.runner:load_runner"
+# load_runner itself for one GPU; with --ulysses-degree/--cfg-parallel, rank 0 of a spawned worker group.
+DEFAULT_RUNNER_FACTORY = "diffserve.runtime.distributed.launch:load_parallel_runner"
 _RESOLUTION = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
 
@@ -35,6 +36,8 @@ class WorkerConfig:
     # "module:function" called like load_runner(model=, device=, dtype=, attention_backend=). Other values
     # exist for tests (a deliberately slow or crashing runner) and for embedding a custom runtime.
     runner_factory: str = DEFAULT_RUNNER_FACTORY
+    ulysses_degree: int = 1  # --ulysses-degree: every DiT forward split over this many GPUs
+    cfg_parallel: bool = False  # --cfg-parallel: the two guidance branches on two GPU groups
     log_level: str = "info"
 
 

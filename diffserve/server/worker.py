@@ -56,6 +56,8 @@ def runner_meta(runner) -> dict[str, Any]:
         # Inpainting masks: not in the runner contract yet, so only a runner that says so gets them.
         "accepts_mask": bool(getattr(runner, "accepts_mask", False)),
         "defaults": dict(runner.defaults),
+        # How many processes (GPUs) serve each request: ulysses_degree x (2 with --cfg-parallel), else 1.
+        "world_size": int(getattr(getattr(runner, "parallel", None), "world_size", 1)),
         "rules": {k: getattr(rules, k, None) for k in ("multiple", "max_side", "frame_step", "max_frames")},
     }
 
@@ -169,8 +171,16 @@ def worker_main(cfg: WorkerConfig, req_q, cancel_q, res_q) -> None:
     parent = os.getppid()
     try:
         factory = resolve_factory(cfg.runner_factory)
+        # Parallel arguments only when asked for, so that one-GPU custom factories keep their signature.
+        parallel = {}
+        if cfg.ulysses_degree > 1 or cfg.cfg_parallel:
+            parallel = {"ulysses_degree": cfg.ulysses_degree, "cfg_parallel": cfg.cfg_parallel}
         runner = factory(
-            model=cfg.model, device=cfg.device, dtype=cfg.dtype, attention_backend=cfg.attention_backend
+            model=cfg.model,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            attention_backend=cfg.attention_backend,
+            **parallel,
         )
         res_q.put(("loaded", runner_meta(runner)))
         start = time.perf_counter()

@@ -30,6 +30,7 @@ async def health(request: Request):
             "status": "ok",
             "model": engine.meta["model_id"],
             "worker_pid": engine.worker_pid,
+            "world_size": engine.meta.get("world_size", 1),
             "queue_depth": engine.queue_depth,
         }
     message = _UNHEALTHY[status] + (f" Last error: {engine.last_error}" if engine.last_error else "")
