@@ -4,7 +4,18 @@ Models (random weights, bf16, full size):
   flux: FLUX.1-dev transformer, 1024x1024 image -> 64x64 = 4,096 packed latent tokens + 512 text tokens.
   wan:  Wan2.1-1.3B transformer, 480x832 x 81 frames -> latents 21x60x104 -> 21x30x52 = 32,760 tokens
         (patch 1x2x2) + 512 text tokens.
-Variants: diffusers-eager, diffusers-compile, ours-eager, ours-compile (torch.compile of the whole model).
+Variants (run in the order given):
+  diffusers-eager, diffusers-compile   diffusers' model, eager / torch.compile of the whole model; its attention
+                                       backend from --diffusers-attention-backend (e.g. _flash_3: FA3 through
+                                       the fa3-fwd wheel, aliased as flash_attn_interface in this process)
+  ours-plain                           our DiT as loaded: separate q/k/v GEMMs, torch elementwise ops
+  ours-eager                           + fused projections (fuse_projections) + Triton fused ops
+  ours-compile                         + torch.compile (diffserve.runtime.compile.optimize_dit: per block by
+                                       default, --compile-scope model for the whole forward); our q/k and
+                                       GELU kernels stay in the graph as custom ops
+  ours-compile+inductor                the same with every elementwise op left to Inductor
+ours-plain must come before the fused variants (fusing changes the model in place), ours-compile last.
+Ours always uses diffserve's attention selection (FA3 on Hopper).
 
 Figures: ms per forward = median of --iters (>= 5) timed with CUDA events after --warmup calls (compilation
 happens during warm-up and is reported separately); relative error ||out - ref|| / ||ref|| against the
@@ -19,8 +30,12 @@ diffusers-eager output; TFLOP/s from a per-token FLOP count:
 FLUX.1-dev at 1024^2 (4,608 tokens) comes to ~74.4 TFLOP and Wan2.1-1.3B at 480p x 81 frames to ~283.
 
 Memory: FLUX-12B in bf16 is ~24 GB, so diffusers' model is built once on the GPU and ours is built on
-the meta device and takes diffusers' tensors with load_state_dict(assign=True): no second copy. Each
-family is freed before the next.
+the meta device and takes diffusers' tensors with load_state_dict(assign=True): no second copy (fusing
+the projections then copies the q/k/v/mlp-in weights once more, ~6 GB for FLUX). Each family is freed
+before the next.
+
+--profile VARIANT... writes a kernel table of each named variant (torch.profiler, top kernels by GPU time, grouped into
+GEMM / attention / Triton / other, and the GPU-busy fraction of the forward) to --out-dir.
 
     python benchmarks/bench_dit.py [--family flux wan] [--variants ours-eager,ours-compile,...]
     python benchmarks/bench_dit.py --tiny     # CPU, tiny configs: checks this script end to end
@@ -45,7 +60,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from record import RESULTS, record  # noqa: E402
 
-VARIANTS = ("diffusers-eager", "diffusers-compile", "ours-eager", "ours-compile")
+VARIANTS = (
+    "diffusers-eager",
+    "diffusers-compile",
+    "diffusers-eager+fa3",
+    "diffusers-compile+fa3",
+    "ours-plain",
+    "ours-eager",
+    "ours-compile",
+    "ours-compile+inductor",
+)
 BF16_PEAK_TFLOPS = {"H100": 798.0}  # measured 8192^3 bf16 matmul on H100 (DESIGN.md); for "% of peak"
 
 # fmt: off
@@ -248,11 +272,63 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
+def enable_diffusers_fa3() -> str:
+    """Let diffusers' "_flash_3" backend run on the fa3-fwd wheel: diffusers looks for a distribution named
+    flash_attn_3 and imports flash_attn_interface; fa3-fwd ships the same API as fa3_fwd_interface (with its
+    config module named fa3_fwd_config). Alias both modules in this process and point diffusers at them."""
+    import importlib
+
+    sys.modules.setdefault("flash_attn_config", importlib.import_module("fa3_fwd_config"))
+    interface = importlib.import_module("fa3_fwd_interface")
+    sys.modules.setdefault("flash_attn_interface", interface)
+    from diffusers.models import attention_dispatch
+
+    attention_dispatch._CAN_USE_FLASH_ATTN_3 = True
+    attention_dispatch.flash_attn_3_func = interface.flash_attn_func
+    attention_dispatch.flash_attn_3_varlen_func = interface.flash_attn_varlen_func
+    return "diffusers _flash_3 -> fa3_fwd_interface (aliased as flash_attn_interface)"
+
+
+def prepare_variant(variant: str, models: dict, args, state: dict):
+    """The callable module for `variant`; applies fusion/compilation to ours in place when first needed."""
+    from diffserve.kernels import fused_ops
+    from diffserve.runtime.compile import compile_dit
+
+    impl, mode = variant.split("-")
+    if impl == "diffusers":
+        mode, _, extra = mode.partition("+")
+        ref = models["diffusers"]
+        ref.set_attention_backend(
+            "_flash_3" if extra == "fa3" else args.diffusers_attention_backend or "native"
+        )
+        return torch.compile(ref, mode=args.compile_mode) if mode == "compile" else ref
+    ours = models["ours"]
+    if mode == "plain":
+        if state.get("fused"):
+            raise SystemExit("ours-plain must come before ours-eager/ours-compile (fusion is in place)")
+        fused_ops.set_fused_ops(False)
+        return ours
+    fused_ops.set_fused_ops(not args.no_fused_ops)
+    if not state.get("fused") and not args.no_fuse:
+        ours.fuse_projections()
+        state["fused"] = True
+    if mode.startswith("compile"):
+        fused_ops.set_kernels_in_compile(not mode.endswith("+inductor"))
+        torch._dynamo.utils.counters.clear()
+        if state.get("compiled"):
+            torch._dynamo.reset()  # recompile with the other choice
+        compile_dit(ours, mode=args.compile_mode, regional=args.compile_scope == "block")
+        state["compiled"] = True
+    elif state.get("compiled"):
+        raise SystemExit("ours-compile variants come last (compilation is in place)")
+    return ours
+
+
 def run_family(family: str, spec: dict, args, device: torch.device, dtype: torch.dtype) -> list[dict]:
     config, shape = spec["config"], spec["shape"]
     ref, ours = build_pair(family, config, device, dtype)
     if args.diffusers_attention_backend:
-        ref.set_attention_backend(args.diffusers_attention_backend)
+        ref.set_attention_backend(args.diffusers_attention_backend)  # for the reference output too
     inputs, n_img, n_txt, flops = make_inputs(family, config, shape, args.batch, device, dtype)
     print(
         f"\n{spec['label']}: {n_img} + {n_txt} text tokens, batch {args.batch}, {flops / 1e12:.4g} TFLOP/forward",
@@ -260,21 +336,19 @@ def run_family(family: str, spec: dict, args, device: torch.device, dtype: torch
     )
 
     models = {"diffusers": ref, "ours": ours}
-    reference = None
+    state: dict = {}
     rows = []
     with torch.inference_mode():
         reference = ref(**inputs, return_dict=False)[0]  # diffusers eager: what every variant is held to
         # One eager call of ours first: it resolves the attention backend (an import) outside any compiled
         # graph, and shows a wrong model before minutes of compilation.
         print(
-            f"  ours-eager vs diffusers-eager, first call: rel err {rel_err(ours(**inputs), reference):.2e}",
+            f"  ours-plain vs diffusers-eager, first call: rel err {rel_err(ours(**inputs), reference):.2e}",
             flush=True,
         )
+        model = None
         for variant in args.variants:
-            impl, mode = variant.split("-")
-            model = models[impl]
-            if mode == "compile":
-                model = torch.compile(model, mode=args.compile_mode)
+            model = prepare_variant(variant, models, args, state)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             ms, warmup_s, out = time_ms(
@@ -296,6 +370,7 @@ def run_family(family: str, spec: dict, args, device: torch.device, dtype: torch
                 flush=True,
             )
             if args.record:
+                ours_variant = variant.startswith("ours")
                 record(
                     f"dit_{family}_{'tiny_' if args.tiny else ''}forward",
                     variant,
@@ -311,12 +386,44 @@ def run_family(family: str, spec: dict, args, device: torch.device, dtype: torch
                     rel_err_vs_diffusers_eager=row["rel_err"],
                     warmup_s=round(warmup_s, 2),
                     peak_gb=None if row["peak_gb"] is None else round(row["peak_gb"], 2),
-                    diffusers_attention_backend=args.diffusers_attention_backend,
-                    compile_mode=args.compile_mode if mode == "compile" else None,
+                    diffusers_attention_backend=(
+                        None
+                        if ours_variant
+                        else "_flash_3"
+                        if variant.endswith("+fa3")
+                        else args.diffusers_attention_backend or "native"
+                    ),
+                    compile_mode=args.compile_mode if "compile" in variant else None,
+                    compile_scope=args.compile_scope if variant.startswith("ours-compile") else None,
+                    fused_projections=bool(state.get("fused")) if ours_variant else None,
+                    fused_ops=(
+                        (variant not in ("ours-plain", "ours-compile+inductor") and not args.no_fused_ops)
+                        if ours_variant
+                        else None
+                    ),
                     torch=torch.__version__,
                 )
             del out
-    del ref, ours, models, reference, inputs
+            if variant.startswith("ours-compile"):
+                breaks = torch._dynamo.utils.counters["graph_break"]
+                print(
+                    f"  graph breaks: {sum(breaks.values())}",
+                    *(f"    {k.splitlines()[0]}" for k in breaks),
+                    sep="\n",
+                )
+            if variant in args.profile and device.type == "cuda":
+                from profile_kernels import profile_forward
+
+                profile_forward(
+                    lambda m=model, x=inputs: m(**x, return_dict=False)[0],
+                    args.out_dir / f"profile_{family}_{variant}.txt",
+                    title=f"{spec['label']} {variant}, {flops / 1e12:.4g} TFLOP/forward",
+                )
+    from diffserve.kernels import fused_ops
+
+    fused_ops.set_fused_ops(None)
+    fused_ops.set_kernels_in_compile(True)
+    del ref, ours, models, reference, inputs, model
     free(device)
     return rows
 
@@ -356,11 +463,25 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
     p.add_argument(
+        "--compile-scope",
+        choices=("block", "model"),
+        default="block",
+        help="ours-compile: compile each repeated block (default) or the whole forward",
+    )
+    p.add_argument("--no-fuse", action="store_true", help="ours-eager/compile without fused projections")
+    p.add_argument("--no-fused-ops", action="store_true", help="ours-eager/compile without Triton fused ops")
+    p.add_argument(
         "--diffusers-attention-backend",
         default=None,
-        help="diffusers' attention backend for its model, e.g. flash_hub or _flash_3_hub "
-        "(default: diffusers' default, native SDPA)",
+        help="diffusers' attention backend for its model, e.g. _flash_3 (FA3 through fa3-fwd, aliased), "
+        "flash_hub (default: diffusers' default, native SDPA)",
     )
+    p.add_argument(
+        "--profile", nargs="*", default=[], metavar="VARIANT", help="variants whose forward to profile (GPU)"
+    )
+    p.add_argument("--out-dir", type=Path, default=Path("."), help="where --profile and --markdown write")
+    p.add_argument("--markdown", type=Path, default=None, help="also write the result table to this file")
+    p.add_argument("--kernels", action="store_true", help="time each fused op at the family's shape (GPU)")
     p.add_argument("--tiny", action="store_true", help="CPU, tiny configs: an end-to-end check of the script")
     p.add_argument("--no-record", dest="record", action="store_false", help="do not append to results")
     p.add_argument(
@@ -394,12 +515,24 @@ def main(argv=None) -> int:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {device_name}, torch {torch.__version__}, {args.dtype}, variants {args.variants}")
 
+    if args.diffusers_attention_backend == "_flash_3" or any(v.endswith("+fa3") for v in args.variants):
+        print(enable_diffusers_fa3())
     specs = TINY if args.tiny else FULL
     rows = []
     for family in args.family:
+        if args.kernels and device.type == "cuda":
+            from profile_kernels import bench_fused_ops
+
+            c = specs[family]["config"]
+            _, n_img, n_txt, _ = make_inputs(family, c, specs[family]["shape"], 1, device, dtype)
+            tokens = n_img + n_txt if family == "flux" else n_img
+            dim = c["num_attention_heads"] * c["attention_head_dim"]
+            bench_fused_ops(family, tokens, dim, c["num_attention_heads"], args.out_dir / f"ops_{family}.md")
         rows += run_family(family, specs[family], args, device, dtype)
     print()
     print(markdown(rows, device_name))
+    if args.markdown:
+        args.markdown.write_text(markdown(rows, device_name) + "\n")
     if args.record:
         print(f"\nappended {len(rows)} rows to {args.results}")
     return 0

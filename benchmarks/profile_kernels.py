@@ -100,3 +100,48 @@ def profile_forward(fn, path: Path, title: str, iters: int = 3, top: int = 30) -
         "busy": busy / span,
         **{k: ms(v) for k, v in by_kind.items()},
     }
+
+
+def bench_fused_ops(family: str, tokens: int, dim: int, heads: int, out: Path) -> None:
+    """Each fused op at the family's full-size shape: our Triton kernel, the torch reference eager, and the
+    reference under torch.compile (what Inductor makes of it). Median us (triton.testing.do_bench) and the
+    bandwidth over the fewest bytes the op must move (inputs read once, outputs written once)."""
+    from triton.testing import do_bench
+
+    from diffserve.kernels import fused_ops as fo
+
+    dev, bf16 = "cuda", torch.bfloat16
+    hd = dim // heads
+    wan = family == "wan"
+    x, y = (torch.randn(1, tokens, dim, device=dev, dtype=bf16) for _ in range(2))
+    mod_dtype = torch.float32 if wan else bf16
+    shift, scale, gate = (torch.randn(1, 1, dim, device=dev, dtype=mod_dtype) for _ in range(3))
+    qkv = torch.randn(1, tokens, 3 * dim, device=dev, dtype=bf16)
+    weight = torch.randn(dim if wan else hd, device=dev, dtype=bf16)
+    angles = torch.rand(tokens, hd // 2, device=dev) * 50
+    cos, sin = angles.cos(), angles.sin()
+    act = x.numel() * 2  # bytes of one activation
+    cases = {
+        "norm_modulate": (lambda f: f(x, shift, scale, 1e-6, wan), 2 * act),
+        "residual+norm_modulate": (lambda f: f(x, shift, scale, 1e-6, wan, residual=y, gate=gate), 4 * act),
+        "gated_residual": (lambda f: f(x, None, None, 0.0, residual=y, gate=gate, normalize=False), 3 * act),
+        "qk_norm_rope": (lambda f: f(qkv[..., :dim], weight, 1e-6, cos, sin, hd, not wan), 2 * act),
+    }
+    refs = {"qk_norm_rope": (fo.qk_norm_rope, fo.qk_norm_rope_reference)}
+    lines = [f"# fused ops, {family} shapes: {tokens} tokens x {dim}, bf16", "",
+             "| op | ours (Triton) us | GB/s | torch eager us | torch.compile us | GB/s |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name, (call, nbytes) in cases.items():
+        fast_fn, ref_fn = refs.get(name, (fo.adaln, fo.adaln_reference))
+        compiled = torch.compile(ref_fn)
+        fo.set_fused_ops(True)
+        t_fast = do_bench(lambda c=call, f=fast_fn: c(f), return_mode="median")
+        t_ref = do_bench(lambda c=call, f=ref_fn: c(f), return_mode="median")
+        t_cmp = do_bench(lambda c=call, f=compiled: c(f), return_mode="median")
+        fo.set_fused_ops(None)
+        lines.append(
+            f"| {name} | {t_fast * 1e3:.1f} | {nbytes / t_fast / 1e6:.0f} | {t_ref * 1e3:.1f} | "
+            f"{t_cmp * 1e3:.1f} | {nbytes / t_cmp / 1e6:.0f} |"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))

@@ -86,54 +86,49 @@ def adaln_triton(x, shift, scale, eps, residual, gate, affine, normalize):
 def _qk_norm_rope_kernel(
     X, W, COS, SIN, OUT,
     seq, heads, sx_b, sx_s, eps,
-    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_NORM: tl.constexpr, PER_HEAD: tl.constexpr, HAS_ROPE: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     b = row // seq
     s = row % seq
+    # The row as a (heads, head_dim) tile, loaded contiguously (16-byte vectors); the channel pairs
+    # (2i, 2i+1) are separated in registers by a reshape + split, not by strided loads.
     h = tl.arange(0, BLOCK_H)[:, None]
-    i = tl.arange(0, BLOCK_HALF)[None, :]
-    mask = (h < heads) & (i < HALF)
-    # Channel pairs (2i, 2i+1) of every head: the even and odd halves as two (heads, head_dim/2) tiles.
-    offs = h * HEAD_DIM + 2 * i
-    x_even = tl.load(X + b * sx_b + s * sx_s + offs, mask=mask, other=0.0).to(tl.float32)
-    x_odd = tl.load(X + b * sx_b + s * sx_s + offs + 1, mask=mask, other=0.0).to(tl.float32)
+    d = tl.arange(0, HEAD_DIM)[None, :]
+    mask = h < heads
+    x = tl.load(X + b * sx_b + s * sx_s + h * HEAD_DIM + d, mask=mask, other=0.0).to(tl.float32)
     if HAS_NORM:
-        sq = x_even * x_even + x_odd * x_odd
         if PER_HEAD:
-            rstd = tl.rsqrt(tl.sum(sq, axis=1) / HEAD_DIM + eps)[:, None]
-            w_offs = 0 * h + 2 * i
+            rstd = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
+            w = tl.load(W + d).to(tl.float32)
         else:
-            rstd = tl.rsqrt(tl.sum(tl.sum(sq, axis=1), axis=0) / (heads * HEAD_DIM) + eps)
-            w_offs = offs
-        x_even = x_even * rstd * tl.load(W + w_offs, mask=mask, other=0.0).to(tl.float32)
-        x_odd = x_odd * rstd * tl.load(W + w_offs + 1, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.rsqrt(tl.sum(tl.sum(x * x, axis=1), axis=0) / (heads * HEAD_DIM) + eps)
+            w = tl.load(W + h * HEAD_DIM + d, mask=mask, other=0.0).to(tl.float32)
+        x = x * rstd * w
     if HAS_ROPE:
-        c = tl.load(COS + s * HALF + i, mask=i < HALF, other=0.0)
-        sn = tl.load(SIN + s * HALF + i, mask=i < HALF, other=0.0)
-        rotated_even = x_even * c - x_odd * sn
-        x_odd = x_even * sn + x_odd * c
-        x_even = rotated_even
-    out = OUT + row * heads * HEAD_DIM + offs
-    tl.store(out, x_even.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(out + 1, x_odd.to(OUT.dtype.element_ty), mask=mask)
+        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_H, HALF, 2)))
+        i = tl.arange(0, HALF)[None, :]
+        c = tl.load(COS + s * HALF + i)
+        sn = tl.load(SIN + s * HALF + i)
+        x = tl.reshape(tl.join(x_even * c - x_odd * sn, x_even * sn + x_odd * c), (BLOCK_H, HEAD_DIM))
+    tl.store(OUT + row * heads * HEAD_DIM + h * HEAD_DIM + d, x.to(OUT.dtype.element_ty), mask=mask)
 
 
 def qk_norm_rope_triton(x, weight, eps, cos, sin, head_dim, per_head):
+    x = x if x.stride(-1) == 1 else x.contiguous()
     batch, seq, width = x.shape
     heads = width // head_dim
     if cos is not None:
         cos, sin = cos.float().contiguous(), sin.float().contiguous()
     weight = weight.contiguous() if weight is not None else None
     out = torch.empty(batch, seq, heads, head_dim, device=x.device, dtype=x.dtype)
-    half = head_dim // 2
-    block_h, block_half = triton.next_power_of_2(heads), triton.next_power_of_2(half)
+    block_h = triton.next_power_of_2(heads)
     _qk_norm_rope_kernel[(batch * seq,)](
         x, weight if weight is not None else x, cos if cos is not None else x, sin if sin is not None else x,
         out, seq, heads, x.stride(0), x.stride(1), eps,
-        HEAD_DIM=head_dim, HALF=half, BLOCK_H=block_h, BLOCK_HALF=block_half,
+        HEAD_DIM=head_dim, HALF=head_dim // 2, BLOCK_H=block_h,
         HAS_NORM=weight is not None, PER_HEAD=per_head, HAS_ROPE=cos is not None,
-        num_warps=_warps(block_h * block_half * 2),
+        num_warps=4 if block_h * head_dim <= 2048 else 8,
     )  # fmt: skip
     return out

@@ -9,11 +9,13 @@ one pass:
                       (possibly strided) projection output and writes (batch, seq, heads, head_dim)
   linear_gelu(...)    x @ W^T + b followed by GELU(tanh), the GELU done in cuBLASLt's epilogue
 
-Which path runs: Triton when the tensors are on CUDA, Triton imports, the ops are enabled
-(DIFFSERVE_FUSED_OPS=0 or set_fused_ops(False) turns them off) and we are not inside torch.compile —
-Inductor fuses the reference code itself, and an opaque kernel would only stop it fusing across the
-boundary. Everywhere else (the CPU, CI, ROCm without Triton) the reference runs: it is the exact formula
-the blocks used before, so parity with diffusers on the CPU is unchanged.
+Which path runs: the kernels when the tensors are on CUDA, Triton imports and the ops are enabled
+(DIFFSERVE_FUSED_OPS=0 or set_fused_ops(False) turns them off). Everywhere else (the CPU, CI, ROCm without
+Triton) the reference runs: it is the exact formula the blocks used before, so parity with diffusers on
+the CPU is unchanged. Inside torch.compile, qk_norm_rope and linear_gelu stay our kernels (registered as
+torch custom ops, opaque to Inductor: measured faster than what Inductor generates for the same code,
+and Inductor cannot put a GELU into a cuBLAS epilogue), while adaln goes back to the reference formula,
+which Inductor fuses with its neighbours. set_kernels_in_compile(False) hands all of them to Inductor.
 
 Numerics: the kernels compute in float32 and round once at the end; the reference rounds after some
 intermediate ops in the activation dtype. In bf16 the two differ by bf16 rounding (~4e-3 relative per
@@ -30,12 +32,19 @@ import torch.nn.functional as F
 
 ENV_VAR = "DIFFSERVE_FUSED_OPS"
 _enabled: bool | None = None
+_in_compile = True
 
 
 def set_fused_ops(enabled: bool | None) -> None:
     """Force the Triton kernels on or off for this process (None: back to the environment's choice)."""
     global _enabled
     _enabled = enabled
+
+
+def set_kernels_in_compile(enabled: bool) -> None:
+    """Whether code traced by torch.compile calls our kernels (custom ops) or the reference formulas."""
+    global _in_compile
+    _in_compile = enabled
 
 
 def fused_ops_enabled() -> bool:
@@ -53,8 +62,8 @@ def triton_available() -> bool:
     return True
 
 
-def _use_triton(*tensors: torch.Tensor) -> bool:
-    if torch.compiler.is_compiling() or not fused_ops_enabled():
+def _use_triton(*tensors: torch.Tensor, in_compile: bool = False) -> bool:
+    if not fused_ops_enabled() or (torch.compiler.is_compiling() and not (in_compile and _in_compile)):
         return False
     return all(t.is_cuda for t in tensors) and triton_available()
 
@@ -155,11 +164,34 @@ def qk_norm_rope(
     (batch, seq, heads, head_dim): RMSNorm with `weight` (None: no norm) over each head (per_head) or over
     all heads together, then the rotary embedding cos/sin (seq, head_dim // 2), float32 (None: none)."""
     tensors = [t for t in (x, weight, cos, sin) if t is not None]
-    if _use_triton(*tensors) and x.dim() == 3 and x.stride(-1) == 1 and x.shape[-1] <= 16384:
-        from diffserve.kernels._triton_ops import qk_norm_rope_triton
-
-        return qk_norm_rope_triton(x, weight, eps, cos, sin, head_dim, per_head)
+    if (
+        _use_triton(*tensors, in_compile=True)
+        and x.dim() == 3
+        and x.shape[-1] <= 16384
+        and head_dim & (head_dim - 1) == 0  # the kernel tiles a head as one power-of-two block
+    ):
+        return torch.ops.diffserve.qk_norm_rope(x, weight, eps, cos, sin, head_dim, per_head)
     return qk_norm_rope_reference(x, weight, eps, cos, sin, head_dim, per_head)
+
+
+@torch.library.custom_op("diffserve::qk_norm_rope", mutates_args=())
+def _qk_norm_rope_op(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    head_dim: int,
+    per_head: bool,
+) -> torch.Tensor:
+    from diffserve.kernels._triton_ops import qk_norm_rope_triton
+
+    return qk_norm_rope_triton(x, weight, eps, cos, sin, head_dim, per_head)
+
+
+@_qk_norm_rope_op.register_fake
+def _(x, weight, eps, cos, sin, head_dim, per_head):
+    return x.new_empty(x.shape[0], x.shape[1], x.shape[2] // head_dim, head_dim)
 
 
 # ---------------------------------------------------------------- linear + GELU(tanh)
@@ -172,9 +204,19 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         bias is not None
         and x.is_cuda
         and fused_ops_enabled()
-        and not torch.compiler.is_compiling()
+        and (_in_compile or not torch.compiler.is_compiling())
         and x.dtype in (torch.bfloat16, torch.float16)
     ):
-        out = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
-        return out.view(*x.shape[:-1], weight.shape[0])
+        return torch.ops.diffserve.linear_gelu(x, weight, bias)
     return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+
+
+@torch.library.custom_op("diffserve::linear_gelu", mutates_args=())
+def _linear_gelu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    out = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+@_linear_gelu_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])

@@ -261,13 +261,87 @@ def test_bench_dit_tiny_end_to_end(tmp_path):
     assert round(bench.wan_flops(bench.FULL["wan"]["config"], 1, 21 * 30 * 52, 512) / 1e12) == 283
 
     results = tmp_path / "results.jsonl"
-    argv = ["--tiny", "--variants", "diffusers-eager,ours-eager", "--iters", "5", "--warmup", "1"]
+    argv = ["--tiny", "--variants", "diffusers-eager,ours-plain,ours-eager", "--iters", "5", "--warmup", "1"]
     assert bench.main([*argv, "--results", str(results)]) == 0
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["benchmark"], r["impl"]) for r in rows] == [
         ("dit_flux_tiny_forward", "diffusers-eager"),
+        ("dit_flux_tiny_forward", "ours-plain"),
         ("dit_flux_tiny_forward", "ours-eager"),
         ("dit_wan_tiny_forward", "diffusers-eager"),
+        ("dit_wan_tiny_forward", "ours-plain"),
         ("dit_wan_tiny_forward", "ours-eager"),
     ]
+    assert [r["fused_projections"] for r in rows] == [None, False, True] * 2
     assert all(r["ms"] > 0 and r["rel_err_vs_diffusers_eager"] < 1e-2 for r in rows)
+
+
+# ---------------------------------------------------------------- fused projections and compilation
+
+
+def _wan_pair():
+    ref = _randomise(diffusers.WanTransformer3DModel(**WAN_CFG))
+    ours = WanTransformer.from_config(dict(ref.config)).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_fused_projections_match_and_keep_the_state_dict(family):
+    ref, ours = _flux_pair(True) if family == "flux" else _wan_pair()
+    inputs = _flux_inputs() if family == "flux" else _wan_inputs(frames=2)
+    names = list(ours.state_dict())
+    with torch.no_grad():
+        expected = ref(**inputs, return_dict=False)[0]
+        ours.fuse_projections()
+        assert _rel_err(ours(**inputs), expected) < TOL
+    fused = [n for n, b in ours.named_buffers() if n.endswith("_weight") and b is not None]
+    # FLUX: q|k|v and the text stream's per dual block, q|k|v per single block; Wan: q|k|v and k|v.
+    assert len(fused) == (2 * 2 + 2 if family == "flux" else 2 * 2), fused
+    assert list(ours.state_dict()) == names  # checkpoints still load by diffusers' names
+
+    # Loading new weights after fusion writes through to the fused GEMMs.
+    other = _randomise(type(ref)(**ref.config), seed=7)
+    ours.load_state_dict(other.state_dict(), strict=True)
+    with torch.no_grad():
+        assert _rel_err(ours(**inputs), other(**inputs, return_dict=False)[0]) < TOL
+    ours.fuse_projections()  # idempotent
+    assert len([n for n, b in ours.named_buffers() if n.endswith("_weight") and b is not None]) == len(fused)
+
+
+@pytest.mark.parametrize("regional", [True, False], ids=["per-block", "whole"])
+def test_compile_dit_traces_the_blocks(regional, tmp_path, monkeypatch):
+    from diffserve.runtime.compile import compile_dit, compiled, configure_compile_cache, repeated_blocks
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert configure_compile_cache(tmp_path / "c") == tmp_path / "c" and (tmp_path / "c").is_dir()
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+
+    ref, ours = _flux_pair(True)
+    assert [len(s) for s in repeated_blocks(ours)] == [2, 2]
+    inputs = _flux_inputs()
+    with torch.no_grad():
+        expected = ref(**inputs, return_dict=False)[0]
+        ours.fuse_projections()
+        ours(**inputs)  # eager first: resolves the attention backend outside the trace
+        torch._dynamo.reset()
+        compile_dit(ours, regional=regional, backend="eager")  # tracing only: fast on the CPU
+        assert compiled(ours)
+        assert _rel_err(ours(**inputs), expected) < TOL
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="mode"):
+        compile_dit(ours, mode="fastest")
+
+
+def test_linear_concat_splits_the_gemm():
+    from diffserve.runtime.layers.mlp import linear_concat
+
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(12, 5)
+    a, b = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 8, generator=g)
+    expected = linear(torch.cat([a, b], dim=-1))
+    with torch.no_grad():
+        assert _rel_err(linear_concat([a, b], linear, split=True), expected) < 1e-6
+        assert torch.equal(linear_concat([a, b], linear), expected)  # CPU default: the cat itself
+        with pytest.raises(ValueError, match="12"):
+            linear_concat([a, a], linear, split=True)

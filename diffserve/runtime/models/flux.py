@@ -13,10 +13,16 @@ from torch import nn
 
 from diffserve.runtime.distributed.ulysses import sequence_parallel_attention, shard_sequence
 from diffserve.runtime.layers.embeddings import MLPEmbedder, timestep_sinusoid
-from diffserve.runtime.layers.mlp import FeedForward, gelu_tanh
-from diffserve.runtime.layers.modulation import AdaLNProjection, clip_fp16, gated_residual, norm_modulate
-from diffserve.runtime.layers.rope import apply_rope, axes_rope
-from diffserve.runtime.models.base import DiTConfig, NativeDiT
+from diffserve.runtime.layers.mlp import FeedForward, linear_concat, linear_gelu
+from diffserve.runtime.layers.modulation import (
+    AdaLNProjection,
+    clip_fp16,
+    gated_residual,
+    norm_modulate,
+    residual_norm_modulate,
+)
+from diffserve.runtime.layers.rope import axes_rope, norm_rope
+from diffserve.runtime.models.base import DiTConfig, NativeDiT, fuse_linears
 
 _EPS = 1e-6
 _TIME_FREQ_DIM = 256
@@ -49,36 +55,22 @@ class FluxConfig(DiTConfig):
         return self.num_attention_heads * self.attention_head_dim
 
 
-def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    return x.unflatten(-1, (-1, head_dim))
-
-
-def _qk(
-    proj_q: nn.Linear,
-    proj_k: nn.Linear,
-    proj_v: nn.Linear,
-    norm_q: nn.RMSNorm,
-    norm_k: nn.RMSNorm,
-    x: torch.Tensor,
-    head_dim: int,
-):
-    """Project x to (batch, seq, heads, head_dim) q, k, v with per-head RMS norm on q and k."""
-    q = F.rms_norm(_heads(proj_q(x), head_dim), (head_dim,), norm_q.weight, norm_q.eps)
-    k = F.rms_norm(_heads(proj_k(x), head_dim), (head_dim,), norm_k.weight, norm_k.eps)
-    return q, k, _heads(proj_v(x), head_dim)
-
-
 class FluxAttention(nn.Module):
     """Joint attention. Dual-stream blocks have the text-side projections (add_*) and output projections;
-    single-stream blocks project the joint sequence once and have no output projection (pre_only)."""
+    single-stream blocks project the joint sequence once and have no output projection (pre_only).
+
+    After fuse_projections() q|k|v of each stream come from one GEMM (`qkv_weight`, `add_qkv_weight`)."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, dual: bool):
         super().__init__()
         self.head_dim = head_dim
-        inner = heads * head_dim
+        self.inner = inner = heads * head_dim
+        self.dual = dual
         self.to_q, self.to_k, self.to_v = (nn.Linear(dim, inner) for _ in range(3))
         self.norm_q = nn.RMSNorm(head_dim, eps=_EPS)
         self.norm_k = nn.RMSNorm(head_dim, eps=_EPS)
+        self.register_buffer("qkv_weight", None, persistent=False)
+        self.register_buffer("qkv_bias", None, persistent=False)
         if dual:
             self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(dim, inner) for _ in range(3))
             self.norm_added_q = nn.RMSNorm(head_dim, eps=_EPS)
@@ -86,28 +78,49 @@ class FluxAttention(nn.Module):
             # to_out.1 was dropout in diffusers; Identity keeps the index (and the state-dict names).
             self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Identity()])
             self.to_add_out = nn.Linear(inner, dim)
+            self.register_buffer("add_qkv_weight", None, persistent=False)
+            self.register_buffer("add_qkv_bias", None, persistent=False)
+
+    def fuse_projections(self) -> None:
+        fuse_linears(self, ("to_q", "to_k", "to_v"), "qkv")
+        if self.dual:
+            fuse_linears(self, ("add_q_proj", "add_k_proj", "add_v_proj"), "add_qkv")
+
+    def _stream(self, x: torch.Tensor, prefix: str, rope):
+        """One stream's q, k, v (batch, seq, heads, head_dim): RMS-normed, q/k rotated by its rope rows."""
+        fused = getattr(self, f"{prefix}qkv_weight")
+        if fused is not None:
+            qkv = F.linear(x, fused, getattr(self, f"{prefix}qkv_bias")).split(self.inner, dim=-1)
+        elif prefix:
+            qkv = self.add_q_proj(x), self.add_k_proj(x), self.add_v_proj(x)
+        else:
+            qkv = self.to_q(x), self.to_k(x), self.to_v(x)
+        norm_q, norm_k = (self.norm_added_q, self.norm_added_k) if prefix else (self.norm_q, self.norm_k)
+        q, k, v = qkv
+        return (
+            norm_rope(q, norm_q, rope, self.head_dim),
+            norm_rope(k, norm_k, rope, self.head_dim),
+            v.unflatten(-1, (-1, self.head_dim)),
+        )
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], context: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        context: torch.Tensor | None = None,
     ):
-        q, k, v = _qk(self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, x, self.head_dim)
-        if context is not None:
+        if context is None:
+            q, k, v = self._stream(x, "", rope)
+        else:
             # Text tokens come first in the joint sequence, matching the order of the rope ids.
-            cq, ck, cv = _qk(
-                self.add_q_proj,
-                self.add_k_proj,
-                self.add_v_proj,
-                self.norm_added_q,
-                self.norm_added_k,
-                context,
-                self.head_dim,
-            )
+            n_txt = context.shape[1]
+            cos, sin = rope
+            cq, ck, cv = self._stream(context, "add_", (cos[:n_txt], sin[:n_txt]))
+            q, k, v = self._stream(x, "", (cos[n_txt:], sin[n_txt:]))
             q, k, v = torch.cat([cq, q], dim=1), torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = sequence_parallel_attention(q, k, v).flatten(2)  # = attention() unless sequence-parallel
         if context is None:
             return out
-        n_txt = context.shape[1]
         # contiguous(): with batch > 1 the slices are strided, and strided GEMM inputs take a slower (and on
         # the CPU, less accurate) path. A no-op for batch 1.
         return self.to_out[0](out[:, n_txt:].contiguous()), self.to_add_out(out[:, :n_txt].contiguous())
@@ -129,18 +142,19 @@ class FluxDualBlock(nn.Module):
         img_attn, txt_attn = self.attn(
             norm_modulate(img, shift, scale, _EPS), rope, context=norm_modulate(txt, c_shift, c_scale, _EPS)
         )
-        img = gated_residual(img, img_attn, gate)
-        img = gated_residual(img, self.ff(norm_modulate(img, mlp_shift, mlp_scale, _EPS)), mlp_gate)
+        img, h = residual_norm_modulate(img, img_attn, gate, mlp_shift, mlp_scale, _EPS)
+        img = gated_residual(img, self.ff(h), mlp_gate)
 
-        txt = gated_residual(txt, txt_attn, c_gate)
-        txt = gated_residual(
-            txt, self.ff_context(norm_modulate(txt, c_mlp_shift, c_mlp_scale, _EPS)), c_mlp_gate
-        )
+        txt, h = residual_norm_modulate(txt, txt_attn, c_gate, c_mlp_shift, c_mlp_scale, _EPS)
+        txt = gated_residual(txt, self.ff_context(h), c_mlp_gate)
         return img, clip_fp16(txt)
 
 
 class FluxSingleBlock(nn.Module):
-    """Attention and MLP in parallel from one modulated input; one output projection over both."""
+    """Attention and MLP in parallel from one modulated input; one output projection over both.
+
+    The MLP's GELU runs in its GEMM's epilogue on CUDA, and the output projection of [attention | MLP]
+    runs as two accumulating GEMMs instead of over a concatenated copy (layers.mlp.linear_concat)."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 4.0):
         super().__init__()
@@ -152,8 +166,9 @@ class FluxSingleBlock(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor, rope):
         shift, scale, gate = self.norm(cond)
         h = norm_modulate(x, shift, scale, _EPS)
-        joint = torch.cat([self.attn(h, rope), gelu_tanh(self.proj_mlp(h))], dim=-1)
-        return clip_fp16(gated_residual(x, self.proj_out(joint), gate))
+        mlp = linear_gelu(h, self.proj_mlp.weight, self.proj_mlp.bias)
+        out = linear_concat([self.attn(h, rope), mlp], self.proj_out)
+        return clip_fp16(gated_residual(x, out, gate))
 
 
 class _TimeTextEmbed(nn.Module):

@@ -19,9 +19,9 @@ from diffserve.runtime.distributed.ulysses import sequence_parallel_attention, s
 from diffserve.runtime.layers.attention import attention
 from diffserve.runtime.layers.embeddings import MLPEmbedder, timestep_sinusoid
 from diffserve.runtime.layers.mlp import FeedForward
-from diffserve.runtime.layers.modulation import gated_residual, norm_modulate
-from diffserve.runtime.layers.rope import apply_rope, grid_rope
-from diffserve.runtime.models.base import DiTConfig, NativeDiT
+from diffserve.runtime.layers.modulation import gated_residual, norm_modulate, residual_norm_modulate
+from diffserve.runtime.layers.rope import grid_rope, norm_rope
+from diffserve.runtime.models.base import DiTConfig, NativeDiT, fuse_linears
 
 
 @dataclasses.dataclass
@@ -66,7 +66,10 @@ class WanConfig(DiTConfig):
 
 
 class WanAttention(nn.Module):
-    """Self-attention (with RoPE) or cross-attention to the text; q/k RMS-normalised across all heads."""
+    """Self-attention (with RoPE) or cross-attention to the text; q/k RMS-normalised across all heads.
+
+    After fuse_projections() (done by WanBlock, which knows which is which) self-attention takes q|k|v
+    from one GEMM (`qkv_weight`) and cross-attention k|v of the text from one (`kv_weight`)."""
 
     def __init__(self, dim: int, heads: int, eps: float):
         super().__init__()
@@ -75,14 +78,23 @@ class WanAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Identity()])  # .1 was dropout
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
+        for name in ("qkv_weight", "qkv_bias", "kv_weight", "kv_bias"):
+            self.register_buffer(name, None, persistent=False)
+
+    def _project(self, x: torch.Tensor, context: torch.Tensor | None):
+        dim = self.to_q.out_features
+        if context is None and self.qkv_weight is not None:
+            return F.linear(x, self.qkv_weight, self.qkv_bias).split(dim, dim=-1)
+        if context is not None and self.kv_weight is not None:
+            return (self.to_q(x), *F.linear(context, self.kv_weight, self.kv_bias).split(dim, dim=-1))
+        kv = x if context is None else context
+        return self.to_q(x), self.to_k(kv), self.to_v(kv)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, rope=None) -> torch.Tensor:
-        kv = x if context is None else context
-        q = F.rms_norm(self.to_q(x), self.norm_q.normalized_shape, self.norm_q.weight, self.norm_q.eps)
-        k = F.rms_norm(self.to_k(kv), self.norm_k.normalized_shape, self.norm_k.weight, self.norm_k.eps)
-        q, k, v = (t.unflatten(-1, (self.heads, -1)) for t in (q, k, self.to_v(kv)))
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = self._project(x, context)
+        head_dim = q.shape[-1] // self.heads
+        q, k = norm_rope(q, self.norm_q, rope, head_dim), norm_rope(k, self.norm_k, rope, head_dim)
+        v = v.unflatten(-1, (self.heads, head_dim))
         # Cross-attention keys are the text, whole on every rank: no exchange even when sequence-parallel.
         out = attention(q, k, v) if context is not None else sequence_parallel_attention(q, k, v)
         return self.to_out[0](out.flatten(2))
@@ -100,26 +112,26 @@ class WanBlock(nn.Module):
         self.ffn = FeedForward(dim, c.ffn_dim)
         self.scale_shift_table = nn.Parameter(torch.empty(1, 6, dim))
 
+    def fuse_projections(self) -> None:
+        fuse_linears(self.attn1, ("to_q", "to_k", "to_v"), "qkv")
+        fuse_linears(self.attn2, ("to_k", "to_v"), "kv")
+
     def forward(self, x: torch.Tensor, context: torch.Tensor, temb6: torch.Tensor, rope) -> torch.Tensor:
         # temb6: (batch, 1 or seq, 6, dim). Modulation is float32, as are the norms (trained that way).
         shift, scale, gate, mlp_shift, mlp_scale, mlp_gate = (self.scale_shift_table + temb6.float()).unbind(
             2
         )
-        x = gated_residual(
-            x, self.attn1(norm_modulate(x, shift, scale, self.eps, upcast=True), rope=rope), gate
+        attn = self.attn1(norm_modulate(x, shift, scale, self.eps, upcast=True), rope=rope)
+        if self.norm2 is not None:  # the cross-attention input: an affine LayerNorm, in float32
+            x, h = residual_norm_modulate(
+                x, attn, gate, self.norm2.bias, self.norm2.weight, self.eps, upcast=True, affine=True
+            )
+        else:
+            x = h = gated_residual(x, attn, gate)
+        x, h = residual_norm_modulate(
+            x, self.attn2(h, context=context), None, mlp_shift, mlp_scale, self.eps, upcast=True
         )
-        h = x
-        if self.norm2 is not None:
-            h = F.layer_norm(
-                x.float(),
-                self.norm2.normalized_shape,
-                self.norm2.weight.float(),
-                self.norm2.bias.float(),
-                self.eps,
-            ).to(x.dtype)
-        x = x + self.attn2(h, context=context)
-        ff = self.ffn(norm_modulate(x, mlp_shift, mlp_scale, self.eps, upcast=True))
-        return gated_residual(x, ff, mlp_gate)  # float32 gate: the sum is taken in float32
+        return gated_residual(x, self.ffn(h), mlp_gate)  # float32 gate: the sum is taken in float32
 
 
 class _ConditionEmbedder(nn.Module):
