@@ -8,8 +8,13 @@ compile cache so that a restarted server does not compile from scratch.
 Regional compilation (each block compiled, not the whole model): the DiT is a stack of identical blocks,
 and torch.compile traces a block's forward once and reuses the compiled code for every block of the same
 class (parameters are graph inputs), so compile time is that of 2 blocks for FLUX and 1 for Wan instead of
-57 and 30, while the time per forward is about that of whole-model compilation: everything that Inductor
-can fuse lies inside a block.
+57 and 30 (H100, FLUX.1-dev 1024^2: 12.9 s cold, 5.2 s from the persistent cache; diffusers' whole-model
+compile: 81.5 s), and everything Inductor can fuse lies inside a block anyway.
+
+Measured (benchmarks/RESULTS.md, issue 5): compiling helps little over our eager path, which already has the
+fused kernels (FLUX 128.8 vs 125.9 ms, Wan 435.2 vs 429.2 ms): the compiled blocks are host-bound, with a
+graph break at every FA3 call (FlashAttention3Backend.forward imports its provider per call). Until that
+is fixed, eager with fuse_projections() is the faster default; compile is worth re-measuring after.
 
 The cache: Inductor's FX-graph cache and autotuning cache are on-disk and keyed by graph and environment;
 pointing TORCHINDUCTOR_CACHE_DIR at a directory that survives restarts (default ~/.cache/diffserve/inductor,
