@@ -11,10 +11,11 @@ class (parameters are graph inputs), so compile time is that of 2 blocks for FLU
 57 and 30 (H100, FLUX.1-dev 1024^2: 12.9 s cold, 5.2 s from the persistent cache; diffusers' whole-model
 compile: 81.5 s), and everything Inductor can fuse lies inside a block anyway.
 
-Measured (benchmarks/RESULTS.md, issue 5): compiling helps little over our eager path, which already has the
-fused kernels (FLUX 128.8 vs 125.9 ms, Wan 435.2 vs 429.2 ms): the compiled blocks are host-bound, with a
-graph break at every FA3 call (FlashAttention3Backend.forward imports its provider per call). Until that
-is fixed, eager with fuse_projections() is the faster default; compile is worth re-measuring after.
+Measured (benchmarks/RESULTS.md, issue 5): compiling gains nothing measurable over our eager path, which
+already has the fused kernels (FLUX 128.8 ms in the same process and 124.7 ms in a second one, vs 125.9
+eager; Wan 435.2 vs 429.2 ms): the compiled blocks are host-bound (12.6 ms of GPU idle per FLUX forward),
+with a graph break at every FA3 call (FlashAttention3Backend.forward imports its provider on each call).
+Until that is fixed, eager with fuse_projections() is the default to use; re-measure compile after.
 
 The cache: Inductor's FX-graph cache and autotuning cache are on-disk and keyed by graph and environment;
 pointing TORCHINDUCTOR_CACHE_DIR at a directory that survives restarts (default ~/.cache/diffserve/inductor,
