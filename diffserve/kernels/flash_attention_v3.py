@@ -32,8 +32,7 @@ def _import_provider(name: str) -> ModuleType:
 
 
 @cached_support
-def fa3_support() -> Support:
-    """Why FA3 can or cannot run in this process. Cached; `fa3_support.cache_clear()` re-probes."""
+def _probe() -> Support:
     try:
         if torch.version.cuda is None:
             # ROCm, XPU and CPU builds: the check must say no here, not compare None with a string.
@@ -61,12 +60,35 @@ def fa3_support() -> Support:
         return Support(False, f"FA3 check failed: {type(exc).__name__}: {exc}")
 
 
+# The provider's flash_attn_func, resolved once: a lookup per call would cost host time on the hot path and
+# break torch.compile's graph at every attention call.
+_flash_attn_func = None
+
+
+def fa3_support() -> Support:
+    """Why FA3 can or cannot run in this process. Cached; `fa3_support.cache_clear()` re-probes."""
+    return _probe()
+
+
+def _cache_clear() -> None:
+    global _flash_attn_func
+    _flash_attn_func = None
+    _probe.cache_clear()
+
+
 def _is_fa3_supported() -> bool:
     """True only where FA3 really runs: a CUDA build >= 12.3, a 9.x GPU, and an FA3 provider that imports."""
-    return fa3_support().ok
+    return _probe().ok
 
 
-_is_fa3_supported.cache_clear = fa3_support.cache_clear  # type: ignore[attr-defined]
+fa3_support.cache_clear = _cache_clear  # type: ignore[attr-defined]
+_is_fa3_supported.cache_clear = _cache_clear  # type: ignore[attr-defined]
+
+
+def _resolve_flash_attn_func():
+    global _flash_attn_func
+    _flash_attn_func = _import_provider(_probe().provider).flash_attn_func
+    return _flash_attn_func
 
 
 def fa3_unsupported_reason() -> str:
@@ -93,7 +115,7 @@ class FlashAttention3Backend(AttentionBackend):
     @staticmethod
     def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                 causal: bool = False) -> torch.Tensor:
-        module = _import_provider(fa3_support().provider)
-        out = module.flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
+        func = _flash_attn_func or _resolve_flash_attn_func()
+        out = func(q, k, v, softmax_scale=scale, causal=causal)
         # Some upstream versions return (out, softmax_lse).
         return out[0] if isinstance(out, tuple) else out

@@ -126,16 +126,19 @@ def _dit_inputs(runner, family: str, per_token: bool = False) -> dict:
 
 def _generate(runner, family: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(final latents, pixels, DiT forward calls) of one 2-step generation."""
-    latents, calls, vae, dit = [], [0], runner.pipeline.vae, runner.pipeline.transformer
-    decode = vae.decode
-    vae.decode = lambda z, *a, **k: latents.append(z.clone()) or decode(z, *a, **k)
+    from diffserve.runtime.pipelines import stages
+
+    latents, calls, dit = [], [0], runner.pipeline.transformer
+    name = "decode_images" if family == "flux" else "decode_videos"
+    decode = getattr(stages, name)  # the final latents, as the VAE stage receives them
+    setattr(stages, name, lambda vae, z: latents.append(z.clone()) or decode(vae, z))
     hook = dit.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     try:
         req = GenerationRequest(prompt=f"a tiny {family}", **(FLUX_REQ if family == "flux" else WAN_REQ))
         result = runner.generate(req)
     finally:
         hook.remove()
-        del vae.decode
+        setattr(stages, name, decode)
     frames = result.images if family == "flux" else result.videos[0]
     pixels = torch.stack([torch.from_numpy(np.asarray(im).copy()) for im in frames]).int()
     return latents[0], pixels, calls[0]

@@ -296,5 +296,7 @@ def decode_images(vae, latents: torch.Tensor) -> list:
 
 def decode_videos(vae, latents: torch.Tensor) -> list[list]:
     """AutoencoderKLWan latents (batch, C, f, h, w), already un-normalised -> one list of frames per video."""
-    videos = vae.decode(latents.to(vae.dtype), return_dict=False)[0]  # (batch, 3, frames, H, W)
+    from diffserve.runtime.vae_decode import decode_wan_latents
+
+    videos = decode_wan_latents(vae, latents.to(vae.dtype))  # (batch, 3, frames, H, W), = vae.decode
     return [to_pil(v.transpose(0, 1)) for v in videos]
