@@ -6,8 +6,9 @@ process by pickling, so nothing here may import torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 # on_step(step_index_done, total_steps): called after every denoising step.
 StepCallback = Callable[[int, int], None]
@@ -27,19 +28,19 @@ class InvalidRequest(ValueError):
 @dataclass
 class GenerationRequest:
     prompt: str
-    negative_prompt: Optional[str] = None
-    width: Optional[int] = None  # None -> the family's default
-    height: Optional[int] = None
-    num_frames: Optional[int] = None  # video families only
-    num_inference_steps: Optional[int] = None
-    guidance_scale: Optional[float] = None
-    seed: Optional[int] = None
+    negative_prompt: str | None = None
+    width: int | None = None  # None -> the family's default
+    height: int | None = None
+    num_frames: int | None = None  # video families only
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
     num_outputs: int = 1
     # image-to-image / edit: PNG/JPEG bytes of the input image (and optional mask), strength in (0, 1]
-    image: Optional[bytes] = None
-    mask: Optional[bytes] = None
-    strength: Optional[float] = None
-    fps: Optional[int] = None
+    image: bytes | None = None
+    mask: bytes | None = None
+    strength: float | None = None
+    fps: int | None = None
     is_warmup: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -49,8 +50,8 @@ class GenerationResult:
     # Images: a list of PIL.Image (one per output). Videos: a list of videos, each a list of PIL.Image frames.
     images: list[Any] = field(default_factory=list)
     videos: list[list[Any]] = field(default_factory=list)
-    fps: Optional[int] = None
-    seed: Optional[int] = None  # the seed used (drawn at random when the request gave none)
+    fps: int | None = None
+    seed: int | None = None  # the seed used (drawn at random when the request gave none)
     width: int = 0
     height: int = 0
     timings: dict[str, float] = field(default_factory=dict)  # stage name -> seconds
