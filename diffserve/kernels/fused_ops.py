@@ -62,10 +62,16 @@ def triton_available() -> bool:
     return True
 
 
-def _use_triton(*tensors: torch.Tensor, in_compile: bool = False) -> bool:
+def _use_fused(*tensors: torch.Tensor, in_compile: bool = False) -> bool:
+    """Whether our fused path (not the reference) runs: enabled, every tensor on CUDA, and outside
+    torch.compile unless the op is one kept in compiled code (in_compile) and set_kernels_in_compile allows."""
     if not fused_ops_enabled() or (torch.compiler.is_compiling() and not (in_compile and _in_compile)):
         return False
-    return all(t.is_cuda for t in tensors) and triton_available()
+    return all(t.is_cuda for t in tensors)
+
+
+def _use_triton(*tensors: torch.Tensor, in_compile: bool = False) -> bool:
+    return _use_fused(*tensors, in_compile=in_compile) and triton_available()
 
 
 # ---------------------------------------------------------------- adaLN: residual + norm + modulation
@@ -200,13 +206,8 @@ def _(x, weight, eps, cos, sin, head_dim, per_head):
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """GELU(tanh)(x @ weight^T + bias). On CUDA eager, one cuBLASLt call with a GELU epilogue (the hidden
     activation, 4x the model width, is written once instead of written, read and written again)."""
-    if (
-        bias is not None
-        and x.is_cuda
-        and fused_ops_enabled()
-        and (_in_compile or not torch.compiler.is_compiling())
-        and x.dtype in (torch.bfloat16, torch.float16)
-    ):
+    # cuBLASLt, not Triton: no triton_available() check.
+    if bias is not None and x.dtype in (torch.bfloat16, torch.float16) and _use_fused(x, in_compile=True):
         return torch.ops.diffserve.linear_gelu(x, weight, bias)
     return F.gelu(F.linear(x, weight, bias), approximate="tanh")
 
