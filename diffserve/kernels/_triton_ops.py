@@ -116,7 +116,7 @@ def _qk_norm_rope_kernel(
 
 
 def qk_norm_rope_triton(x, weight, eps, cos, sin, head_dim, per_head):
-    x = x if x.stride(-1) == 1 else x.contiguous()
+    x = _last_dim_contiguous(x)
     batch, seq, width = x.shape
     heads = width // head_dim
     if cos is not None:
