@@ -197,7 +197,11 @@ def make_examples(seed: int, count: int, split: str = "train") -> list[Example]:
     """`count` captioned scenes of a split ("train" or "heldout"), the same for the same seed."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
-    rng = random.Random(f"{split}:{seed}")
+    return draw_examples(random.Random(f"{split}:{seed}"), count, split)
+
+
+def draw_examples(rng: random.Random, count: int, split: str = "train") -> list[Example]:
+    """`count` captioned scenes of a split drawn from `rng` (the trainer keeps one rng across batches)."""
     out = []
     for _ in range(count):
         scene = sample_scene(rng, split)

@@ -54,15 +54,6 @@ class Clock:
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(self.progress, 1.0)))
 
 
-def batch_of_examples(rng: random.Random, n: int) -> list[data.Example]:
-    out = []
-    for _ in range(n):
-        scene = data.sample_scene(rng, "train")
-        caption, mentions = data.make_caption(scene, rng)
-        out.append(data.Example(scene, caption, mentions))
-    return out
-
-
 def images_for(examples: list[data.Example], size: int, device) -> torch.Tensor:
     """Pictures in [-1, 1], the VAE's input range (diffusers' VaeImageProcessor convention)."""
     return data.render([e.scene for e in examples], size, device) * 2 - 1
@@ -76,7 +67,7 @@ def train_vae(vae, args, device, log) -> None:
     while clock.progress < 1:
         for group in opt.param_groups:
             group["lr"] = args.vae_lr * clock.lr_scale(warmup=100)
-        x = images_for(batch_of_examples(rng, args.vae_batch), args.size, device)
+        x = images_for(data.draw_examples(rng, args.vae_batch), args.size, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample()).sample.float()
@@ -99,7 +90,7 @@ def set_latent_stats(vae, args, device, log) -> None:
     """FLUX convention: DiT latents are (z - shift_factor) * scaling_factor, with unit variance overall."""
     rng = random.Random(f"stats:{args.seed}")
     zs = [
-        vae.encode(images_for(batch_of_examples(rng, 64), args.size, device)).latent_dist.mode()
+        vae.encode(images_for(data.draw_examples(rng, 64), args.size, device)).latent_dist.mode()
         for _ in range(8)
     ]
     z = torch.cat(zs).float()
@@ -138,7 +129,7 @@ def encode_text(pipe, clip_ids: torch.Tensor, t5_ids: torch.Tensor):
 def host_batch(pipe, rng: random.Random, n: int) -> dict[str, torch.Tensor]:
     """Scene parameters and token ids for one step, in pinned CPU memory (built on a helper thread, copied
     to the GPU without stalling it)."""
-    examples = batch_of_examples(rng, n)
+    examples = data.draw_examples(rng, n)
     captions = [e.caption for e in examples]
     batch = {
         "scenes": data.scene_params([e.scene for e in examples]),
@@ -259,7 +250,9 @@ def parse_args(argv=None):
     p.add_argument("--tar", help="also pack the model directory into this .tar")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--init", help="continue training a saved model (skips the VAE phase, keeps its latent stats)")
+    p.add_argument(
+        "--init", help="continue training a saved model (skips the VAE phase, keeps its latent stats)"
+    )
     p.add_argument("--size", type=int, default=DEFAULTS["default_width"])
     p.add_argument("--budget-s", type=float, default=480.0, help="wall time for both phases together")
     p.add_argument("--vae-share", type=float, default=0.2, help="fraction of the budget for the VAE")
