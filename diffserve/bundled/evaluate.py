@@ -19,13 +19,7 @@ from pathlib import Path
 
 from diffserve.bundled import data
 from diffserve.bundled.judge import judge
-
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "default_model"
-
-
-def model_defaults(model: str | Path) -> dict:
-    path = Path(model) / "diffserve.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+from diffserve.runtime.loader import default_model_path, inspect_model
 
 
 def diffusers_sampler(model, device: str, size: int, steps: int, batch: int = 16):
@@ -94,7 +88,7 @@ def evaluate(sample, split: str = "heldout", count: int = 64, seed: int = 1234) 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--model", default=str(default_model_path()))
     p.add_argument("--split", default="heldout", choices=["heldout", "train"])
     p.add_argument("--count", type=int, default=64)
     p.add_argument("--seed", type=int, default=1234)
@@ -105,9 +99,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the summary here")
     p.add_argument("--grid", help="write a contact sheet of the pictures here (PNG)")
     args = p.parse_args(argv)
-    defaults = model_defaults(args.model)
-    size = args.size or defaults.get("default_width", 128)
-    steps = args.steps or defaults.get("default_steps", 16)
+    defaults = inspect_model(args.model).runtime_defaults()  # the model's diffserve.json, checked
+    size = args.size or defaults.get("width", 128)
+    steps = args.steps or defaults.get("num_inference_steps", 16)
     make = diffusers_sampler if args.via == "diffusers" else diffserve_sampler
     result, images = evaluate(make(args.model, args.device, size, steps), args.split, args.count, args.seed)
     result.update(model=args.model, via=args.via, device=args.device, size=size, steps=steps)
