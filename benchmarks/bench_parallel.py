@@ -4,7 +4,7 @@ sequence parallelism and/or CFG parallelism (diffserve.runtime.distributed).
 A step is what WanPipeline does per denoising step at guidance 5: two DiT forwards (conditional and
 unconditional text) through distributed.cfg.cfg_pair, then the guidance combination. Latents
 (1, 16, 21, 60, 104) -> 32,760 video tokens, text 512 x 4096, bf16, random weights at full size
-(bench_dit.FULL["wan"]: 12 heads, so Ulysses degrees 1, 2, 3, 4, 6, 12).
+(dit_specs.FULL["wan"]: 12 heads, so Ulysses degrees 1, 2, 3, 4, 6, 12).
 
 Run under torchrun; rank 0 first times the 1-GPU baseline alone (the other ranks wait), then every layout
 of the world size is timed on all ranks:
@@ -32,7 +32,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_dit import FULL, TINY, init_weights_, make_inputs  # noqa: E402  (one place for the configs)
+from dit_specs import FULL, TINY, make_inputs  # noqa: E402  (one place for the configs)
+from harness import init_weights_, on_device, rel_err, synchronize  # noqa: E402
 from record import record  # noqa: E402
 
 from diffserve.runtime.distributed import group as pg  # noqa: E402
@@ -65,15 +66,9 @@ def layouts_for(world: int, heads: int) -> list[ParallelConfig]:
 def build_model(config: dict, device: torch.device, dtype: torch.dtype):
     from diffserve.runtime.models.wan import WanTransformer
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = WanTransformer.from_config(dict(config))
-    finally:
-        torch.set_default_dtype(previous)
+    model = on_device(device, dtype, lambda: WanTransformer.from_config(dict(config)))
     init_weights_(model, seed=0)  # the same seed on every rank: the same weights
-    return model.eval().requires_grad_(False)
+    return model
 
 
 def make_step(model, inputs: dict, uncond_text: torch.Tensor):
@@ -92,11 +87,6 @@ def make_step(model, inputs: dict, uncond_text: torch.Tensor):
         return uncond + GUIDANCE * (cond - uncond)
 
     return step
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_step(step, device, warmup: int, iters: int, together: bool) -> tuple[float, torch.Tensor]:
@@ -181,7 +171,7 @@ def main() -> None:
             pg.activate(state)
             ms, out = time_step(step, device, args.warmup, args.iters, together=True)
             if rank == 0:
-                err = ((out.float() - base_out.float()).norm() / base_out.float().norm()).item()
+                err = rel_err(out, base_out)
                 rows.append((state.config.describe(), world, ms, err))
                 print(
                     f"  {state.config.describe()}: {ms:.1f} ms/step, {base_ms / ms:.2f}x, rel. err {err:.2e}"

@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_dit import FULL as FULL_DIT  # noqa: E402  (one place for the full-size DiT configs)
-from bench_dit import init_weights_  # noqa: E402
+from dit_specs import FULL as FULL_DIT  # noqa: E402  (one place for the full-size DiT configs)
+from harness import init_weights_, native_twin, on_device, synchronize  # noqa: E402
 from record import RESULTS, record  # noqa: E402
 
 # fmt: off
@@ -63,17 +63,6 @@ REQUESTS = {  # what each family is timed at: diffusers' defaults for these mode
 }
 # fmt: on
 PROMPT = "a red fox running through fresh snow at dawn, cinematic lighting"
-
-
-def on_device(device: torch.device, dtype: torch.dtype, build):
-    """Construct modules directly on `device` in `dtype`: a float32 CPU FLUX would need 48 GB first."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            return build().eval().requires_grad_(False)
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def keep_fp32_like_diffusers(model: torch.nn.Module) -> None:
@@ -143,28 +132,16 @@ def tiny_reference(family: str, device: torch.device):
 def ours_from(reference, family: str, device: torch.device):
     """Our pipeline over the reference's components; our native DiT takes the diffusers DiT's tensors."""
     from diffserve.runtime.layers.text_attention import apply_to_text_encoder
-    from diffserve.runtime.loader import dit_class
     from diffserve.runtime.pipelines import pipeline_class
 
     ref_dit = reference.transformer
-    with torch.device("meta"):
-        dit = dit_class(family).from_config(dict(ref_dit.config))
-    dit.load_state_dict(ref_dit.state_dict(), strict=True, assign=True)
-    dit.eval().requires_grad_(False)
-    shared = {p.data_ptr() for p in ref_dit.parameters()}
-    assert all(p.data_ptr() in shared for p in dit.parameters()), "ours must share diffusers' tensors"
     components = {name: c for name, c in reference.components.items() if c is not None}
-    components["transformer"] = dit
+    components["transformer"] = native_twin(ref_dit, family)
     for name, c in components.items():
         if name.startswith("text_encoder"):
             apply_to_text_encoder(c)  # shared: diffusers' text encoding uses it too (not in the step time)
     config = {k: v for k, v in reference.config.items() if not isinstance(v, (list, tuple))}
     return pipeline_class(family)(components, dict(ref_dit.config), device, config)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def step_intervals(run, device: torch.device) -> tuple[list[float], object]:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import rel_err  # noqa: E402
 from record import RESULTS, record  # noqa: E402
 
 FULL = dict(config=dict(), latents=(1, 16, 21, 60, 104), label="Wan2.1 VAE 480x832x81")  # diffusers' defaults
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
             ms, peak, out = timed(
                 lambda t=tiles: decode_wan_latents(vae, latents, tiles=t), device, args.iters
             )
-            err = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
+            err = rel_err(out, reference)
             rows.append(dict(impl=f"ours-tiles{tiles}", ms=ms, peak_gb=peak, rel_err=err))
             print(
                 f"  ours tiles={tiles:<4d} {ms:9.1f} ms  peak {peak or 0:6.2f} GB  rel err {err:.2e}",

@@ -252,13 +252,16 @@ def test_bench_dit_tiny_end_to_end(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_dit.py"
-    spec = importlib.util.spec_from_file_location("bench_dit", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    def load(name: str):
+        script = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
 
-    assert round(bench.flux_flops(bench.FULL["flux"]["config"], 1, 4096, 512) / 1e12, 1) == 74.4
-    assert round(bench.wan_flops(bench.FULL["wan"]["config"], 1, 21 * 30 * 52, 512) / 1e12) == 283
+    bench, specs = load("bench_dit"), load("dit_specs")  # dit_specs: the configs and FLOP counts
+    assert round(specs.flux_flops(specs.FULL["flux"]["config"], 1, 4096, 512) / 1e12, 1) == 74.4
+    assert round(specs.wan_flops(specs.FULL["wan"]["config"], 1, 21 * 30 * 52, 512) / 1e12) == 283
 
     results = tmp_path / "results.jsonl"
     argv = ["--tiny", "--variants", "diffusers-eager,ours-plain,ours-eager", "--iters", "5", "--warmup", "1"]
