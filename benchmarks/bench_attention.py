@@ -60,14 +60,21 @@ def main() -> None:
     rel = ((out.float() - ref).norm() / ref.norm()).item()
     del ref
     rows = []
-    for impl, fn in ((f"diffserve.attention[{chosen.name}]", lambda: attention(q, k, v)),
-                     ("torch_sdpa", lambda: SDPABackend.forward(q, k, v))):
+    for impl, fn in (
+        (f"diffserve.attention[{chosen.name}]", lambda: attention(q, k, v)),
+        ("torch_sdpa", lambda: SDPABackend.forward(q, k, v)),
+    ):
         ms = time_ms(fn)
         tflops = flops / ms / 1e9
         rows.append((impl, ms, tflops))
         if args.record:
-            record(f"attention_{args.shape}_L{L}_h{heads}_d{d}", impl, ms, tflops,
-                   rel_err_vs_fp32_sdpa=rel if impl.startswith("diffserve") else None)
+            record(
+                f"attention_{args.shape}_L{L}_h{heads}_d{d}",
+                impl,
+                ms,
+                tflops,
+                rel_err_vs_fp32_sdpa=rel if impl.startswith("diffserve") else None,
+            )
     print(f"\n| impl | ms | TFLOP/s |  (L={L}, heads={heads}, d={d}, bf16; rel err vs fp32 SDPA {rel:.2e})")
     print("|---|---|---|")
     for impl, ms, tflops in rows:

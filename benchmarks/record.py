@@ -19,8 +19,9 @@ def device_name() -> str:
     return "cpu"
 
 
-def record(benchmark: str, impl: str, ms: float, tflops: float | None = None, path: Path | None = None,
-           **extra) -> dict:
+def record(
+    benchmark: str, impl: str, ms: float, tflops: float | None = None, path: Path | None = None, **extra
+) -> dict:
     row = {
         "date": datetime.date.today().isoformat(),
         "device": extra.pop("device", None) or device_name(),

@@ -16,7 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="diffserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    add_generate_arguments(sub.add_parser("generate", help="generate one image or video and write it to a file"))
+    add_generate_arguments(
+        sub.add_parser("generate", help="generate one image or video and write it to a file")
+    )
     add_serve_arguments(sub.add_parser("serve", help="run the OpenAI-compatible HTTP server"))
     return parser
 

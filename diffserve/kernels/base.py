@@ -74,13 +74,16 @@ class AttentionBackend:
             names = ", ".join(str(d).removeprefix("torch.") for d in cls.dtypes)
             return f"dtype {str(dtype).removeprefix('torch.')} unsupported (needs {names})"
         if head_size > cls.max_head_size or head_size % cls.head_size_multiple:
-            return (f"head size {head_size} unsupported (needs <= {cls.max_head_size}, "
-                    f"multiple of {cls.head_size_multiple})")
+            return (
+                f"head size {head_size} unsupported (needs <= {cls.max_head_size}, "
+                f"multiple of {cls.head_size_multiple})"
+            )
         return None
 
     @staticmethod
-    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                causal: bool = False) -> torch.Tensor:
+    def forward(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, causal: bool = False
+    ) -> torch.Tensor:
         raise NotImplementedError
 
 

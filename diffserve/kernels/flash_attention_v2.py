@@ -45,8 +45,9 @@ class FlashAttention2Backend(AttentionBackend):
         return fa2_support()
 
     @staticmethod
-    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                causal: bool = False) -> torch.Tensor:
+    def forward(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, causal: bool = False
+    ) -> torch.Tensor:
         from flash_attn import flash_attn_func
 
         return flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)

@@ -113,8 +113,9 @@ class FlashAttention3Backend(AttentionBackend):
         return reason
 
     @staticmethod
-    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                causal: bool = False) -> torch.Tensor:
+    def forward(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, causal: bool = False
+    ) -> torch.Tensor:
         func = _flash_attn_func or _resolve_flash_attn_func()
         out = func(q, k, v, softmax_scale=scale, causal=causal)
         # Some upstream versions return (out, softmax_lse).

@@ -35,13 +35,21 @@ class AttentionBackendEnum(str, enum.Enum):
             return cls(key)
         except ValueError:
             choices = ", ".join(m.value for m in cls)
-            raise ValueError(f"unknown attention backend {value!r} (choose one of: auto, {choices})") from None
+            raise ValueError(
+                f"unknown attention backend {value!r} (choose one of: auto, {choices})"
+            ) from None
 
 
 _ALIASES = {
-    "flash_attention_3": "fa3", "flash_attn_3": "fa3", "flash3": "fa3",
-    "flash_attention_2": "fa2", "flash_attn_2": "fa2", "flash_attn": "fa2", "flash2": "fa2",
-    "sdpa": "torch_sdpa", "torch": "torch_sdpa",
+    "flash_attention_3": "fa3",
+    "flash_attn_3": "fa3",
+    "flash3": "fa3",
+    "flash_attention_2": "fa2",
+    "flash_attn_2": "fa2",
+    "flash_attn": "fa2",
+    "flash2": "fa2",
+    "sdpa": "torch_sdpa",
+    "torch": "torch_sdpa",
 }
 
 BACKEND_CLASS_PATHS: dict[AttentionBackendEnum, str] = {
@@ -83,7 +91,9 @@ class Platform:
         return None
 
     @classmethod
-    def backend_rejection(cls, backend: AttentionBackendEnum, head_size: int, dtype: torch.dtype) -> str | None:
+    def backend_rejection(
+        cls, backend: AttentionBackendEnum, head_size: int, dtype: torch.dtype
+    ) -> str | None:
         reason = cls.platform_rejection(backend)
         if reason is not None:
             return reason
@@ -94,8 +104,13 @@ class Platform:
         return backend_cls.rejection(head_size, dtype)
 
     @classmethod
-    def select_attn_backend(cls, selected_backend: AttentionBackendEnum | str | None, head_size: int,
-                            dtype: torch.dtype, priority: tuple[AttentionBackendEnum, ...] | None = None) -> tuple[AttentionBackendEnum, dict[AttentionBackendEnum, str]]:
+    def select_attn_backend(
+        cls,
+        selected_backend: AttentionBackendEnum | str | None,
+        head_size: int,
+        dtype: torch.dtype,
+        priority: tuple[AttentionBackendEnum, ...] | None = None,
+    ) -> tuple[AttentionBackendEnum, dict[AttentionBackendEnum, str]]:
         """The selection loop, written once. Returns the winner and the rejection reason of every candidate
         tried before it. Explicit unusable choice -> AttentionBackendUnavailable."""
         selected = AttentionBackendEnum.parse(selected_backend)
@@ -109,30 +124,44 @@ class Platform:
         if selected is not None:
             raise AttentionBackendUnavailable(
                 f"attention backend {selected.value!r} was requested but cannot run on {cls.name} "
-                f"(head size {head_size}, {_dtype_name(dtype)}): {rejected[selected]}")
+                f"(head size {head_size}, {_dtype_name(dtype)}): {rejected[selected]}"
+            )
         sdpa = AttentionBackendEnum.TORCH_SDPA
         if sdpa not in rejected:  # terminal fallback when a priority list forgot it
             return sdpa, rejected
         raise AttentionBackendUnavailable(f"no attention backend can run on {cls.name}: {rejected}")
 
     @classmethod
-    def get_attn_backend_cls_str(cls, selected_backend: AttentionBackendEnum | str | None, head_size: int,
-                                 dtype: torch.dtype) -> str:
+    def get_attn_backend_cls_str(
+        cls, selected_backend: AttentionBackendEnum | str | None, head_size: int, dtype: torch.dtype
+    ) -> str:
         """The dotted class path of the attention backend to use. Each platform defines it, as a thin call
         to `resolve_attn_backend` with its priority list."""
         raise NotImplementedError(f"{cls.__name__} defines no attention selection")
 
     @classmethod
-    def resolve_attn_backend(cls, selected_backend: AttentionBackendEnum | str | None, head_size: int,
-                             dtype: torch.dtype, priority: tuple[AttentionBackendEnum, ...]) -> str:
+    def resolve_attn_backend(
+        cls,
+        selected_backend: AttentionBackendEnum | str | None,
+        head_size: int,
+        dtype: torch.dtype,
+        priority: tuple[AttentionBackendEnum, ...],
+    ) -> str:
         """Run the shared selection loop over `priority` and log the outcome once."""
         backend, rejected = cls.select_attn_backend(selected_backend, head_size, dtype, priority)
         if rejected:
             # Only an implicit choice can get here with rejections: one line, the winner and why not the others.
             reasons = "; ".join(f"{b.value}: {r}" for b, r in rejected.items())
-            logger.warning("attention: %s (%s) [%s, head size %d, %s]", backend.value, reasons, cls.name,
-                           head_size, _dtype_name(dtype))
+            logger.warning(
+                "attention: %s (%s) [%s, head size %d, %s]",
+                backend.value,
+                reasons,
+                cls.name,
+                head_size,
+                _dtype_name(dtype),
+            )
         else:
-            logger.info("attention: %s [%s, head size %d, %s]", backend.value, cls.name, head_size,
-                        _dtype_name(dtype))
+            logger.info(
+                "attention: %s [%s, head size %d, %s]", backend.value, cls.name, head_size, _dtype_name(dtype)
+            )
         return BACKEND_CLASS_PATHS[backend]

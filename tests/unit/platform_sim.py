@@ -31,8 +31,9 @@ def fake_provider(name: str, calls: list) -> types.ModuleType:
 
     def flash_attn_func(q, k, v, softmax_scale=None, causal=False, **kwargs):
         calls.append((name, tuple(q.shape), causal))
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=causal, scale=softmax_scale)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, scale=softmax_scale
+        )
         return out.transpose(1, 2)
 
     module.flash_attn_func = flash_attn_func
@@ -44,8 +45,15 @@ class Simulator:
         self.mp = monkeypatch
         self.calls: list = []
 
-    def __call__(self, platform: str, *, cuda: str | None = None, hip: str | None = None,
-                 capability: tuple[int, int] = (9, 0), providers: tuple[str, ...] = ()) -> Simulator:
+    def __call__(
+        self,
+        platform: str,
+        *,
+        cuda: str | None = None,
+        hip: str | None = None,
+        capability: tuple[int, int] = (9, 0),
+        providers: tuple[str, ...] = (),
+    ) -> Simulator:
         mp = self.mp
         mp.setattr(torch.version, "cuda", cuda)
         mp.setattr(torch.version, "hip", hip, raising=False)

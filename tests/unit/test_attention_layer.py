@@ -23,8 +23,9 @@ def reference(q, k, v, scale, causal):
     return (scores.softmax(-1) @ v).transpose(1, 2)
 
 
-@pytest.mark.parametrize("backend", [SDPABackend, FlashAttention3Backend, FlashAttention2Backend],
-                         ids=lambda b: b.name)
+@pytest.mark.parametrize(
+    "backend", [SDPABackend, FlashAttention3Backend, FlashAttention2Backend], ids=lambda b: b.name
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 def test_backend_matches_float64_reference(backend, dtype, causal):
@@ -37,7 +38,7 @@ def test_backend_matches_float64_reference(backend, dtype, causal):
         pytest.skip("float16 SDPA is a GPU path (needs a CUDA/ROCm GPU)")
     gen = torch.Generator(device="cpu").manual_seed(1234)
     q, k, v = (torch.randn(2, 77, 4, head_size, generator=gen).to(device, dtype) for _ in range(3))
-    scale = head_size ** -0.5
+    scale = head_size**-0.5
     out = backend.forward(q, k, v, scale=scale, causal=causal)
     ref = reference(q, k, v, scale, causal)
     assert out.shape == q.shape and out.dtype == dtype
@@ -69,7 +70,7 @@ def test_layer_runs_fa3_on_simulated_hopper(simulate):
     q, k, v = (torch.randn(1, 32, 2, 64, dtype=torch.bfloat16) for _ in range(3))
     out = attn_layer.attention(q, k, v)
     assert sim.calls == [("fa3_fwd_interface", (1, 32, 2, 64), False)]
-    ref = reference(q, k, v, 64 ** -0.5, False)
+    ref = reference(q, k, v, 64**-0.5, False)
     assert ((out.double() - ref).norm() / ref.norm()).item() < TOLERANCE[torch.bfloat16]
 
 

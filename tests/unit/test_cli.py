@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -76,6 +77,14 @@ def test_cli_same_seed_same_file_and_jpeg(tiny_flux_dir, tmp_path):
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     assert main([*args, "--num-outputs", "2", "-o", str(tmp_path / "c.jpg")]) == 0
     assert [Image.open(tmp_path / f"c-{i}.jpg").format for i in range(2)] == ["JPEG", "JPEG"]
+
+
+def test_cli_prints_the_drawn_seed_and_it_reproduces(tiny_flux_dir, tmp_path, capsys):
+    args = ["generate", "--model", str(tiny_flux_dir), "--prompt", "a fox", "--size", "32x32", "--steps", "2"]
+    assert main([*args, "-q", "-o", str(tmp_path / "a.png")]) == 0
+    seed = re.search(r", seed (\d+),", capsys.readouterr().out).group(1)
+    assert main([*args, "-q", "--seed", seed, "-o", str(tmp_path / "b.png")]) == 0
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
 
 
 def test_cli_image_to_image(tiny_flux_dir, tmp_path):

@@ -11,9 +11,20 @@ from diffserve.runtime.layers.text_attention import apply_to_text_encoder
 ENCODERS = {
     "t5": (T5EncoderModel, dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)),
     "umt5": (UMT5EncoderModel, dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)),
-    "clip": (CLIPTextModel, dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, max_position_embeddings=16, bos_token_id=0,
-                                 eos_token_id=1, pad_token_id=1)),
+    "clip": (
+        CLIPTextModel,
+        dict(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+    ),
 }
 CONFIGS = {"t5": T5Config, "umt5": UMT5Config, "clip": CLIPTextConfig}
 
@@ -46,10 +57,13 @@ def spy_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("platform, versions", [
-    ("rocm", dict(cuda=None, hip="6.2.41133-dd7f95766")),
-    ("xpu", dict(cuda=None)),
-])
+@pytest.mark.parametrize(
+    "platform, versions",
+    [
+        ("rocm", dict(cuda=None, hip="6.2.41133-dd7f95766")),
+        ("xpu", dict(cuda=None)),
+    ],
+)
 @pytest.mark.parametrize("name", sorted(ENCODERS))
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_warmup_on_non_cuda_builds_matches_eager(simulate, monkeypatch, platform, versions, name, with_mask):

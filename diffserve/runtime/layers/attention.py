@@ -57,7 +57,8 @@ def get_attention_backend(head_size: int, dtype: torch.dtype) -> type:
     return backend
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-              causal: bool = False) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, causal: bool = False
+) -> torch.Tensor:
     backend = get_attention_backend(q.shape[-1], q.dtype)
     return backend.forward(q, k, v, scale=scale, causal=causal)

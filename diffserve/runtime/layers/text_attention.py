@@ -18,20 +18,30 @@ from diffserve.runtime.layers.attention import get_attention_backend, set_attent
 IMPLEMENTATION = "diffserve"
 
 
-def _combined_mask(attention_mask: torch.Tensor | None, position_bias: torch.Tensor | None,
-                   dtype: torch.dtype) -> torch.Tensor | None:
+def _combined_mask(
+    attention_mask: torch.Tensor | None, position_bias: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor | None:
     if attention_mask is not None and attention_mask.dtype == torch.bool:
-        attention_mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(
-            ~attention_mask, torch.finfo(dtype).min)
+        attention_mask = torch.zeros(
+            attention_mask.shape, dtype=dtype, device=attention_mask.device
+        ).masked_fill(~attention_mask, torch.finfo(dtype).min)
     if position_bias is None:
         return attention_mask
     return position_bias if attention_mask is None else position_bias + attention_mask
 
 
-def diffserve_text_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                             value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None = None,
-                             dropout: float = 0.0, position_bias: torch.Tensor | None = None,
-                             is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+def diffserve_text_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    position_bias: torch.Tensor | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: q/k/v (batch, heads, seq, dim) -> ((batch, seq, heads, dim),
     None)."""
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
@@ -39,15 +49,17 @@ def diffserve_text_attention(module: torch.nn.Module, query: torch.Tensor, key: 
     mask = _combined_mask(attention_mask, position_bias, query.dtype)
     if mask is None:
         backend = get_attention_backend(query.shape[-1], query.dtype)
-        out = backend.forward(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                              scale=scaling, causal=causal)
+        out = backend.forward(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=scaling, causal=causal
+        )
         return out, None
     if causal:  # a mask and causality together: fold causality into the mask
         q_len, k_len = query.shape[2], key.shape[2]
         upper = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).triu(k_len - q_len + 1)
         mask = mask.masked_fill(upper, torch.finfo(mask.dtype).min)
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask.to(query.dtype),
-                                                           scale=scaling)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask.to(query.dtype), scale=scaling
+    )
     return out.transpose(1, 2), None
 
 
