@@ -10,7 +10,6 @@ on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
 from pathlib import Path
@@ -92,7 +91,6 @@ def run_generate(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         return _fail(str(e))
     _quiet_libraries()
-    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
     width, height = args.size or (None, None)
     req = GenerationRequest(
         prompt=args.prompt,
@@ -102,7 +100,7 @@ def run_generate(args: argparse.Namespace) -> int:
         num_frames=args.frames,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
-        seed=seed,
+        seed=args.seed,  # None: the pipeline draws one and reports it in result.seed
         num_outputs=args.num_outputs,
         image=image,
         strength=args.strength,
@@ -149,5 +147,7 @@ def run_generate(args: argparse.Namespace) -> int:
         return _fail(f"could not write {args.output}: {e}")
     took = time.perf_counter() - start
     for path in paths:
-        print(f"wrote {path} ({runner.model_id}, {result.width}x{result.height}, seed {seed}, {took:.1f} s)")
+        print(
+            f"wrote {path} ({runner.model_id}, {result.width}x{result.height}, seed {result.seed}, {took:.1f} s)"
+        )
     return 0
