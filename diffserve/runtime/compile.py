@@ -13,9 +13,10 @@ compile: 81.5 s), and everything Inductor can fuse lies inside a block anyway.
 
 Measured (benchmarks/RESULTS.md, issue 5): compiling gains nothing measurable over our eager path, which
 already has the fused kernels (FLUX 128.8 ms in the same process and 124.7 ms in a second one, vs 125.9
-eager; Wan 435.2 vs 429.2 ms): the compiled blocks are host-bound (12.6 ms of GPU idle per FLUX forward),
-with a graph break at every FA3 call (FlashAttention3Backend.forward imports its provider on each call).
-Until that is fixed, eager with fuse_projections() is the default to use; re-measure compile after.
+eager; Wan 435.2 vs 429.2 ms): the compiled blocks were host-bound (12.6 ms of GPU idle per FLUX forward),
+with a graph break at every FA3 call (FlashAttention3Backend.forward then imported its provider on each
+call). That import now happens once, so the graph break is gone, but compile has not been re-measured
+since: until it is, eager with fuse_projections() is the default (loader.load_dit).
 
 The cache: Inductor's FX-graph cache and autotuning cache are on-disk and keyed by graph and environment;
 pointing TORCHINDUCTOR_CACHE_DIR at a directory that survives restarts (default ~/.cache/diffserve/inductor,
