@@ -5,6 +5,15 @@ Attention: the transformers text encoders get our backend through transformers' 
 native pipelines). diffusers' models call torch's scaled_dot_product_attention from many processor
 classes; while a generic pipeline runs, unmasked calls are routed to `layers.attention.attention` (the
 platform-selected backend) and anything else (masks, dropout, GQA) goes to torch's own function.
+
+Why torch's function and not diffusers' attention dispatcher (`set_attention_backend`): only processors
+that call `dispatch_attention_fn` go through the dispatcher, and its default backend ("native") calls
+torch's function anyway; the older processors (34 call sites in diffusers 0.42's attention_processor.py,
+SD3's JointAttnProcessor2_0 among them) call torch's function directly. The dispatcher also offers only
+its own named backends (its FA3 wants upstream `flash_attn_interface` or a Hub kernel, not the fa3-fwd
+wheel our platform probe accepts) and does not fall back. A TorchFunctionMode would confine the routing
+to this thread, but it adds a Python call to every torch op of the pipeline (measured ~0.8 us per op on
+the CI CPU); the swap costs nothing outside attention, and the worker runs one generation at a time.
 """
 
 from __future__ import annotations
