@@ -78,10 +78,12 @@ class GenericPipeline:
         self.params = inspect.signature(pipe.__call__).parameters
         self.task = "video" if "num_frames" in self.params else "image"
         self.accepts_image = "image" in self.params
+        self.denoiser_config = getattr(
+            getattr(pipe, "transformer", None) or getattr(pipe, "unet", None), "config", None
+        )
         self.defaults = self._defaults()
         vae_scale = getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", 8)
-        denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-        patch = getattr(getattr(denoiser, "config", None), "patch_size", None) or 1
+        patch = getattr(self.denoiser_config, "patch_size", None) or 1
         patch = patch[-1] if isinstance(patch, (list, tuple)) else patch
         temporal = getattr(pipe, "vae_scale_factor_temporal", 4)
         self.rules = stages.Rules(
@@ -123,8 +125,7 @@ class GenericPipeline:
         size = None
         if getattr(pipe, "default_sample_size", None) and getattr(pipe, "vae_scale_factor", None):
             size = pipe.default_sample_size * pipe.vae_scale_factor
-        denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-        sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
+        sample = getattr(self.denoiser_config, "sample_size", None)
         if size is None and isinstance(sample, int):
             size = sample * getattr(pipe, "vae_scale_factor", 8)
         out = {
