@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from diffserve.runtime.api import GenerationRequest, GenerationResult, InvalidRequest
+from diffserve.runtime.api import GenerationRequest, GenerationResult
 from diffserve.runtime.distributed.cfg import cfg_pair
 from diffserve.runtime.pipelines import stages
 from diffserve.runtime.pipelines.base import NativePipeline
@@ -73,10 +73,7 @@ class FluxPipeline(NativePipeline):
         return states.to(self.device), pooled.to(self.device)
 
     def run(self, p: stages.Plan, timings, on_step, should_cancel) -> GenerationResult:
-        n, true_cfg = (
-            p.num_outputs,
-            float(p.extra.get("true_cfg_scale", 1.0)),
-        )  # > 1: real CFG (negative prompt)
+        n, true_cfg = p.num_outputs, p.extra["true_cfg_scale"]  # > 1: real CFG (negative prompt)
         with timings("encode_text"):
             states, pooled = (x.repeat_interleave(n, 0) for x in self.encode([p.prompt]))
             if true_cfg > 1 and p.negative_prompt is not None:
@@ -143,11 +140,5 @@ class FluxPipeline(NativePipeline):
 
     def plan(self, req: GenerationRequest) -> stages.Plan:
         plan = stages.plan_request(req, self.defaults, self.rules, self.image_defaults)
-        true_cfg = plan.extra.get("true_cfg_scale", 1.0)
-        if (
-            isinstance(true_cfg, bool)
-            or not isinstance(true_cfg, (int, float))
-            or not 1.0 <= true_cfg <= 100.0
-        ):
-            raise InvalidRequest(f"true_cfg_scale must be a number between 1 and 100, got {true_cfg!r}")
+        stages.extra_number(plan, "true_cfg_scale", 1.0, 1.0, 100.0)
         return plan

@@ -132,6 +132,16 @@ def plan_request(
     return plan
 
 
+def extra_number(plan: Plan, name: str, default: float, low: float, high: float) -> float:
+    """A family's own numeric option from GenerationRequest.extra (e.g. FLUX's true_cfg_scale), checked and
+    stored back in plan.extra as a float for the run to read."""
+    value = plan.extra.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise InvalidRequest(f"{name} must be a number between {low:g} and {high:g}, got {value!r}")
+    plan.extra[name] = float(value)
+    return plan.extra[name]
+
+
 def _int(value, default, name: str) -> int:
     value = default if value is None else value
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):

@@ -54,7 +54,7 @@ class WanPipeline(NativePipeline):
 
     def run(self, p: stages.Plan, timings, on_step, should_cancel) -> GenerationResult:
         n, cfg = p.num_outputs, p.guidance > 1.0
-        guidance_2 = float(p.extra.get("guidance_scale_2", p.guidance))
+        guidance_2 = p.extra["guidance_scale_2"]
         with timings("encode_text"):
             cond = self.encode([p.prompt]).repeat_interleave(n, 0)
             uncond = self.encode([p.negative_prompt or ""]).repeat_interleave(n, 0) if cfg else None
@@ -104,4 +104,7 @@ class WanPipeline(NativePipeline):
         return GenerationResult(videos=videos, width=p.width, height=p.height, seed=p.seed)
 
     def plan(self, req: GenerationRequest) -> stages.Plan:
-        return stages.plan_request(req, self.defaults, self.rules)
+        plan = stages.plan_request(req, self.defaults, self.rules)
+        # Wan2.2 A14B's guidance for the second expert; the same as guidance_scale unless given.
+        stages.extra_number(plan, "guidance_scale_2", plan.guidance, 0.0, 100.0)
+        return plan
