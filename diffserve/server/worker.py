@@ -110,7 +110,7 @@ def _encode(items: list[WorkItem], counts: list[int], result) -> list[dict[str, 
             "fps": result.fps,
             "timings": dict(result.timings),
             # The seed reproduces a request that ran alone; a share of a merged call has none of its own.
-            "seed": getattr(result, "seed", None) if len(items) == 1 else None,
+            "seed": result.seed if len(items) == 1 else None,
         }
         if item.kind == "video":
             fps = result.fps or item.request.fps or 16
@@ -127,6 +127,16 @@ def _encode(items: list[WorkItem], counts: list[int], result) -> list[dict[str, 
 def run_batch(runner, items: list[WorkItem], cancels: _Cancels, res_q) -> None:
     """One runner call for the batch. The engine only groups items that may share a call (identical
     unseeded image requests), so their outputs are simply concatenated and split back by count."""
+    try:
+        _run_batch(runner, items, cancels, res_q)
+    finally:
+        # The engine sends the next batch only once this one's outcome has reached it, so every cancel seen
+        # so far is for this batch or an earlier one (a cancel can race its request's result): none is of
+        # use any more, and keeping them would grow the set for as long as the worker lives.
+        cancels.ids.clear()
+
+
+def _run_batch(runner, items: list[WorkItem], cancels: _Cancels, res_q) -> None:
     cancels.drain()
     live = [it for it in items if it.ticket_id not in cancels.ids]
     gone = [it.ticket_id for it in items if it.ticket_id in cancels.ids]
@@ -156,8 +166,6 @@ def run_batch(runner, items: list[WorkItem], cancels: _Cancels, res_q) -> None:
             log.error("generation failed:\n%s", traceback.format_exc())
         res_q.put(("error", ids, kind, message))
         return
-    finally:
-        cancels.ids.difference_update(ids)
     for item, payload in zip(live, payloads, strict=True):
         res_q.put(("result", item.ticket_id, payload))
 
