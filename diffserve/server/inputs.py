@@ -63,6 +63,13 @@ async def read_form(
     return fields, files
 
 
+def refuse_other_files(files: dict[str, list[UploadFile]]) -> None:
+    """A 400 naming the first file field the route did not take (what is left after it popped its own)."""
+    if files:
+        name = next(iter(files))
+        raise APIError(400, f"Unexpected file field '{name}'.", "invalid_request", name)
+
+
 async def read_body(
     request: Request, cfg: ServerConfig
 ) -> tuple[dict[str, Any], dict[str, list[UploadFile]]]:

@@ -168,6 +168,9 @@ def test_image_upload_limits(flux_server):
         "strength",
     )
     assert_openai_error(edit(flux_server, {}, {"prompt": "x"}), 400, "invalid_request", "image")
+    # a file under a name the route does not take is refused, not ignored
+    extra = {"image": ("x.png", png(), "image/png"), "photo": ("y.png", png(), "image/png")}
+    assert_openai_error(edit(flux_server, extra), 400, "invalid_request", "photo")
 
 
 def test_unknown_route_and_method(flux_server):

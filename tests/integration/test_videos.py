@@ -168,6 +168,8 @@ def test_what_a_video_model_refuses(wan):
             "/v1/videos", data={"prompt": "x"}, files={"input_reference": ("r.png", b"png", "image/png")}
         )
         assert r.status_code == 400 and r.json()["error"]["param"] == "input_reference"
+        r = http.post("/v1/videos", data={"prompt": "x"}, files={"reference": ("r.png", b"png", "image/png")})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "reference"
 
 
 def test_restart_keeps_completed_jobs_and_drains_on_sigterm(wan):

@@ -19,7 +19,7 @@ from diffserve.runtime.api import GenerationRequest
 from diffserve.server.engine import Engine
 from diffserve.server.errors import APIError, error_body
 from diffserve.server.files import OutputFiles
-from diffserve.server.inputs import read_form, read_image, read_json
+from diffserve.server.inputs import read_form, read_image, read_json, refuse_other_files
 from diffserve.server.routes.common import as_api_error, result_or_cancel, served_model, submit
 from diffserve.server.schemas import (
     ImageEditRequest,
@@ -28,7 +28,7 @@ from diffserve.server.schemas import (
     limits,
     parse_size,
 )
-from diffserve.server.tickets import EngineError, Ticket, new_ticket_id
+from diffserve.server.tickets import Ticket, new_ticket_id
 from diffserve.server.worker import WorkItem
 
 router = APIRouter()
@@ -64,10 +64,7 @@ async def edits(request: Request):
     cfg = request.app.state.cfg
     fields, files = await read_form(request, cfg)
     images, masks = files.pop("image", []), files.pop("mask", [])
-    if files:
-        raise APIError(
-            400, f"Unexpected file field '{next(iter(files))}'.", "invalid_request", next(iter(files))
-        )
+    refuse_other_files(files)
     body = ImageEditRequest.model_validate(fields)
     check_common(body, cfg)
     meta = served_model(request, body.model, "image")
@@ -163,7 +160,7 @@ async def _events(engine: Engine, ticket: Ticket, fmt: str, prefix: str):
                         },
                     )
             elif event[0] == "error":
-                err = as_api_error(event[1], engine) if isinstance(event[1], EngineError) else event[1]
+                err = as_api_error(event[1], engine)
                 yield _sse("error", {"type": "error", **error_body(err.status, err.message, err.code)})
     finally:
         # Reached early only when the client went away (Starlette cancels the response): stop the work.

@@ -16,7 +16,7 @@ from diffserve.runtime.api import GenerationRequest
 from diffserve.server.engine import Engine
 from diffserve.server.errors import APIError
 from diffserve.server.files import VIDEO_ID, OutputFiles
-from diffserve.server.inputs import decode_data_url, read_body, read_image
+from diffserve.server.inputs import decode_data_url, read_body, read_image, refuse_other_files
 from diffserve.server.jobs import IN_FLIGHT, JobStore, VideoJobs, video_object
 from diffserve.server.routes.common import served_model, submit
 from diffserve.server.schemas import VideoCreateRequest, check_common, limits, parse_size, video_frames
@@ -33,10 +33,7 @@ async def create_video(request: Request):
     cfg = request.app.state.cfg
     fields, files = await read_body(request, cfg)
     refs = files.pop("input_reference", [])
-    if files:
-        raise APIError(
-            400, f"Unexpected file field '{next(iter(files))}'.", "invalid_request", next(iter(files))
-        )
+    refuse_other_files(files)
     body = VideoCreateRequest.model_validate(fields)
     check_common(body, cfg)
     meta = served_model(request, body.model, "video")
