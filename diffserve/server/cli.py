@@ -49,6 +49,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds a worker may ignore the cancel of a timed-out request before it is killed and restarted",
     )
     a(
+        "--sse-keepalive",
+        type=float,
+        default=d.sse_keepalive,
+        help="seconds between keep-alive comments on an image stream (stream=true) that has nothing to send",
+    )
+    a(
         "--warmup-resolutions",
         help="WIDTHxHEIGHT[,WIDTHxHEIGHT...] warmed up at start (default: the model's default size)",
     )
@@ -98,6 +104,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         video_timeout=args.video_timeout,
         drain_timeout=args.drain_timeout,
         kill_grace=args.kill_grace,
+        sse_keepalive=args.sse_keepalive,
         cors_origins=[o.strip() for o in (args.cors_origins or "").split(",") if o.strip()],
         served_model_names=args.served_model_name,
         max_prompt_chars=args.max_prompt_chars,

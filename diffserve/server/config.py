@@ -64,6 +64,9 @@ class ServerConfig:
     max_n: int = 10
     max_frames: int = 257
     image_ttl: float = 3600.0  # seconds an image served by URL stays on disk
+    # An SSE stream with nothing to send (queued, or a slow step) gets a comment line this often, so that
+    # proxies and load balancers do not close it as idle (nginx's default read timeout is 60 s).
+    sse_keepalive: float = 15.0
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
@@ -80,7 +83,14 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("request_timeout", "video_timeout", "drain_timeout", "kill_grace", "image_ttl"):
+        for name in (
+            "request_timeout",
+            "video_timeout",
+            "drain_timeout",
+            "kill_grace",
+            "image_ttl",
+            "sse_keepalive",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.api_key is not None and not self.api_key.strip():

@@ -50,11 +50,15 @@ class Ticket:
             raise error
         return payload
 
-    async def stream(self):
+    async def stream(self, idle: float | None = None):
         """Events until the terminal one: ("started",), ("progress", done, total), ("result", payload),
-        ("error", EngineError)."""
+        ("error", EngineError); with `idle`, also ("idle",) after every `idle` seconds without one."""
         while True:
-            event = await self.events.get()
+            try:
+                event = await asyncio.wait_for(self.events.get(), idle)
+            except TimeoutError:  # the queue keeps its events: a timed-out get takes none
+                yield ("idle",)
+                continue
             yield event
             if event[0] in TERMINAL:
                 return

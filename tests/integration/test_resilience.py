@@ -32,6 +32,8 @@ def server(tiny_flux_dir, tmp_path_factory):
             "2",
             "--cors-origins",
             "http://app.example",
+            "--sse-keepalive",
+            "0.2",
         ],
         tmp_path_factory.mktemp("resilience-out"),
     )
@@ -113,6 +115,38 @@ def test_client_hanging_up_on_a_plain_request_cancels_it(server):
         time.sleep(0.05)
 
 
+def test_a_queued_stream_gets_keep_alive_comments(server):
+    """A streamed request waiting in the queue has nothing to send; an SSE comment line every
+    --sse-keepalive seconds keeps proxies from closing the idle connection."""
+    server.wait_healthy()
+    stopped = server.metric("diffserve_worker_cancelled_total")
+    gen = "/v1/images/generations"
+    with (
+        server.http() as http,
+        http.stream("POST", gen, json={"prompt": "blocker", **LONG, "stream": True}) as blocker,
+    ):
+        # The blocker holds the worker (it reports steps), so the next request waits in the queue. Its
+        # line iterator stays referenced: a collected one would close the connection, a cancel.
+        blocker_lines = blocker.iter_lines()
+        assert (
+            next(ln for ln in blocker_lines if ln.startswith("event: ")) == "event: image_generation.progress"
+        )
+        body = {"prompt": "waiting", "size": "64x64", "num_inference_steps": 2, "stream": True}
+        with http.stream("POST", gen, json=body) as waiting:
+            lines = []
+            for line in waiting.iter_lines():
+                lines.append(line)
+                if lines.count(": keep-alive") == 3:
+                    break  # hanging up both cancels them
+    assert set(lines) <= {": keep-alive", ""}, lines  # nothing but comments while queued
+    deadline = time.monotonic() + 20
+    while server.metric("diffserve_worker_cancelled_total") == stopped or server.metric(
+        "diffserve_queue_depth"
+    ):
+        assert time.monotonic() < deadline, "the abandoned requests were never cancelled"
+        time.sleep(0.05)
+
+
 def test_killed_worker_fails_its_request_then_restarts(server):
     old_pid = server.worker_pid()
     restarts = server.metric("diffserve_worker_restarts_total")
@@ -181,7 +215,7 @@ def test_timeout_and_a_worker_that_ignores_cancel(tmp_path):
             "--runner-factory",
             FAKE_RUNNER,
             "--model",
-            "task=image&step=0.1&ignore_cancel=1",
+            "step=0.1&ignore_cancel=1",
             "--request-timeout",
             "1",
             "--kill-grace",

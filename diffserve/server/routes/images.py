@@ -99,8 +99,9 @@ async def _run(request: Request, body, generation: GenerationRequest, event_pref
     item = WorkItem(new_ticket_id("img"), generation, "image", body.output_format)
     ticket = submit(request, item)
     if body.stream:
+        state = request.app.state
         return StreamingResponse(
-            _events(request.app.state.engine, ticket, body.output_format, event_prefix),
+            _events(state.engine, ticket, body.output_format, event_prefix, state.cfg.sse_keepalive),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
@@ -127,11 +128,13 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-async def _events(engine: Engine, ticket: Ticket, fmt: str, prefix: str):
+async def _events(engine: Engine, ticket: Ticket, fmt: str, prefix: str, keepalive: float):
     try:
-        async for event in ticket.stream():
+        async for event in ticket.stream(idle=keepalive):
             now = int(time.time())
-            if event[0] == "progress":
+            if event[0] == "idle":
+                yield b": keep-alive\n\n"  # an SSE comment: clients skip it, proxies see traffic
+            elif event[0] == "progress":
                 done, total = event[1], event[2]
                 yield _sse(
                     f"{prefix}.progress",
