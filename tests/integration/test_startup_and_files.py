@@ -57,22 +57,28 @@ def test_expired_images_are_removed_and_names_are_checked(tmp_path):
         assert files.image_path(name) is None
 
 
-def test_ulysses_worker_group_serves_the_same_image_as_one_process(tiny_flux_dir, tmp_path):
+def test_ulysses_worker_group_serves_the_same_image_as_one_process(flux_server, tiny_flux_dir, tmp_path):
     """--ulysses-degree 2 on the CPU (gloo): the server's worker becomes a group of two ranks, and the
-    image equals the one-process image for the same seed (fp32; sharded sums may round differently,
-    hence one uint8 level)."""
+    image equals the one-process image (the shared server's, on the same model) for the same seed (fp32;
+    sharded sums may round differently, hence one uint8 level)."""
     import numpy as np
 
     request = dict(prompt="a red circle", size="64x64", extra_body={"seed": 3, "num_inference_steps": 2})
-    images = []
-    for extra in ([], ["--ulysses-degree", "2"]):
-        server = LiveServer(["--model", str(tiny_flux_dir), "--warmup-resolutions", "64x64", *extra],
-                            tmp_path / f"out{len(extra)}").start()
-        try:
-            assert server.wait_healthy()["world_size"] == (2 if extra else 1)
-            r = server.openai().images.generate(**request)
-            images.append(np.asarray(Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))).astype(int))
-        finally:
-            assert server.stop() in CLEAN_EXIT, server.log_tail()
-    assert images[0].shape == (64, 64, 3)
-    assert np.abs(images[0] - images[1]).max() <= 1
+
+    def image(server: LiveServer) -> np.ndarray:
+        r = server.openai().images.generate(**request)
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))).astype(int)
+
+    assert flux_server.wait_healthy()["world_size"] == 1
+    single = image(flux_server)
+    server = LiveServer(
+        ["--model", str(tiny_flux_dir), "--warmup-resolutions", "64x64", "--ulysses-degree", "2"],
+        tmp_path / "out",
+    ).start()
+    try:
+        assert server.wait_healthy()["world_size"] == 2
+        sharded = image(server)
+    finally:
+        assert server.stop() in CLEAN_EXIT, server.log_tail()
+    assert single.shape == (64, 64, 3)
+    assert np.abs(single - sharded).max() <= 1
