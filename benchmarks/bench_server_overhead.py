@@ -40,7 +40,8 @@ def live_server(model: str, size: tuple[int, int]):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    out = tempfile.mkdtemp(prefix="diffserve-bench-")
+    out_dir = tempfile.TemporaryDirectory(prefix="diffserve-bench-")  # images and the job database
+    out = out_dir.name
     cmd = [
         sys.executable,
         "-m",
@@ -77,6 +78,7 @@ def live_server(model: str, size: tuple[int, int]):
     finally:
         server.terminate()
         server.wait(60)
+        out_dir.cleanup()
 
 
 def measure(model: str, size: tuple[int, int], steps: int, iters: int, warmup: int) -> tuple[list, list]:
@@ -124,13 +126,13 @@ def main() -> int:
     parser.add_argument("--results", type=Path, help="append here instead of benchmarks/results.jsonl")
     args = parser.parse_args()
     size = tuple(int(v) for v in args.size.lower().split("x"))
-    model = args.model
-    if model is None:
-        from diffserve.testing import make_tiny_model
+    with tempfile.TemporaryDirectory(prefix="tiny-flux-") as tmp:
+        model = args.model
+        if model is None:
+            from diffserve.testing import make_tiny_model
 
-        model = str(make_tiny_model("flux", Path(tempfile.mkdtemp(prefix="tiny-flux-")) / "flux"))
-
-    direct_ms, http_ms = measure(model, size, args.steps, args.iters, args.warmup)
+            model = str(make_tiny_model("flux", Path(tmp) / "flux"))
+        direct_ms, http_ms = measure(model, size, args.steps, args.iters, args.warmup)
     direct, http = statistics.median(direct_ms), statistics.median(http_ms)
     overhead = statistics.median(h - d for h, d in zip(http_ms, direct_ms, strict=True))
     name = f"server overhead: tiny FLUX {size[0]}x{size[1]}, {args.steps} steps, CPU"
