@@ -193,6 +193,7 @@ def test_flux_schnell_defaults(tiny_flux_schnell_dir):
         ({"num_frames": 9}, "makes images: num_frames is not accepted"),
         ({"num_outputs": 0}, "num_outputs must be a positive integer"),
         ({"image": b"not an image"}, "input image could not be decoded"),
+        ({"mask": b"\x89PNG"}, "edits whole images and takes no mask"),
         ({"extra": {"true_cfg_scale": "high"}}, "true_cfg_scale must be a number between 1 and 100"),
     ],
 )

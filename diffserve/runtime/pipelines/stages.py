@@ -71,6 +71,8 @@ def plan_request(
     """Fill defaults and validate; every problem raises InvalidRequest with a message for the user."""
     if not isinstance(req.prompt, str):
         raise InvalidRequest("prompt must be a string")
+    if req.mask is not None:  # no pipeline inpaints: ignoring the mask would repaint the whole image
+        raise InvalidRequest(f"this model ({rules.label}) edits whole images and takes no mask")
     image = None
     if req.image is not None:
         if not rules.accepts_image:
