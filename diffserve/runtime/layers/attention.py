@@ -21,7 +21,7 @@ ENV_VAR = "DIFFSERVE_ATTENTION_BACKEND"
 
 _selected: AttentionBackendEnum | None = None
 _selected_set = False
-_backends: dict[tuple[str, int, torch.dtype], type] = {}
+_backends: dict[tuple[int, torch.dtype], type] = {}
 
 
 def set_attention_backend(name: str | AttentionBackendEnum | None) -> AttentionBackendEnum | None:
