@@ -49,14 +49,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dit_specs import FULL, TINY, make_inputs  # noqa: E402
-from harness import free, init_weights_, native_twin, on_device, rel_err, time_ms  # noqa: E402
+from harness import bench_device, free, init_weights_, native_twin, on_device, rel_err, results_file, time_ms  # noqa: E402
 from record import RESULTS, record  # noqa: E402
 
 VARIANTS = (
@@ -301,18 +300,14 @@ def parse_args(argv=None):
     if args.iters < 5:
         p.error("--iters must be at least 5 (the median of fewer is not a figure)")
     if args.results is None:
-        args.results = Path(tempfile.gettempdir()) / "bench_dit_tiny.jsonl" if args.tiny else RESULTS
+        args.results = results_file(args.tiny, "bench_dit", RESULTS)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.tiny:
-        device = torch.device("cpu")
-    elif torch.cuda.is_available():
-        device = torch.device("cuda")
-    else:
-        print("bench_dit.py needs a CUDA GPU (use --tiny for a CPU check of the script)", file=sys.stderr)
+    device = bench_device(args.tiny, "bench_dit.py")
+    if device is None:
         return 2
     dtype = getattr(torch, args.dtype)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -30,7 +30,6 @@ import gc
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dit_specs import FULL as FULL_DIT  # noqa: E402  (one place for the full-size DiT configs)
-from harness import init_weights_, native_twin, on_device, synchronize  # noqa: E402
+from harness import bench_device, init_weights_, native_twin, on_device, results_file, synchronize  # noqa: E402
 from record import RESULTS, record  # noqa: E402
 
 # fmt: off
@@ -261,20 +260,14 @@ def parse_args(argv=None):
     if args.steps < 3:
         p.error("--steps must be at least 3 (two intervals between end-of-step callbacks)")
     if args.results is None:
-        args.results = Path(tempfile.gettempdir()) / "bench_pipeline_tiny.jsonl" if args.tiny else RESULTS
+        args.results = results_file(args.tiny, "bench_pipeline", RESULTS)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.tiny:
-        device = torch.device("cpu")
-    elif torch.cuda.is_available():
-        device = torch.device("cuda")
-    else:
-        print(
-            "bench_pipeline.py needs a CUDA GPU (use --tiny for a CPU check of the script)", file=sys.stderr
-        )
+    device = bench_device(args.tiny, "bench_pipeline.py")
+    if device is None:
         return 2
     dtype = getattr(torch, args.dtype or ("float32" if args.tiny else "bfloat16"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -7,9 +7,28 @@ from __future__ import annotations
 
 import gc
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+
+
+def bench_device(tiny: bool, script: str) -> torch.device | None:
+    """The CPU for a --tiny check of a script, else the GPU; None (after saying why) where there is none."""
+    if tiny:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    print(f"{script} needs a CUDA GPU (use --tiny for a CPU check of the script)", file=sys.stderr)
+    return None
+
+
+def results_file(tiny: bool, script: str, results: Path) -> Path:
+    """Where a run records its figures: --tiny (CPU) runs go to a temporary file, so that CPU figures never
+    mix with the GPU results in `results`."""
+    return Path(tempfile.gettempdir()) / f"{script}_tiny.jsonl" if tiny else results
 
 
 def on_device(device: torch.device, dtype: torch.dtype, build):
