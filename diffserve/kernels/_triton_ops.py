@@ -85,7 +85,7 @@ def adaln_triton(x, shift, scale, eps, residual, gate, affine, normalize):
 @triton.jit
 def _qk_norm_rope_kernel(
     X, W, COS, SIN, OUT,
-    seq, heads, sx_b, sx_s, eps,
+    seq, heads, sx_b, sx_s, so_b, so_s, eps,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_NORM: tl.constexpr, PER_HEAD: tl.constexpr, HAS_ROPE: tl.constexpr,
 ):  # fmt: skip
@@ -112,21 +112,25 @@ def _qk_norm_rope_kernel(
         c = tl.load(COS + s * HALF + i)
         sn = tl.load(SIN + s * HALF + i)
         x = tl.reshape(tl.join(x_even * c - x_odd * sn, x_even * sn + x_odd * c), (BLOCK_H, HEAD_DIM))
-    tl.store(OUT + row * heads * HEAD_DIM + h * HEAD_DIM + d, x.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + b * so_b + s * so_s + h * HEAD_DIM + d, x.to(OUT.dtype.element_ty), mask=mask)
 
 
-def qk_norm_rope_triton(x, weight, eps, cos, sin, head_dim, per_head):
-    x = _last_dim_contiguous(x)
+def qk_norm_rope_triton(x, weight, eps, cos, sin, head_dim, per_head, out=None):
+    """out: where to write (batch, seq, heads * head_dim), last dim contiguous — x itself for the in-place
+    form (each program loads its whole row before storing it); None: a new (batch, seq, heads, head_dim)."""
+    if out is None:
+        x = _last_dim_contiguous(x)
     batch, seq, width = x.shape
     heads = width // head_dim
     if cos is not None:
         cos, sin = cos.float().contiguous(), sin.float().contiguous()
     weight = weight.contiguous() if weight is not None else None
-    out = torch.empty(batch, seq, heads, head_dim, device=x.device, dtype=x.dtype)
+    if out is None:
+        out = torch.empty(batch, seq, heads, head_dim, device=x.device, dtype=x.dtype)
     block_h = triton.next_power_of_2(heads)
     _qk_norm_rope_kernel[(batch * seq,)](
         x, weight if weight is not None else x, cos if cos is not None else x, sin if sin is not None else x,
-        out, seq, heads, x.stride(0), x.stride(1), eps,
+        out, seq, heads, x.stride(0), x.stride(1), out.stride(0), out.stride(1), eps,
         HEAD_DIM=head_dim, HALF=head_dim // 2, BLOCK_H=block_h,
         HAS_NORM=weight is not None, PER_HEAD=per_head, HAS_ROPE=cos is not None,
         num_warps=4 if block_h * head_dim <= 2048 else 8,

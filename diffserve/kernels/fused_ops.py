@@ -200,6 +200,48 @@ def _(x, weight, eps, cos, sin, head_dim, per_head):
     return x.new_empty(x.shape[0], x.shape[1], x.shape[2] // head_dim, head_dim)
 
 
+def qk_norm_rope_(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    head_dim: int,
+    per_head: bool,
+) -> torch.Tensor:
+    """qk_norm_rope written back into x (batch, seq, heads * head_dim), e.g. the q or k columns of a fused
+    q|k|v projection that attention then reads in place; returns x as (batch, seq, heads, head_dim). Saves
+    the new tensor, and lets the caller lay out q, k and v of several streams in one buffer up front."""
+    if x.stride(-1) != 1:
+        raise ValueError("qk_norm_rope_ needs a last-dim-contiguous x")
+    tensors = [t for t in (x, weight, cos, sin) if t is not None]
+    if (
+        _use_triton(*tensors, in_compile=True)
+        and x.dim() == 3
+        and x.shape[-1] <= 16384
+        and head_dim & (head_dim - 1) == 0
+    ):
+        torch.ops.diffserve.qk_norm_rope_(x, weight, eps, cos, sin, head_dim, per_head)
+    else:
+        x.copy_(qk_norm_rope_reference(x, weight, eps, cos, sin, head_dim, per_head).flatten(-2))
+    return x.unflatten(-1, (-1, head_dim))
+
+
+@torch.library.custom_op("diffserve::qk_norm_rope_", mutates_args=("x",))
+def _qk_norm_rope_inplace_op(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    head_dim: int,
+    per_head: bool,
+) -> None:
+    from diffserve.kernels._triton_ops import qk_norm_rope_triton
+
+    qk_norm_rope_triton(x, weight, eps, cos, sin, head_dim, per_head, out=x)
+
+
 # ---------------------------------------------------------------- linear + GELU(tanh)
 
 

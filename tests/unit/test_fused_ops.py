@@ -195,6 +195,30 @@ def test_triton_qk_norm_rope_matches_fallback(heads, hd, per_head, dtype, tol):
         assert _rel(fast, slow) < tol
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
+@pytest.mark.parametrize("per_head", [True, False])
+def test_qk_norm_rope_in_place_matches_out_of_place(device, per_head):
+    # The in-place form normalises and rotates the k columns of a fused q|k|v buffer where they are, and
+    # leaves the q and v columns untouched (Triton on CUDA, the reference + copy on the CPU).
+    g = torch.Generator(device=device).manual_seed(8)
+    heads, hd, b, s = 4, 32, 1, 77
+    qkv = torch.randn(b, s, 3 * heads * hd, device=device, generator=g)
+    weight = torch.randn(hd if per_head else heads * hd, device=device, generator=g)
+    angles = torch.rand(s, hd // 2, device=device, generator=g) * 100
+    expected = fo.qk_norm_rope(
+        qkv[..., heads * hd : 2 * heads * hd], weight, 1e-6, angles.cos(), angles.sin(), hd, per_head
+    )
+    before = qkv.clone()
+    got = fo.qk_norm_rope_(
+        qkv[..., heads * hd : 2 * heads * hd], weight, 1e-6, angles.cos(), angles.sin(), hd, per_head
+    )
+    assert got.shape == (b, s, heads, hd) and got.data_ptr() == qkv.data_ptr() + heads * hd * 4
+    assert _rel(got, expected) < 1e-6
+    assert torch.equal(qkv[..., : heads * hd], before[..., : heads * hd])
+    assert torch.equal(qkv[..., 2 * heads * hd :], before[..., 2 * heads * hd :])
+    assert not torch.equal(qkv, before)
+
+
 @gpu
 def test_linear_gelu_epilogue_matches_fallback():
     g = torch.Generator(device="cuda").manual_seed(6)

@@ -312,6 +312,24 @@ def test_fused_projections_match_and_keep_the_state_dict(family):
     assert len([n for n, b in ours.named_buffers() if n.endswith("_weight") and b is not None]) == len(fused)
 
 
+def test_flux_batch_one_joint_buffer_path_matches_diffusers(monkeypatch):
+    # With fused projections and batch 1, dual blocks build [text | image] q, k, v in one buffer, normalised
+    # in place (FluxAttention._joint_qkv); batch 2 concatenates. Both must match diffusers.
+    from diffserve.runtime.models import flux
+
+    ref, ours = _flux_pair(True)
+    ours.fuse_projections()
+    calls = []
+    original = flux.FluxAttention._joint_qkv
+    monkeypatch.setattr(flux.FluxAttention, "_joint_qkv", lambda *a: calls.append(1) or original(*a))
+    for batch in (1, 2):
+        inputs = _flux_inputs(batch=batch, seed=3)
+        with torch.no_grad():
+            assert _rel_err(ours(**inputs), ref(**inputs, return_dict=False)[0]) < TOL
+        # once per dual block for batch 1, not at all for batch 2 (the count stays)
+        assert len(calls) == FLUX_CFG["num_layers"]
+
+
 @pytest.mark.parametrize("regional", [True, False], ids=["per-block", "whole"])
 def test_compile_dit_traces_the_blocks(regional, tmp_path, monkeypatch):
     from diffserve.runtime.compile import compile_dit, compiled, configure_compile_cache, repeated_blocks

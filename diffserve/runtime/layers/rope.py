@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffserve.kernels.fused_ops import qk_norm_rope
+from diffserve.kernels.fused_ops import qk_norm_rope, qk_norm_rope_
 
 
 def _angle_dtype(device: torch.device) -> torch.dtype:
@@ -61,14 +61,15 @@ def norm_rope(
     norm: nn.RMSNorm | None,
     rope: tuple[torch.Tensor, torch.Tensor] | None,
     head_dim: int,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """A q or k projection (batch, seq, heads * head_dim) -> (batch, seq, heads, head_dim), RMS-normalised by
     `norm` (over one head when its size is head_dim — FLUX —, over all heads otherwise — Wan) and rotated
     by `rope` (cos, sin), either may be None. One pass on CUDA (fused_ops.qk_norm_rope); x may be a column
-    slice of a fused q|k|v projection."""
+    slice of a fused q|k|v projection. inplace=True writes the result back into x (see qk_norm_rope_)."""
     weight, eps, per_head = None, 0.0, True
     if norm is not None:
         weight, eps = norm.weight, norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
         per_head = norm.normalized_shape[-1] == head_dim
     cos, sin = rope if rope is not None else (None, None)
-    return qk_norm_rope(x, weight, eps, cos, sin, head_dim, per_head)
+    return (qk_norm_rope_ if inplace else qk_norm_rope)(x, weight, eps, cos, sin, head_dim, per_head)
