@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from diffserve.runtime.api import GenerationRequest, GenerationResult
+from diffserve.runtime.cuda_graphs import GraphedForward
 from diffserve.runtime.distributed.cfg import cfg_pair
 from diffserve.runtime.pipelines import stages
 from diffserve.runtime.pipelines.base import NativePipeline
@@ -66,6 +67,7 @@ class FluxPipeline(NativePipeline):
             "strength": 0.6,
         }
         self.image_defaults = {"guidance_scale": 7.0 if self.guidance_embeds else 0.0}  # FluxImg2ImgPipeline
+        self.dit = GraphedForward(self.transformer)  # CUDA graphs on a GPU, the plain module elsewhere
 
     def encode(self, prompts: list[str]):
         pooled = stages.clip_pooled(self.tokenizer, self.text_encoder, prompts)
@@ -116,7 +118,7 @@ class FluxPipeline(NativePipeline):
 
             def branch(text, text_pooled):
                 kwargs = dict(encoder_hidden_states=text, pooled_projections=text_pooled, **common)
-                return self.transformer(**kwargs)[0]
+                return self.dit(**kwargs)[0]
 
             if true_cfg <= 1:
                 return branch(states, pooled)

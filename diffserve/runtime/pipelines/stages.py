@@ -7,6 +7,7 @@ pipelines draw them, so a seed gives the same picture as diffusers on any device
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import html
 import io
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffserve.runtime import cuda_graphs
 from diffserve.runtime.api import (
     CancelCheck,
     GenerationCancelled,
@@ -279,15 +281,66 @@ def denoise(
     should_cancel: CancelCheck | None = None,
 ) -> torch.Tensor:
     """The loop: predict(latents, t, i) -> model output; scheduler step; progress; cancellation checked
-    before every step, so a cancelled request stops within one step."""
+    before every step, so a cancelled request stops within one step (on a GPU, the one step already queued
+    still runs: see StepPacer).
+
+    Nothing in the loop makes the host wait for the work it has just queued (no .item(), no tensor in an
+    `if`, no copy to the CPU): the GPU never idles between steps. DIFFSERVE_CHECK_SYNC=1 proves it: the loop
+    then runs under torch.cuda.set_sync_debug_mode("error"), and any synchronising call in it raises."""
     total = len(timesteps)
-    for i, t in enumerate(timesteps):
-        if should_cancel is not None and should_cancel():
-            raise GenerationCancelled(f"cancelled after {i} of {total} denoising steps")
-        latents = scheduler.step(predict(latents, t, i), t, latents, return_dict=False)[0]
-        if on_step is not None:
-            on_step(i + 1, total)
+    pacer = StepPacer(latents.device, total, on_step)
+    with cuda_graphs.no_host_sync(latents.device):
+        for i, t in enumerate(timesteps):
+            if should_cancel is not None and should_cancel():
+                raise GenerationCancelled(f"cancelled after {i} of {total} denoising steps")
+            latents = scheduler.step(predict(latents, t, i), t, latents, return_dict=False)[0]
+            pacer.queued()
+        pacer.finish()
     return latents
+
+
+class StepPacer:
+    """Progress that follows the GPU, and a host that stays at most AHEAD steps in front of it.
+
+    On a GPU, the loop only queues work; without a bound the host would queue every step at once (a CUDA
+    graph is one launch per forward), report them all done at once, and a cancelled request would leave
+    every queued step to run. So each step records an event, and once more than AHEAD steps are in
+    flight the host waits for the oldest one and reports it done. That wait is for a step queued BEFORE
+    the newest one, so the GPU always has the next step in hand and never idles: it is not the kind of
+    synchronisation the loop must avoid, and it is exempt from the DIFFSERVE_CHECK_SYNC check. On other
+    devices work is synchronous and a step is reported as soon as it returns."""
+
+    AHEAD = 1
+
+    def __init__(self, device: torch.device, total: int, on_step: StepCallback | None):
+        self.events: collections.deque | None = collections.deque() if device.type == "cuda" else None
+        self.total, self.on_step, self.done = total, on_step, 0
+
+    def queued(self) -> None:
+        if self.events is None:
+            self._report()
+            return
+        event = torch.cuda.Event()
+        event.record()
+        self.events.append(event)
+        while len(self.events) > self.AHEAD:
+            self._wait_oldest()
+
+    def finish(self) -> None:
+        """After the loop: the steps still in flight."""
+        while self.events:
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        event = self.events.popleft()
+        with cuda_graphs.sync_allowed():
+            event.synchronize()
+        self._report()
+
+    def _report(self) -> None:
+        self.done += 1
+        if self.on_step is not None:
+            self.on_step(self.done, self.total)
 
 
 # ---- decode ------------------------------------------------------------------------------------------

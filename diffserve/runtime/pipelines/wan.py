@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from diffserve.runtime.api import GenerationRequest, GenerationResult
+from diffserve.runtime.cuda_graphs import GraphedForward
 from diffserve.runtime.distributed.cfg import cfg_pair
 from diffserve.runtime.pipelines import stages
 from diffserve.runtime.pipelines.base import NativePipeline
@@ -46,6 +47,10 @@ class WanPipeline(NativePipeline):
         has_second = getattr(self, "transformer_2", None) is not None
         self.boundary = ratio * self.scheduler.config.num_train_timesteps if ratio and has_second else None
         self.expand_timesteps = bool(self.pipeline_config.get("expand_timesteps", False))
+        # CUDA graphs on a GPU, the plain modules elsewhere; one per expert.
+        self.dits = [GraphedForward(self.transformer)]
+        if has_second:
+            self.dits.append(GraphedForward(self.transformer_2))
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         prompts = [stages.clean_prompt(p) for p in prompts]
@@ -71,11 +76,15 @@ class WanPipeline(NativePipeline):
             )
             latents = stages.gaussian(shape, stages.cpu_generator(p.seed), self.device, torch.float32)
             scheduler.set_begin_index(0)
+            # Wan2.2 A14B: the second expert (dits[1]) takes the steps below the boundary. Decided here from one
+            # copy of the timesteps: comparing a GPU timestep in Python would wait for the GPU at every step.
+            expert = [0] * len(scheduler.timesteps)
+            if self.boundary is not None:
+                expert = [int(low) for low in (scheduler.timesteps < self.boundary).tolist()]
 
         def predict(x, t, i):
-            second = self.boundary is not None and t < self.boundary
-            model, scale = (self.transformer_2, guidance_2) if second else (self.transformer, p.guidance)
-            x = x.to(model.dtype)
+            dit, scale = self.dits[expert[i]], (p.guidance, guidance_2)[expert[i]]
+            x = x.to(dit.fn.dtype)
             if self.expand_timesteps:  # one timestep per latent token (Wan2.2 TI2V)
                 tokens = x.shape[2] * (x.shape[3] // 2) * (x.shape[4] // 2)
                 timestep = (torch.ones(tokens, device=x.device) * t).expand(n, -1)
@@ -83,9 +92,8 @@ class WanPipeline(NativePipeline):
                 timestep = t.expand(n)
 
             def branch(text):
-                return model(
-                    hidden_states=x, timestep=timestep, encoder_hidden_states=text, return_dict=False
-                )[0]
+                out = dit(hidden_states=x, timestep=timestep, encoder_hidden_states=text, return_dict=False)
+                return out[0]
 
             if not cfg:
                 return branch(cond)
