@@ -36,7 +36,7 @@ def _adaln_kernel(
     seq, dim, sx_b, sx_s, sr_b, sr_s, sg_b, sg_s, ssh_b, ssh_s, ssc_b, ssc_s,
     eps,
     HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, NORMALIZE: tl.constexpr, AFFINE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    STORE_X: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     b = row // seq
@@ -49,7 +49,8 @@ def _adaln_kernel(
         if HAS_GATE:
             r = r * tl.load(GATE + b * sg_b + s * sg_s + cols, mask=mask, other=0.0).to(tl.float32)
         x_out = (x + r).to(OUT_X.dtype.element_ty)
-        tl.store(OUT_X + row * dim + cols, x_out, mask=mask)
+        if STORE_X:
+            tl.store(OUT_X + row * dim + cols, x_out, mask=mask)
         x = x_out.to(tl.float32)  # normalise the stream as stored, as the unfused code does
     if NORMALIZE:
         mean = tl.sum(x, axis=0) / dim
@@ -62,10 +63,11 @@ def _adaln_kernel(
         tl.store(OUT_H + row * dim + cols, (xc * rstd * sc + sh).to(OUT_H.dtype.element_ty), mask=mask)
 
 
-def adaln_triton(x, shift, scale, eps, residual, gate, affine, normalize):
+def adaln_triton(x, shift, scale, eps, residual, gate, affine, normalize, store_residual=True):
     batch, seq, dim = x.shape
     x, residual, gate, shift, scale = map(_last_dim_contiguous, (x, residual, gate, shift, scale))
-    out_x = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x
+    store_x = residual is not None and store_residual
+    out_x = torch.empty_like(x, memory_format=torch.contiguous_format) if store_x else x
     out_h = torch.empty(x.shape, device=x.device, dtype=x.dtype) if normalize else None
     dummy = x  # pointer for absent operands (never read: the constexpr flags skip them)
     block = triton.next_power_of_2(dim)
@@ -77,9 +79,9 @@ def adaln_triton(x, shift, scale, eps, residual, gate, affine, normalize):
         *_row_strides(gate, batch, seq), *_row_strides(shift, batch, seq), *_row_strides(scale, batch, seq),
         eps,
         HAS_RES=residual is not None, HAS_GATE=gate is not None, NORMALIZE=normalize, AFFINE=affine,
-        BLOCK=block, num_warps=_warps(block),
+        STORE_X=store_x, BLOCK=block, num_warps=_warps(block),
     )  # fmt: skip
-    return out_x, out_h
+    return (out_x if store_x or residual is None else None), out_h
 
 
 @triton.jit

@@ -87,18 +87,20 @@ def adaln_reference(
     gate: torch.Tensor | None = None,
     affine: bool = False,
     normalize: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    store_residual: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The formula in torch ops (the blocks' original code). See `adaln`."""
     if residual is not None:
         x = (x + (residual if gate is None else residual * gate)).to(x.dtype)
     if not normalize:
         return x, None
+    x_out = x if store_residual or residual is None else None
     if affine:  # LayerNorm with its own weight (scale) and bias (shift), in float32 when upcast
         w, b = (scale.float(), shift.float()) if upcast else (scale, shift)
         h = F.layer_norm(x.float() if upcast else x, (x.shape[-1],), w, b, eps)
-        return x, h.to(x.dtype)
+        return x_out, h.to(x.dtype)
     normed = F.layer_norm(x.float() if upcast else x, (x.shape[-1],), eps=eps)
-    return x, (normed * (1 + scale) + shift).to(x.dtype)
+    return x_out, (normed * (1 + scale) + shift).to(x.dtype)
 
 
 def adaln(
@@ -111,10 +113,13 @@ def adaln(
     gate: torch.Tensor | None = None,
     affine: bool = False,
     normalize: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    store_residual: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(x', h) with x' = x + residual * gate (x' = x without residual; gate None means 1) and
     h = LayerNorm(x') * (1 + scale) + shift — or LayerNorm(x') * scale + shift with affine=True (a LayerNorm's
-    own weight and bias) — or h = None with normalize=False.
+    own weight and bias) — or h = None with normalize=False. store_residual=False (with a residual and
+    normalize) returns x' = None and the kernel never writes it: for a residual that is only a per-channel
+    offset the caller carries separately (Wan's bias-free residual GEMMs, models/wan.py).
 
     x, residual: (batch, seq, dim); shift/scale/gate broadcast against them: (batch, 1, dim) per sample,
     (batch, seq, dim) per token, or (dim,) for affine. Any float dtypes: the sum is taken in the promoted
@@ -124,8 +129,8 @@ def adaln(
     if _use_triton(*tensors) and x.dim() == 3 and x.shape[-1] <= 16384:
         from diffserve.kernels._triton_ops import adaln_triton
 
-        return adaln_triton(x, shift, scale, eps, residual, gate, affine, normalize)
-    return adaln_reference(x, shift, scale, eps, upcast, residual, gate, affine, normalize)
+        return adaln_triton(x, shift, scale, eps, residual, gate, affine, normalize, store_residual)
+    return adaln_reference(x, shift, scale, eps, upcast, residual, gate, affine, normalize, store_residual)
 
 
 # ---------------------------------------------------------------- q/k: RMSNorm + rotary embedding

@@ -227,3 +227,36 @@ def test_linear_gelu_epilogue_matches_fallback():
     bias = torch.randn(2048, device="cuda", generator=g).bfloat16()
     fast, slow = _both(fo.linear_gelu, x, w, bias)
     assert fast.shape == slow.shape and _rel(fast, slow) < 8e-3
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
+def test_offset_residual_pieces_match_the_formulas(device):
+    # Wan's folded blocks: the residual add inside the output GEMM with the gate folded into the weight
+    # (linear_residual), and a norm of x + a per-channel offset that never writes x + offset.
+    from diffserve.runtime.layers.modulation import linear_residual, offset_norm_modulate
+
+    g = torch.Generator(device=device).manual_seed(9)
+    b, s, d_in, d_out = 2, 65, 48, 40
+    x = torch.randn(b, s, d_out, device=device, generator=g)
+    inp = torch.randn(b, s, d_in, device=device, generator=g)
+    weight = torch.randn(d_out, d_in, device=device, generator=g)
+    gate = torch.randn(b, 1, d_out, device=device, generator=g)
+    expected = x + (inp @ weight.t()) * gate
+    assert _rel(linear_residual(x, inp, weight, gate), expected) < 1e-5
+    assert _rel(linear_residual(x, inp, weight), x + inp @ weight.t()) < 1e-5
+
+    offset, shift, scale = (torch.randn(b, 1, d_out, device=device, generator=g) for _ in range(3))
+    shifted = x + offset
+    normed = torch.nn.functional.layer_norm(shifted, (d_out,), eps=1e-6)
+    h = offset_norm_modulate(x, offset, shift, scale, 1e-6, upcast=True)
+    assert _rel(h, normed * (1 + scale) + shift) < 1e-5
+    weight_1d, bias_1d = scale[0, 0], shift[0, 0]
+    h = offset_norm_modulate(x, offset, bias_1d, weight_1d, 1e-6, upcast=True, affine=True)
+    assert _rel(h, normed * weight_1d + bias_1d) < 1e-5
+    # No offset: the plain norm.
+    assert (
+        _rel(
+            offset_norm_modulate(x, None, shift, scale, 1e-6, True), fo.adaln(x, shift, scale, 1e-6, True)[1]
+        )
+        < 1e-6
+    )

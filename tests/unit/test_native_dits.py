@@ -188,7 +188,14 @@ def test_from_pretrained_round_trip(tmp_path, family, shard):
     }
     with torch.no_grad():
         got, expected = half(**half_inputs), ref_half(**half_inputs, return_dict=False)[0]
-    assert got.dtype == torch.bfloat16 and _rel_err(got, expected) < 1e-3
+        exact = ref(**inputs, return_dict=False)[0]
+    assert got.dtype == torch.bfloat16
+    if family == "flux":  # the same ops rounded at the same points as diffusers
+        assert _rel_err(got, expected) < 1e-3
+    # Wan's residual adds run inside the output GEMMs (WanBlock.forward_folded), so its bf16 rounding
+    # differs from diffusers'; it must be as close to the float32 result as diffusers' own bf16 forward.
+    ours_err, their_err = _rel_err(got.float(), exact), _rel_err(expected.float(), exact)
+    assert their_err > 1e-4 and ours_err <= 1.2 * their_err, (ours_err, their_err)
 
 
 def test_from_pretrained_truncated_file(tmp_path):

@@ -53,5 +53,9 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([_Proj(dim, inner_dim), nn.Identity(), nn.Linear(inner_dim, dim_out or dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.hidden(x))
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """GELU(proj_in(x)): the input of the output projection."""
         proj_in = self.net[0].proj
-        return self.net[2](linear_gelu(x, proj_in.weight, proj_in.bias))
+        return linear_gelu(x, proj_in.weight, proj_in.bias)

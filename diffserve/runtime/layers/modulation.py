@@ -45,6 +45,37 @@ def residual_norm_modulate(
     return adaln(x, shift, scale, eps, upcast, residual=y, gate=gate, affine=affine)
 
 
+def offset_norm_modulate(
+    x: torch.Tensor,
+    offset: torch.Tensor | None,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+    upcast: bool = False,
+    affine: bool = False,
+) -> torch.Tensor:
+    """norm_modulate (affine: an affine LayerNorm) of x + offset, where offset (batch, 1, dim) is the part
+    of the residual stream a caller keeps as a per-channel vector (see linear_residual). One pass that
+    never writes x + offset."""
+    return adaln(x, shift, scale, eps, upcast, residual=offset, affine=affine, store_residual=False)[1]
+
+
+def linear_residual(
+    x: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x + (inp @ weight^T) * gate as ONE GEMM that reads x as its accumulator input (beta = 1), the
+    per-channel gate (batch, 1, out) folded into a per-sample copy of the weight. The bias is left out: the
+    caller adds gate * bias to its offset vector instead (offset_norm_modulate). Replaces a GEMM plus a
+    gated-residual pass over the activations (read y, read x, write x) with a small pass over the weight —
+    worth it when the tokens outnumber the weight's rows, as in Wan's video blocks (32,760 x 1,536 vs
+    1,536 x 1,536). x, inp: (batch, seq, in/out) contiguous."""
+    if gate is None:
+        out = torch.addmm(x.reshape(-1, x.shape[-1]), inp.reshape(-1, inp.shape[-1]), weight.t())
+        return out.view_as(x)
+    scaled = (weight.float() * gate.transpose(1, 2).float()).to(weight.dtype)  # (batch, out, in)
+    return torch.baddbmm(x, inp, scaled.transpose(1, 2))
+
+
 def clip_fp16(x: torch.Tensor) -> torch.Tensor:
     """FLUX's residual stream overflows float16 in late blocks; clamp to the finite range as the reference
     does. A no-op for other dtypes."""

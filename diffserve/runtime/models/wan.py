@@ -19,7 +19,13 @@ from diffserve.runtime.distributed.ulysses import sequence_parallel_attention, s
 from diffserve.runtime.layers.attention import attention
 from diffserve.runtime.layers.embeddings import MLPEmbedder, timestep_sinusoid
 from diffserve.runtime.layers.mlp import FeedForward
-from diffserve.runtime.layers.modulation import gated_residual, norm_modulate, residual_norm_modulate
+from diffserve.runtime.layers.modulation import (
+    gated_residual,
+    linear_residual,
+    norm_modulate,
+    offset_norm_modulate,
+    residual_norm_modulate,
+)
 from diffserve.runtime.layers.rope import grid_rope, norm_rope
 from diffserve.runtime.models.base import DiTConfig, NativeDiT, fuse_linears
 
@@ -91,13 +97,17 @@ class WanAttention(nn.Module):
         return self.to_q(x), self.to_k(kv), self.to_v(kv)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, rope=None) -> torch.Tensor:
+        return self.to_out[0](self.attend(x, context, rope))
+
+    def attend(self, x: torch.Tensor, context: torch.Tensor | None = None, rope=None) -> torch.Tensor:
+        """The attention output before the output projection, (batch, seq, dim)."""
         q, k, v = self._project(x, context)
         head_dim = q.shape[-1] // self.heads
         q, k = norm_rope(q, self.norm_q, rope, head_dim), norm_rope(k, self.norm_k, rope, head_dim)
         v = v.unflatten(-1, (self.heads, head_dim))
         # Cross-attention keys are the text, whole on every rank: no exchange even when sequence-parallel.
         out = attention(q, k, v) if context is not None else sequence_parallel_attention(q, k, v)
-        return self.to_out[0](out.flatten(2))
+        return out.flatten(2)
 
 
 class WanBlock(nn.Module):
@@ -116,11 +126,35 @@ class WanBlock(nn.Module):
         fuse_linears(self.attn1, ("to_q", "to_k", "to_v"), "qkv")
         fuse_linears(self.attn2, ("to_k", "to_v"), "kv")
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, temb6: torch.Tensor, rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, temb6: torch.Tensor, rope, offset=None):
+        """(x, offset) -> (x, offset): the residual stream is x + offset, offset a float32 (batch, 1, dim)
+        vector (or None) that collects the output projections' biases (see forward_folded)."""
         # temb6: (batch, 1 or seq, 6, dim). Modulation is float32, as are the norms (trained that way).
-        shift, scale, gate, mlp_shift, mlp_scale, mlp_gate = (self.scale_shift_table + temb6.float()).unbind(
-            2
-        )
+        mods = (self.scale_shift_table + temb6.float()).unbind(2)
+        if temb6.shape[1] == 1 and self.norm2 is not None:
+            return self.forward_folded(x, context, mods, rope, offset)
+        if offset is not None:
+            x = gated_residual(x, offset, None)
+        return self.forward_unfolded(x, context, mods, rope), None
+
+    def forward_folded(self, x, context, mods, rope, offset):
+        """Per-sample modulation: each residual add happens inside the output GEMM (linear_residual, the
+        gate folded into the weight) and the biases go to `offset`, so the elementwise passes left are the
+        three norms, none of which writes the stream. Same function as forward_unfolded up to rounding."""
+        shift, scale, gate, mlp_shift, mlp_scale, mlp_gate = mods
+        h = offset_norm_modulate(x, offset, shift, scale, self.eps, upcast=True)
+        out1, out2, ffn_out = self.attn1.to_out[0], self.attn2.to_out[0], self.ffn.net[2]
+        x = linear_residual(x, self.attn1.attend(h, rope=rope), out1.weight, gate)
+        offset = gate * out1.bias.float() + (0 if offset is None else offset)
+        h = offset_norm_modulate(x, offset, self.norm2.bias, self.norm2.weight, self.eps, True, affine=True)
+        x = linear_residual(x, self.attn2.attend(h, context=context), out2.weight)
+        offset = offset + out2.bias.float()
+        h = offset_norm_modulate(x, offset, mlp_shift, mlp_scale, self.eps, upcast=True)
+        x = linear_residual(x, self.ffn.hidden(h), ffn_out.weight, mlp_gate)
+        return x, offset + mlp_gate * ffn_out.bias.float()
+
+    def forward_unfolded(self, x, context, mods, rope) -> torch.Tensor:
+        shift, scale, gate, mlp_shift, mlp_scale, mlp_gate = mods
         attn = self.attn1(norm_modulate(x, shift, scale, self.eps, upcast=True), rope=rope)
         if self.norm2 is not None:  # the cross-attention input: an affine LayerNorm, in float32
             x, h = residual_norm_modulate(
@@ -229,9 +263,10 @@ class WanTransformer(NativeDiT):
         if temb.shape[1] > 1:  # per-token modulation follows its tokens
             temb, temb6 = seq.shard(temb, 1), seq.shard(temb6, 1)
 
+        offset = None
         for block in self.blocks:
-            x = block(x, context, temb6, rope)
+            x, offset = block(x, context, temb6, rope, offset)
 
         shift, scale = (self.scale_shift_table + temb).unbind(2)
-        x = self.proj_out(norm_modulate(x, shift, scale, c.eps, upcast=True))
+        x = self.proj_out(offset_norm_modulate(x, offset, shift, scale, c.eps, upcast=True))
         return self._output(self._unpatchify(seq.gather(x, 1), grid), return_dict)
