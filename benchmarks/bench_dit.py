@@ -10,6 +10,9 @@ Variants (run in the order given):
                                        the fa3-fwd wheel, aliased as flash_attn_interface in this process)
   ours-plain                           our DiT as loaded: separate q/k/v GEMMs, torch elementwise ops
   ours-eager                           + fused projections (fuse_projections) + Triton fused ops
+  ours-graph                           ours-eager replayed as a CUDA graph (diffserve.runtime.cuda_graphs.
+                                       GraphedForward, as the pipelines run it; the capture happens during
+                                       warm-up). No torch.compile. On the CPU (--tiny) it is ours-eager.
   ours-compile                         + torch.compile (diffserve.runtime.compile.optimize_dit: per block by
                                        default, --compile-scope model for the whole forward); our q/k and
                                        GELU kernels stay in the graph as custom ops
@@ -65,6 +68,7 @@ VARIANTS = (
     "diffusers-compile+fa3",
     "ours-plain",
     "ours-eager",
+    "ours-graph",
     "ours-compile",
     "ours-compile+inductor",
 )
@@ -121,6 +125,12 @@ def prepare_variant(variant: str, models: dict, args, state: dict):
     if not state.get("fused") and not args.no_fuse:
         ours.fuse_projections()
         state["fused"] = True
+    if mode == "graph":
+        if state.get("compiled"):
+            raise SystemExit("ours-graph comes before the ours-compile variants (compilation is in place)")
+        from diffserve.runtime.cuda_graphs import GraphedForward
+
+        return GraphedForward(ours)  # a new wrapper per variant run: its graphs are freed with it
     if mode.startswith("compile"):
         fused_ops.set_kernels_in_compile(not mode.endswith("+inductor"))
         torch._dynamo.utils.counters.clear()
@@ -178,6 +188,8 @@ def run_family(family: str, spec: dict, args, device: torch.device, dtype: torch
                 f"  (warm-up {warmup_s:.1f} s)",
                 flush=True,
             )
+            if variant == "ours-graph" and device.type == "cuda" and not model.replays:
+                print(f"  ours-graph ran eagerly: {'; '.join(model.uncapturable.values())}", flush=True)
             if args.record:
                 ours_variant = variant.startswith("ours")
                 record(
@@ -210,6 +222,9 @@ def run_family(family: str, spec: dict, args, device: torch.device, dtype: torch
                         if ours_variant
                         else None
                     ),
+                    # Whether the timed calls were CUDA graph replays (ours-graph on a GPU whose capture
+                    # worked); None for the variants that never try.
+                    cuda_graph=bool(model.replays) if variant == "ours-graph" else None,
                     torch=torch.__version__,
                 )
             del out

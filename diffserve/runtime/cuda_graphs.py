@@ -105,7 +105,10 @@ def why_eager(args: tuple, kwargs: dict[str, Any]) -> str | None:
 
 
 def _plain(value) -> bool:
-    """A non-tensor argument a graph can bake in: hashable, and no tensors hidden inside containers."""
+    """A non-tensor argument a graph can bake in: hashable, and no tensors hidden inside containers (a
+    tensor hashes by identity, and the graph would keep reading its address)."""
+    if isinstance(value, torch.Tensor):
+        return False
     if isinstance(value, (tuple, frozenset)):
         return all(_plain(v) for v in value)
     return isinstance(value, Hashable) and not isinstance(value, (list, dict, set))

@@ -308,11 +308,12 @@ class StepPacer:
     flight the host waits for the oldest one and reports it done. That wait is for a step queued BEFORE
     the newest one, so the GPU always has the next step in hand and never idles: it is not the kind of
     synchronisation the loop must avoid, and it is exempt from the DIFFSERVE_CHECK_SYNC check. On other
-    devices work is synchronous and a step is reported as soon as it returns."""
+    devices a step is reported as soon as its host code returns (on the CPU, when it is done)."""
 
     AHEAD = 1
 
     def __init__(self, device: torch.device, total: int, on_step: StepCallback | None):
+        self.device = device
         self.events: collections.deque | None = collections.deque() if device.type == "cuda" else None
         self.total, self.on_step, self.done = total, on_step, 0
 
@@ -321,7 +322,7 @@ class StepPacer:
             self._report()
             return
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
         self.events.append(event)
         while len(self.events) > self.AHEAD:
             self._wait_oldest()
