@@ -11,13 +11,24 @@ disk). Our pipeline (diffserve.runtime.pipelines) and diffusers' FluxPipeline/Wa
 encoders, VAE and scheduler config; our native DiT takes the diffusers DiT's tensors (load_state_dict
 with assign=True), so memory holds one copy of the weights.
 
-Figure: ms per denoising step = median of the intervals between consecutive end-of-step callbacks
-(on_step for ours, callback_on_step_end for diffusers; each synchronises the GPU) over --steps steps,
-after one untimed warm-up generation per pipeline. A step is everything between two callbacks: the DiT
-forward(s), guidance, the scheduler step. Ours also reports its text-encoding and VAE-decode times.
+Ours runs as the server runs it: projections fused (as loader.load_dit does) and the DiT forward through
+CUDA graphs (diffserve.runtime.cuda_graphs; DIFFSERVE_CUDA_GRAPHS=0 turns them off).
+
+Per-step figure (default): ms per denoising step = median of the intervals between consecutive
+end-of-step callbacks over --steps steps (default 4), after one untimed warm-up generation per pipeline.
+Ours reports a step when the GPU has finished it (stages.StepPacer: an event per step, the host one step
+ahead); diffusers' callback_on_step_end is called when the host has queued a step, so its callback
+synchronises the GPU. A step is the DiT forward(s), guidance and the scheduler step. Ours also reports
+its text-encoding and VAE-decode times.
+
+End-to-end figure (--end-to-end): wall time of a whole generation, text encoding + denoising + VAE decode
++ PIL images, the median of --runs (>= 3) timed generations after one untimed warm-up generation per
+pipeline, ours vs diffusers' pipeline on the same components and the same request (FLUX: 1024x1024,
+guidance 3.5, --steps default 28, the pipelines' default); the ratio is diffusers' time / ours.
 
     python benchmarks/bench_pipeline.py [--family flux wan] [--steps 4]
-    python benchmarks/bench_pipeline.py --tiny     # CPU, tiny models: checks this script end to end
+    python benchmarks/bench_pipeline.py --end-to-end --family flux --steps 28
+    python benchmarks/bench_pipeline.py --tiny [--end-to-end]   # CPU, tiny models: checks this script
 
 Each figure is appended to benchmarks/results.jsonl (benchmarks/record.py); --tiny writes to a temporary
 file instead, so CPU figures never mix with GPU results.
@@ -129,13 +140,16 @@ def tiny_reference(family: str, device: torch.device):
 
 
 def ours_from(reference, family: str, device: torch.device):
-    """Our pipeline over the reference's components; our native DiT takes the diffusers DiT's tensors."""
+    """Our pipeline over the reference's components; our native DiT takes the diffusers DiT's tensors and
+    fuses its projections, as loader.load_dit does (the fused weights are one more copy of q|k|v and
+    FLUX's single-block inputs: ~6 GB for FLUX.1-dev)."""
+    from diffserve.runtime.compile import optimize_dit
     from diffserve.runtime.layers.text_attention import apply_to_text_encoder
     from diffserve.runtime.pipelines import pipeline_class
 
     ref_dit = reference.transformer
     components = {name: c for name, c in reference.components.items() if c is not None}
-    components["transformer"] = native_twin(ref_dit, family)
+    components["transformer"] = optimize_dit(native_twin(ref_dit, family), compile=False)
     for name, c in components.items():
         if name.startswith("text_encoder"):
             apply_to_text_encoder(c)  # shared: diffusers' text encoding uses it too (not in the step time)
@@ -143,23 +157,27 @@ def ours_from(reference, family: str, device: torch.device):
     return pipeline_class(family)(components, dict(ref_dit.config), device, config)
 
 
-def step_intervals(run, device: torch.device) -> tuple[list[float], object]:
+def graphed(pipeline) -> list:
+    """Our pipeline's GraphedForward wrappers (FLUX: dit; Wan: dits, one per expert)."""
+    return list(getattr(pipeline, "dits", None) or [pipeline.dit])
+
+
+def step_intervals(run, device: torch.device, sync: bool) -> tuple[list[float], object]:
     """run(tick) generates and calls tick() after every step; returns (ms between consecutive ticks, what
-    run returned)."""
+    run returned). sync: each tick first waits for the GPU (for a callback that runs when a step is queued)."""
     stamps: list[float] = []
 
     def tick():
-        synchronize(device)
+        if sync:
+            synchronize(device)
         stamps.append(time.perf_counter())
 
     out = run(tick)
     return [(b - a) * 1e3 for a, b in zip(stamps[:-1], stamps[1:], strict=True)], out
 
 
-def run_family(family: str, args, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    from diffserve.runtime.api import GenerationRequest
-    from diffserve.runtime.layers.attention import get_attention_backend
-
+def build(family: str, args, device: torch.device, dtype: torch.dtype):
+    """(label, request fields, diffusers' pipeline, ours) for a family."""
     spec = REQUESTS[family]
     shape = spec["tiny" if args.tiny else "full"]
     size = f"{shape['width']}x{shape['height']}" + (
@@ -172,6 +190,12 @@ def run_family(family: str, args, device: torch.device, dtype: torch.dtype) -> l
     ours = ours_from(reference, family, device)
     synchronize(device)
     print(f"\n{label}: built in {time.perf_counter() - t0:.1f} s", flush=True)
+    return label, shape, reference, ours
+
+
+def runners(reference, ours, shape: dict):
+    """run(steps, tick=None) for ours and for diffusers, the same request (prompt, size, guidance, seed)."""
+    from diffserve.runtime.api import GenerationRequest
 
     def run_ours(steps: int, tick=None):
         req = GenerationRequest(PROMPT, num_inference_steps=steps, seed=0, **shape)
@@ -192,13 +216,22 @@ def run_family(family: str, args, device: torch.device, dtype: torch.dtype) -> l
             **shape,
         )
 
+    return (("diffserve", run_ours), ("diffusers", run_diffusers))
+
+
+def run_family(family: str, args, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    from diffserve.runtime.layers.attention import get_attention_backend
+
+    label, shape, reference, ours = build(family, args, device, dtype)
     rows = []
-    for impl, run in (("diffserve", run_ours), ("diffusers", run_diffusers)):
+    for impl, run in runners(reference, ours, shape):
         t = time.perf_counter()
-        run(2)  # warm-up: kernels, cuBLAS heuristics, attention backend resolution
+        run(2)  # warm-up: kernels, cuBLAS heuristics, attention backend resolution, graph capture
         synchronize(device)
         warmup_s = time.perf_counter() - t
-        ms, result = step_intervals(lambda tick, run=run: run(args.steps, tick), device)
+        # Ours reports a step once the GPU finished it; diffusers' callback needs a sync to mean that.
+        sync = impl == "diffusers" or device.type != "cuda"
+        ms, result = step_intervals(lambda tick, run=run: run(args.steps, tick), device, sync)
         extra = {}
         if impl == "diffserve":
             timings = result.timings
@@ -206,6 +239,8 @@ def run_family(family: str, args, device: torch.device, dtype: torch.dtype) -> l
                 "encode_text_ms": round(timings["encode_text"] * 1e3, 2),
                 "decode_ms": round(timings["decode"] * 1e3, 2),
                 "attention": get_attention_backend(128, dtype).__name__,
+                "cuda_graphs": any(g.replays for g in graphed(ours)),
+                "fused_projections": True,
             }
         row = dict(
             model=label, impl=impl, ms=statistics.median(ms), steps=args.steps, warmup_s=warmup_s, **extra
@@ -229,6 +264,62 @@ def run_family(family: str, args, device: torch.device, dtype: torch.dtype) -> l
     return rows
 
 
+def end_to_end(family: str, args, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """Whole generations, ours vs diffusers: median wall time of args.runs after one warm-up each."""
+    from diffserve.runtime.layers.attention import get_attention_backend
+
+    label, shape, reference, ours = build(family, args, device, dtype)
+    steps = args.steps or ours.defaults["num_inference_steps"]
+    rows = []
+    for impl, run in runners(reference, ours, shape):
+        t = time.perf_counter()
+        run(steps)  # warm-up: the same request (graphs are captured for its shapes here)
+        synchronize(device)
+        warmup_s = time.perf_counter() - t
+        seconds, stages = [], []
+        for _ in range(args.runs):
+            synchronize(device)
+            t = time.perf_counter()
+            result = run(steps)  # PIL images out: the decode's copy to the CPU waits for the GPU
+            synchronize(device)
+            seconds.append(time.perf_counter() - t)
+            if impl == "diffserve":
+                stages.append(result.timings)
+        row = dict(
+            model=label,
+            impl=impl,
+            s=statistics.median(seconds),
+            runs_s=[round(v, 4) for v in seconds],
+            warmup_s=round(warmup_s, 2),
+        )
+        if impl == "diffserve":
+            for stage in ("encode_text", "denoise", "decode"):
+                row[f"{stage}_ms"] = round(statistics.median(t[stage] for t in stages) * 1e3, 2)
+            row["attention"] = get_attention_backend(128, dtype).__name__
+            row["cuda_graphs"] = any(g.replays for g in graphed(ours))
+        rows.append(row)
+        print(
+            f"  {impl:9s}: {row['s']:.3f} s per generation ({steps} steps; runs "
+            f"{', '.join(f'{v:.3f}' for v in seconds)}), warm-up {warmup_s:.1f} s",
+            flush=True,
+        )
+    ratio = rows[1]["s"] / rows[0]["s"]  # diffusers / ours: > 1 means ours is faster
+    print(f"  diffusers / ours: {ratio:.2f}x", flush=True)
+    for row in rows:
+        row.update(steps=steps, diffusers_over_ours=round(ratio, 3))
+        if args.record:
+            record(
+                f"pipeline_{family}_{'tiny_' if args.tiny else ''}end_to_end",
+                row["impl"],
+                row["s"] * 1e3,
+                path=args.results,
+                dtype=str(dtype).replace("torch.", ""),
+                **shape,
+                **{k: v for k, v in row.items() if k not in ("impl", "s")},
+            )
+    return rows
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | impl | ms / denoising step | vs diffusers |", "|---|---|---:|---:|"]
     base = {r["model"]: r["ms"] for r in rows if r["impl"] == "diffusers"}
@@ -238,10 +329,40 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown_end_to_end(rows: list[dict]) -> str:
+    """Seconds per generation; ours' stage split (medians over the runs); diffusers' time / ours."""
+    lines = [
+        "| model | impl | steps | s / generation (median) | text encoding ms | denoising ms | VAE decode ms "
+        "| CUDA graphs | diffusers / ours |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        ours = r["impl"] == "diffserve"
+        stages = " | ".join(
+            f"{r[k]:.1f}" if ours else "" for k in ("encode_text_ms", "denoise_ms", "decode_ms")
+        )
+        graphs = ("yes" if r["cuda_graphs"] else "no") if ours else ""
+        ratio = f"{r['diffusers_over_ours']:.2f}x" if ours else ""
+        lines.append(
+            f"| {r['model']} | {r['impl']} | {r['steps']} | {r['s']:.3f} | {stages} | {graphs} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--family", nargs="+", choices=("flux", "wan"), default=["flux", "wan"])
-    p.add_argument("--steps", type=int, default=4, help="denoising steps timed (median of steps-1 intervals)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="denoising steps (per-step mode: default 4, the median of steps-1 intervals is reported; "
+        "--end-to-end: default the pipeline's own, 28 for FLUX.1-dev, 50 for Wan)",
+    )
+    p.add_argument(
+        "--end-to-end", action="store_true", help="time whole generations (text, denoising, decode, PIL)"
+    )
+    p.add_argument("--runs", type=int, default=3, help="--end-to-end: timed generations (median; at least 3)")
     p.add_argument(
         "--dtype",
         choices=("bfloat16", "float16", "float32"),
@@ -257,8 +378,15 @@ def parse_args(argv=None):
         help=f"results file (default {RESULTS}; with --tiny a file in the temp dir)",
     )
     args = p.parse_args(argv)
-    if args.steps < 3:
-        p.error("--steps must be at least 3 (two intervals between end-of-step callbacks)")
+    if args.end_to_end:
+        if args.runs < 3:
+            p.error("--runs must be at least 3 (the median of fewer is not a figure)")
+        if args.steps is not None and args.steps < 1:
+            p.error("--steps must be at least 1")
+    else:
+        args.steps = 4 if args.steps is None else args.steps
+        if args.steps < 3:
+            p.error("--steps must be at least 3 (two intervals between end-of-step callbacks)")
     if args.results is None:
         args.results = results_file(args.tiny, "bench_pipeline", RESULTS)
     return args
@@ -279,12 +407,12 @@ def main(argv=None) -> int:
     transformers.utils.logging.set_verbosity_error()
     rows = []
     for family in args.family:
-        rows += run_family(family, args, device, dtype)
+        rows += (end_to_end if args.end_to_end else run_family)(family, args, device, dtype)
         gc.collect()  # the family's models went out of scope: free them before building the next
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print()
-    print(markdown(rows))
+    print((markdown_end_to_end if args.end_to_end else markdown)(rows))
     if args.record:
         print(f"\nappended {len(rows)} rows to {args.results}")
     return 0
