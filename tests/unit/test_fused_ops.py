@@ -232,8 +232,8 @@ def test_linear_gelu_epilogue_matches_fallback():
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
 def test_offset_residual_pieces_match_the_formulas(device):
     # Wan's folded blocks: the residual add inside the output GEMM with the gate folded into the weight
-    # (linear_residual), and a norm of x + a per-channel offset that never writes x + offset.
-    from diffserve.runtime.layers.modulation import linear_residual, offset_norm_modulate
+    # (linear_residual_), and a norm of x + a per-channel offset that never writes x + offset.
+    from diffserve.runtime.layers.modulation import linear_residual_, offset_norm_modulate
 
     g = torch.Generator(device=device).manual_seed(9)
     b, s, d_in, d_out = 2, 65, 48, 40
@@ -242,8 +242,10 @@ def test_offset_residual_pieces_match_the_formulas(device):
     weight = torch.randn(d_out, d_in, device=device, generator=g)
     gate = torch.randn(b, 1, d_out, device=device, generator=g)
     expected = x + (inp @ weight.t()) * gate
-    assert _rel(linear_residual(x, inp, weight, gate), expected) < 1e-5
-    assert _rel(linear_residual(x, inp, weight), x + inp @ weight.t()) < 1e-5
+    y = x.clone()
+    assert linear_residual_(y, inp, weight, gate) is y and _rel(y, expected) < 1e-5
+    y = x.clone()
+    assert linear_residual_(y, inp, weight) is y and _rel(y, x + inp @ weight.t()) < 1e-5
 
     offset, shift, scale = (torch.randn(b, 1, d_out, device=device, generator=g) for _ in range(3))
     shifted = x + offset

@@ -55,25 +55,28 @@ def offset_norm_modulate(
     affine: bool = False,
 ) -> torch.Tensor:
     """norm_modulate (affine: an affine LayerNorm) of x + offset, where offset (batch, 1, dim) is the part
-    of the residual stream a caller keeps as a per-channel vector (see linear_residual). One pass that
+    of the residual stream a caller keeps as a per-channel vector (see linear_residual_). One pass that
     never writes x + offset."""
     return adaln(x, shift, scale, eps, upcast, residual=offset, affine=affine, store_residual=False)[1]
 
 
-def linear_residual(
+def linear_residual_(
     x: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x + (inp @ weight^T) * gate as ONE GEMM that reads x as its accumulator input (beta = 1), the
-    per-channel gate (batch, 1, out) folded into a per-sample copy of the weight. The bias is left out: the
-    caller adds gate * bias to its offset vector instead (offset_norm_modulate). Replaces a GEMM plus a
-    gated-residual pass over the activations (read y, read x, write x) with a small pass over the weight —
-    worth it when the tokens outnumber the weight's rows, as in Wan's video blocks (32,760 x 1,536 vs
-    1,536 x 1,536). x, inp: (batch, seq, in/out) contiguous."""
+    """x += (inp @ weight^T) * gate, in place, as ONE GEMM that accumulates into x (beta = 1; an
+    out-of-place addmm would first copy x), the per-channel gate (batch, 1, out) folded into a per-sample
+    copy of the weight (one pass over the weight). The bias is left out: the caller adds gate * bias to its
+    offset vector instead (offset_norm_modulate). Replaces a GEMM plus a gated-residual pass over the
+    activations (read y, read x, write x) — worth it when the tokens far outnumber the weight's rows, as in
+    Wan's video blocks (32,760 x 1,536 activations vs a 1,536 x 1,536 weight). x, inp: (batch, seq, out/in),
+    contiguous. Returns x."""
     if gate is None:
-        out = torch.addmm(x.reshape(-1, x.shape[-1]), inp.reshape(-1, inp.shape[-1]), weight.t())
-        return out.view_as(x)
-    scaled = (weight.float() * gate.transpose(1, 2).float()).to(weight.dtype)  # (batch, out, in)
-    return torch.baddbmm(x, inp, scaled.transpose(1, 2))
+        x.view(-1, x.shape[-1]).addmm_(inp.reshape(-1, inp.shape[-1]), weight.t())
+        return x
+    # weight (bf16) x gate (float32) in float32, rounded once into the weight's dtype: one kernel.
+    scaled = torch.empty((gate.shape[0], *weight.shape), device=weight.device, dtype=weight.dtype)
+    torch.mul(weight, gate.transpose(1, 2), out=scaled)
+    return x.baddbmm_(inp, scaled.transpose(1, 2))
 
 
 def clip_fp16(x: torch.Tensor) -> torch.Tensor:

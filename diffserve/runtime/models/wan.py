@@ -21,7 +21,7 @@ from diffserve.runtime.layers.embeddings import MLPEmbedder, timestep_sinusoid
 from diffserve.runtime.layers.mlp import FeedForward
 from diffserve.runtime.layers.modulation import (
     gated_residual,
-    linear_residual,
+    linear_residual_,
     norm_modulate,
     offset_norm_modulate,
     residual_norm_modulate,
@@ -138,19 +138,19 @@ class WanBlock(nn.Module):
         return self.forward_unfolded(x, context, mods, rope), None
 
     def forward_folded(self, x, context, mods, rope, offset):
-        """Per-sample modulation: each residual add happens inside the output GEMM (linear_residual, the
+        """Per-sample modulation: each residual add happens inside the output GEMM (linear_residual_, the
         gate folded into the weight) and the biases go to `offset`, so the elementwise passes left are the
         three norms, none of which writes the stream. Same function as forward_unfolded up to rounding."""
         shift, scale, gate, mlp_shift, mlp_scale, mlp_gate = mods
         h = offset_norm_modulate(x, offset, shift, scale, self.eps, upcast=True)
         out1, out2, ffn_out = self.attn1.to_out[0], self.attn2.to_out[0], self.ffn.net[2]
-        x = linear_residual(x, self.attn1.attend(h, rope=rope), out1.weight, gate)
+        x = linear_residual_(x, self.attn1.attend(h, rope=rope), out1.weight, gate)
         offset = gate * out1.bias.float() + (0 if offset is None else offset)
         h = offset_norm_modulate(x, offset, self.norm2.bias, self.norm2.weight, self.eps, True, affine=True)
-        x = linear_residual(x, self.attn2.attend(h, context=context), out2.weight)
+        x = linear_residual_(x, self.attn2.attend(h, context=context), out2.weight)
         offset = offset + out2.bias.float()
         h = offset_norm_modulate(x, offset, mlp_shift, mlp_scale, self.eps, upcast=True)
-        x = linear_residual(x, self.ffn.hidden(h), ffn_out.weight, mlp_gate)
+        x = linear_residual_(x, self.ffn.hidden(h), ffn_out.weight, mlp_gate)
         return x, offset + mlp_gate * ffn_out.bias.float()
 
     def forward_unfolded(self, x, context, mods, rope) -> torch.Tensor:
