@@ -4,9 +4,10 @@
     dit = GraphedForward(transformer)           # once per pipeline
     out = dit(hidden_states=x, timestep=t, ..., return_dict=False)[0]
 
-Why: a DiT forward is thousands of kernel launches; replaying them as one CUDA graph takes the host out of
-the step (no Python, no launch latency between kernels), which matters most where a forward is short
-(FLUX at 1024^2 is ~125 ms on an H100; a 4-step schnell or a small image is host-bound without graphs).
+Why: a DiT forward is thousands of kernel launches; replaying them as one CUDA graph takes Python and the
+launch latency out of the step, so the GPU never waits for the host inside a forward. It matters most
+where kernels are short (small images, few tokens). Measured by benchmarks/bench_dit.py (ours-graph)
+and benchmarks/bench_pipeline.py --end-to-end.
 
 How a call runs (GraphedForward.__call__):
   * Eager (the plain call, output returned as is) unless every tensor argument is a CUDA tensor on one
@@ -20,13 +21,15 @@ How a call runs (GraphedForward.__call__):
     outside the capture, as the torch.cuda.graph docs prescribe), then capture it into a CUDAGraph with
     its own memory pool. A pool shared between graphs is only safe when they always replay in capture
     order, which per-shape graphs called in any order do not.
-  * Every call of a captured key (the first one included): copy the inputs into the static buffers (a
-    device-to-device copy, cheap next to a forward), replay, and return a CLONE of the static output. The
-    clone matters: classifier-free guidance calls the same graph twice per step, and a returned alias of
-    the static output would be overwritten by the second call.
+  * Every call of a captured key, the first one included (a new layout costs a warm-up forward, a capture
+    and a replay): copy the inputs into the static buffers (device-to-device, cheap next to a forward),
+    replay, and return a CLONE of the static output. The clone matters: classifier-free guidance calls
+    the same graph twice per step, and a returned alias of the static output would be overwritten by the
+    second call.
   * A capture that raises (an op that synchronises, an unsupported op, out of memory) logs one warning
     with the reason, marks the key as not capturable and runs the call eagerly; a request never fails
-    because of graphs.
+    because of graphs. An error of the eager warm-up itself (a bad argument) propagates, as it would
+    without graphs.
   * At most `max_graphs` graphs are kept (least recently used first out); evicting one frees its pool.
 
 What a graph holds on to: the static inputs and outputs, and the ADDRESSES of every tensor the forward
@@ -298,6 +301,9 @@ class GraphedForward:
         return graph
 
     def _give_up(self, key: tuple, graph: CapturedForward, error: Exception) -> None:
+        # A capture that failed inside torch (capture_end raising) does not hand its pool back (torch
+        # releases a pool only after a successful capture_end): memory up to one forward's activations
+        # may stay reserved. Once per layout, since the key is never tried again.
         graph.release()
         if isinstance(error, torch.OutOfMemoryError):
             torch.cuda.empty_cache()  # what the side stream cached is no use to the eager call
