@@ -306,8 +306,9 @@ def test_fused_projections_match_and_keep_the_state_dict(family):
         ours.fuse_projections()
         assert _rel_err(ours(**inputs), expected) < TOL
     fused = [n for n, b in ours.named_buffers() if n.endswith("_weight") and b is not None]
-    # FLUX: q|k|v and the text stream's per dual block, q|k|v per single block; Wan: q|k|v and k|v.
-    assert len(fused) == (2 * 2 + 2 if family == "flux" else 2 * 2), fused
+    # FLUX: q|k|v and the text stream's per dual block, q|k|v per single block, all adaLN projections as
+    # one; Wan: q|k|v and k|v.
+    assert len(fused) == (2 * 2 + 2 + 1 if family == "flux" else 2 * 2), fused
     assert list(ours.state_dict()) == names  # checkpoints still load by diffusers' names
 
     # Loading new weights after fusion writes through to the fused GEMMs.

@@ -96,6 +96,10 @@ class AdaLNProjection(nn.Module):
         self.n = n
         self.linear = nn.Linear(cond_dim or dim, n * dim)
 
-    def forward(self, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, cond: torch.Tensor, projected: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """projected: this layer's linear(cond) when the caller computed it already (FLUX projects every
+        block's conditioning in one GEMV up front)."""
+        if projected is None:
+            projected = self.linear(cond)
         # (batch, n*dim) -> n tensors of (batch, 1, dim), ready to broadcast over tokens.
-        return self.linear(cond).unsqueeze(1).chunk(self.n, dim=-1)
+        return projected.unsqueeze(1).chunk(self.n, dim=-1)

@@ -253,6 +253,7 @@ class WanTransformer(NativeDiT):
         # Sequence parallelism (a no-op alone): this rank keeps its share of the video tokens and their RoPE.
         seq = shard_sequence(x.shape[1])
         x, rope = seq.shard(x, 1), tuple(seq.shard(r, 0) for r in rope)
+        x = x.contiguous()  # the folded blocks accumulate into x in place (a no-op unless sharded, batch > 1)
 
         batch = x.shape[0]
         timestep = self._per_sample(timestep, batch, x.device)
