@@ -2,7 +2,7 @@
 
 Same numbers as diffusers' WanPipeline for the same seed: UMT5 states with the padding zeroed,
 float32 latents, classifier-free guidance as two passes when guidance_scale > 1, the scheduler that ships
-with the model (UniPC flow for Wan2.1). Wan2.2 A14B's second expert (transformer_2, below
+with the model (UniPC flow for Wan2.1, stepped by schedulers/unipc.py without host syncs). Wan2.2 A14B's second expert (transformer_2, below
 boundary_ratio) and TI2V-5B's per-token timesteps (expand_timesteps) follow the pipeline config.
 """
 
@@ -15,6 +15,7 @@ from diffserve.runtime.cuda_graphs import GraphedForward
 from diffserve.runtime.distributed.cfg import cfg_pair
 from diffserve.runtime.pipelines import stages
 from diffserve.runtime.pipelines.base import NativePipeline
+from diffserve.runtime.schedulers import sync_free_scheduler
 
 TEXT_LENGTH = 512  # diffusers' max_sequence_length default
 
@@ -76,6 +77,8 @@ class WanPipeline(NativePipeline):
             )
             latents = stages.gaussian(shape, stages.cpu_generator(p.seed), self.device, torch.float32)
             scheduler.set_begin_index(0)
+            # UniPC with its coefficients worked out here, on the host: diffusers' own step waits for the GPU.
+            scheduler = sync_free_scheduler(scheduler)
             # Wan2.2 A14B: the second expert (dits[1]) takes the steps below the boundary. Decided here from one
             # copy of the timesteps: comparing a GPU timestep in Python would wait for the GPU at every step.
             expert = [0] * len(scheduler.timesteps)
