@@ -82,6 +82,14 @@ def _update(sigmas: torch.Tensor, target: int, source: int, order: int, bh2: boo
     )
 
 
+def _as(value: float, dtype: torch.dtype) -> float:
+    """`value` as diffusers applies it to a tensor of `dtype`: its coefficients are float32 tensors, which
+    torch rounds to a lower-precision tensor's dtype first (a Python float it would not). A CPU op: no sync."""
+    if dtype in (torch.float32, torch.float64):
+        return value
+    return torch.tensor(value, dtype=torch.float32).to(dtype).item()
+
+
 def _finite(u: Update | None) -> bool:
     # r_k = 0 would divide by zero at step time (an update to sigma 0 looking back: its h is infinite).
     values = (u.ratio, u.x0_weight, u.b_weight, *u.rks, *u.rhos) if u else ()
@@ -91,8 +99,9 @@ def _finite(u: Update | None) -> bool:
 class HostUniPC:
     """Steps like a diffusers UniPCMultistepScheduler (flow sigmas, flow_prediction, predict_x0) after its
     set_timesteps / set_begin_index, from its begin_index to the end, without any host-device sync.
-    `step(model_output, timestep, sample, return_dict=False)` returns `(prev_sample,)`; the timestep is
-    ignored, as diffusers does once its step index is set: steps are counted."""
+    `step(model_output, timestep, sample, return_dict)` returns what diffusers' does; the timestep is
+    ignored, as diffusers does once its step index is set: steps are counted. Exact for float32 samples
+    (the model output may be any dtype); 16-bit samples agree to a few units of their last place."""
 
     def __init__(self, scheduler):
         config = scheduler.config
@@ -125,14 +134,12 @@ class HostUniPC:
     def finite(self) -> bool:
         return all(_finite(u) for u in (*self.predictors, *self.correctors))
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = False):
-        if return_dict:
-            raise ValueError("HostUniPC.step returns a tuple only (return_dict=False)")
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         n = self.step_index - self.start
         if n >= len(self.predictors):
             raise IndexError("HostUniPC stepped past the end of its schedule")
         # The model's velocity to an x0 prediction at the sample it was evaluated on.
-        x0 = sample - self.sigmas[self.step_index] * model_output
+        x0 = sample - _as(self.sigmas[self.step_index], model_output.dtype) * model_output
         corrector = self.correctors[n]
         if corrector is not None:
             sample = self._apply(corrector, self.last_sample, x0)
@@ -140,22 +147,26 @@ class HostUniPC:
         self.last_sample = sample
         prev = self._apply(self.predictors[n], sample, None)
         self.step_index += 1
+        if return_dict:  # diffusers' default
+            from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+            return SchedulerOutput(prev_sample=prev)
         return (prev,)
 
     def _apply(self, u: Update, x: torch.Tensor, new: torch.Tensor | None) -> torch.Tensor:
         """One update from x with the history (and, for a corrector, the new x0 prediction `new`). The
         grouping follows diffusers' so that the float32 rounding is the same step by step."""
         m0 = self.history[-1]
-        out = u.ratio * x - u.x0_weight * m0
+        out = _as(u.ratio, x.dtype) * x - _as(u.x0_weight, m0.dtype) * m0
         terms = None
         for k, rk in enumerate(u.rks):
-            term = u.rhos[k] * ((self.history[-(k + 2)] - m0) / rk)
+            term = _as(u.rhos[k], x.dtype) * ((self.history[-(k + 2)] - m0) / _as(rk, m0.dtype))
             terms = term if terms is None else terms + term
         if new is not None:
-            last = u.rhos[-1] * (new - m0)
+            last = _as(u.rhos[-1], x.dtype) * (new - m0)
             terms = last if terms is None else terms + last
         if terms is not None:
-            out = out - u.b_weight * terms
+            out = out - _as(u.b_weight, terms.dtype) * terms
         return out.to(x.dtype)
 
 
