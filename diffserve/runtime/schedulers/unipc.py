@@ -91,9 +91,11 @@ def _as(value: float, dtype: torch.dtype) -> float:
 
 
 def _finite(u: Update | None) -> bool:
-    # r_k = 0 would divide by zero at step time (an update to sigma 0 looking back: its h is infinite).
-    values = (u.ratio, u.x0_weight, u.b_weight, *u.rks, *u.rhos) if u else ()
-    return all(math.isfinite(v) for v in values) and (u is None or 0.0 not in u.rks)
+    if u is None:
+        return True
+    # Also r_k = 0 (an update to sigma 0 looking back: h is infinite), which would divide by zero per step.
+    values = (u.ratio, u.x0_weight, u.b_weight, *u.rks, *u.rhos)
+    return all(math.isfinite(v) for v in values) and 0.0 not in u.rks
 
 
 class HostUniPC:
@@ -181,8 +183,9 @@ def sync_free_scheduler(scheduler):
             host, reason = None, f"singular UniPC system ({error})"
         if host is not None and host.finite():
             return host
-        # diffusers' own step is not finite there either (bh1, or lower_order_final=False, ending at
-        # sigma 0: B(h) = -inf or r_k = 0 give NaN): keep its behaviour rather than invent ours.
+        # Mostly where diffusers' own step is not finite either (bh1, or lower_order_final=False, ending at
+        # sigma 0: B(h) = -inf or r_k = 0 give NaN); also a zero-length last step (final_sigmas_type
+        # "sigma_min" without lower_order_final: h = 0, r_k = inf). Keep its behaviour, not invent ours.
         reason = reason or "a coefficient of the schedule is not finite"
     logger.debug("keeping %s as it is: %s", type(scheduler).__name__, reason)
     return scheduler
