@@ -50,6 +50,7 @@ file instead, so CPU figures never mix with GPU results.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 from pathlib import Path
@@ -143,6 +144,18 @@ def prepare_variant(variant: str, models: dict, args, state: dict):
     return ours
 
 
+def float32_output(ref: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """diffusers' model run in float32 (a temporary copy, SDPA): the exact answer bf16 outputs are held to
+    with --fp32-reference, so that ours and diffusers' bf16 errors can be compared with each other."""
+    exact_model = copy.deepcopy(ref).float()
+    exact_model.set_attention_backend("native")
+    as_fp32 = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+    out = exact_model(**as_fp32, return_dict=False)[0]
+    del exact_model
+    torch.cuda.empty_cache() if out.is_cuda else None
+    return out
+
+
 def run_family(family: str, spec: dict, args, device: torch.device, dtype: torch.dtype) -> list[dict]:
     config, shape = spec["config"], spec["shape"]
     ref, ours = build_pair(family, config, device, dtype)
@@ -159,6 +172,7 @@ def run_family(family: str, spec: dict, args, device: torch.device, dtype: torch
     rows = []
     with torch.inference_mode():
         reference = ref(**inputs, return_dict=False)[0]  # diffusers eager: what every variant is held to
+        exact = float32_output(ref, inputs) if args.fp32_reference else None
         # One eager call of ours first: it resolves the attention backend (an import) outside any compiled
         # graph, and shows a wrong model before minutes of compilation.
         print(
@@ -179,13 +193,15 @@ def run_family(family: str, spec: dict, args, device: torch.device, dtype: torch
                 ms=ms,
                 tflops=flops / (ms * 1e-3) / 1e12,
                 rel_err=rel_err(out, reference),
+                rel_err_fp32=None if exact is None else rel_err(out, exact),
                 warmup_s=warmup_s,
                 peak_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
             )
             rows.append(row)
             print(
                 f"  {variant:18s} {ms:10.2f} ms  {row['tflops']:7.4g} TFLOP/s  rel err {row['rel_err']:.2e}"
-                f"  (warm-up {warmup_s:.1f} s)",
+                f"  (warm-up {warmup_s:.1f} s)"
+                + ("" if exact is None else f"  rel err vs float32 {row['rel_err_fp32']:.2e}"),
                 flush=True,
             )
             if variant == "ours-graph" and device.type == "cuda" and not model.replays:
@@ -205,6 +221,7 @@ def run_family(family: str, spec: dict, args, device: torch.device, dtype: torch
                     text_tokens=n_txt,
                     tflop=round(flops / 1e12, 3),
                     rel_err_vs_diffusers_eager=row["rel_err"],
+                    rel_err_vs_float32=row["rel_err_fp32"],
                     warmup_s=round(warmup_s, 2),
                     peak_gb=None if row["peak_gb"] is None else round(row["peak_gb"], 2),
                     diffusers_attention_backend=(
@@ -298,6 +315,11 @@ def parse_args(argv=None):
     )
     p.add_argument("--out-dir", type=Path, default=Path("."), help="where --profile and --markdown write")
     p.add_argument("--markdown", type=Path, default=None, help="also write the result table to this file")
+    p.add_argument(
+        "--fp32-reference",
+        action="store_true",
+        help="also hold every output to diffusers' model in float32 (needs 3x the bf16 weights' memory)",
+    )
     p.add_argument("--kernels", action="store_true", help="time each fused op at the family's shape (GPU)")
     p.add_argument("--tiny", action="store_true", help="CPU, tiny configs: an end-to-end check of the script")
     p.add_argument("--no-record", dest="record", action="store_false", help="do not append to results")
