@@ -306,7 +306,12 @@ class GraphedForward:
         # may stay reserved. Once per layout, since the key is never tried again.
         graph.release()
         if isinstance(error, torch.OutOfMemoryError):
-            torch.cuda.empty_cache()  # what the side stream cached is no use to the eager call
+            # The other graphs' pools hold memory the eager call may need: free them all (they are
+            # recaptured when their layouts come back) along with what the side stream cached.
+            for other in self.graphs.values():
+                other.release()
+            self.graphs.clear()
+            torch.cuda.empty_cache()
         message = str(error).strip().splitlines()
         reason = f"{type(error).__name__}: {message[0] if message else ''}"
         self.uncapturable[key] = reason

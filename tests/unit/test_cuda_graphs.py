@@ -175,6 +175,23 @@ def test_failed_capture_warns_once_and_runs_eagerly(fake_capture, caplog):
     assert graphed.captures == 1
 
 
+def test_out_of_memory_capture_frees_the_other_graphs(fake_capture):
+    # The cached graphs' pools may be what leaves the eager call no room: an OOM at capture drops them all.
+    graphed = GraphedForward(_double)
+    small, big = torch.zeros(1), torch.zeros(5)
+    graphed(x=small)
+    assert graphed.captures == 1 and len(graphed.graphs) == 1
+    fake_capture.fail = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+    assert torch.equal(graphed(x=big)[0], big * 2)  # ran eagerly
+    assert not graphed.graphs and fake_capture.made[0] in fake_capture.released
+    assert list(graphed.uncapturable.values()) == [
+        "OutOfMemoryError: CUDA out of memory. Tried to allocate 4.00 GiB"
+    ]
+    fake_capture.fail = None
+    graphed(x=small)  # recaptured when its layout comes back
+    assert graphed.captures == 2
+
+
 def test_output_that_is_not_tensors_runs_eagerly(fake_capture, caplog):
     graphed = GraphedForward(lambda x: {"sample": x})
     with caplog.at_level(logging.WARNING, logger="diffserve.runtime.cuda_graphs"):
