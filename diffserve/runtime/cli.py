@@ -47,6 +47,11 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-outputs", type=int, default=1, metavar="N")
     parser.add_argument("--fps", type=int, help="video frame rate (default: the model's)")
     parser.add_argument("--attention-backend", metavar="B", help="auto (default), fa3, fa2 or torch_sdpa")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the DiT blocks (compiled kernels cached in ~/.cache/diffserve or $DIFFSERVE_CACHE_DIR)",
+    )
     parser.add_argument("--device", metavar="D", help="cpu, cuda, cuda:N, xpu (default: first GPU, else cpu)")
     parser.add_argument(
         "--dtype", metavar="T", help="bf16, fp16 or fp32 (default: bf16 on GPUs, fp32 on CPU)"
@@ -107,6 +112,10 @@ def run_generate(args: argparse.Namespace) -> int:
         fps=args.fps,
     )
     bar = None
+    if args.compile:
+        from diffserve.runtime.compile import request_compile
+
+        request_compile()
     try:
         runner = load_parallel_runner(
             args.model,

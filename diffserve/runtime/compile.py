@@ -11,12 +11,10 @@ class (parameters are graph inputs), so compile time is that of 2 blocks for FLU
 57 and 30 (H100, FLUX.1-dev 1024^2: 12.9 s cold, 5.2 s from the persistent cache; diffusers' whole-model
 compile: 81.5 s), and everything Inductor can fuse lies inside a block anyway.
 
-Measured (benchmarks/RESULTS.md, issue 5): compiling gains nothing measurable over our eager path, which
-already has the fused kernels (FLUX 128.8 ms in the same process and 124.7 ms in a second one, vs 125.9
-eager; Wan 435.2 vs 429.2 ms): the compiled blocks were host-bound (12.6 ms of GPU idle per FLUX forward),
-with a graph break at every FA3 call (FlashAttention3Backend.forward then imported its provider on each
-call). That import now happens once, so the graph break is gone, but compile has not been re-measured
-since: until it is, eager with fuse_projections() is the default (loader.load_dit).
+Measured (benchmarks/RESULTS.md, issue 5): with the FA3 graph break gone (0 breaks), compiling still
+gains nothing over our eager path, which already has the fused kernels (H100, FLUX.1-dev 1024^2, one run:
+compiled 126.6 ms, eager 124.4, eager as a CUDA graph 122.6). So eager + CUDA graphs is the default and
+compilation is opt-in: `--compile` on generate/serve (DIFFSERVE_COMPILE=1), applied by loader.load_dit.
 
 The cache: Inductor's FX-graph cache and autotuning cache are on-disk and keyed by graph and environment;
 pointing TORCHINDUCTOR_CACHE_DIR at a directory that survives restarts (default ~/.cache/diffserve/inductor,
@@ -30,13 +28,26 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where it is used: the server imports the switch below without it
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "DIFFSERVE_CACHE_DIR"
+COMPILE_ENV = "DIFFSERVE_COMPILE"  # "1": the loader compiles the DiT blocks (`--compile` on generate/serve)
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_requested() -> bool:
+    """DIFFSERVE_COMPILE, set by `--compile` on `diffserve generate` / `serve` (an environment variable, so
+    that the server's spawned worker and every distributed rank see the same choice)."""
+    return os.environ.get(COMPILE_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def request_compile() -> None:
+    os.environ[COMPILE_ENV] = "1"
 
 
 def default_cache_dir() -> Path:
@@ -63,6 +74,8 @@ def configure_compile_cache(cache_dir: str | Path | None = None) -> Path:
 
 def repeated_blocks(model: nn.Module) -> list[nn.ModuleList]:
     """The model's stacks of blocks: direct nn.ModuleList children whose items all share one class."""
+    from torch import nn
+
     stacks = []
     for child in model.children():
         if isinstance(child, nn.ModuleList) and len(child) > 1 and len({type(m) for m in child}) == 1:

@@ -360,10 +360,19 @@ def dit_class(family: str):
 def load_dit(folder: Path, family: str, device: str, dtype):
     """The native DiT on its device, projections fused (q|k|v as one GEMM: measured 177 -> 126 ms per FLUX.1-dev
     forward on an H100 together with the fused Triton ops, benchmarks/RESULTS.md). Fusing after the move to
-    the device keeps one copy of the weights."""
-    from diffserve.runtime.compile import optimize_dit
+    the device keeps one copy of the weights. With DIFFSERVE_COMPILE=1 (`--compile`) its blocks are also
+    torch.compiled under the persistent cache (runtime/compile.py): compilation happens in the warm-up."""
+    from diffserve.runtime.compile import compile_requested, optimize_dit
 
-    return optimize_dit(dit_class(family).from_pretrained(folder, device, dtype).eval(), compile=False)
+    model = dit_class(family).from_pretrained(folder, device, dtype).eval()
+    compile = compile_requested()
+    if compile:
+        # Resolve the attention kernel now, eagerly: the platform probe (imports) must stay out of the
+        # traced blocks (compile_dit's rule), and the first forward is compiled.
+        from diffserve.runtime.layers.attention import get_attention_backend
+
+        get_attention_backend(model.config.attention_head_dim, model.dtype)
+    return optimize_dit(model, compile=compile)
 
 
 def load_components(spec: ModelSpec, device: str, dtype, attention_backend: str | None = None) -> dict:

@@ -62,6 +62,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--attention-backend",
         help="attention backend, e.g. fa3, fa2, torch_sdpa (default: the platform's best)",
     )
+    a(
+        "--compile",
+        action="store_true",
+        help="torch.compile the DiT blocks during warmup (kernels cached in ~/.cache/diffserve or "
+        "$DIFFSERVE_CACHE_DIR, so a restart is warm in seconds)",
+    )
     a("--device", help="device for the runtime, e.g. cuda, cuda:1, cpu (default: the platform's)")
     a("--dtype", help="weights dtype, e.g. bfloat16, float16, float32 (default: the runtime's choice)")
     a("--output-dir", default=str(d.output_dir), help="generated files and the video job database")
@@ -126,6 +132,10 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"diffserve serve: {exc}")
         return 2
+    if args.compile:  # an environment switch: the spawned worker (and its ranks) inherit it
+        from diffserve.runtime.compile import request_compile
+
+        request_compile()
     clock = ShutdownClock()
 
     class Server(uvicorn.Server):
