@@ -258,10 +258,11 @@ class GraphedForward:
         self.max_graphs = max_graphs
         self.graphs: OrderedDict[tuple, CapturedForward] = OrderedDict()  # least recently used first
         self.uncapturable: dict[tuple, str] = {}  # key -> why its capture failed
+        self.disabled: str | None = None  # why every call now runs eagerly (see disable)
         self.captures = self.replays = self.eager_calls = 0
 
     def __call__(self, *args, **kwargs):
-        if why_eager(args, kwargs) is not None:
+        if self.disabled is not None or why_eager(args, kwargs) is not None:
             return self._eager(*args, **kwargs)
         key = graph_key(kwargs)
         graph = self.graphs.get(key)
@@ -318,6 +319,16 @@ class GraphedForward:
         logger.warning(
             "CUDA graph capture of %s failed (%s); these inputs run eagerly", _name(self.fn), reason
         )
+
+    def disable(self, reason: str) -> bool:
+        """Free every graph and run eagerly from now on (e.g. after the pools left the rest of a generation
+        out of memory). Returns whether any graph was freed."""
+        had = bool(self.graphs)
+        self.reset()
+        if self.disabled is None:
+            logger.warning("CUDA graphs of %s off for this process: %s", _name(self.fn), reason)
+        self.disabled = reason
+        return had
 
     def reset(self) -> None:
         """Drop every graph (after the wrapped model's tensors were replaced) and forget capture failures."""

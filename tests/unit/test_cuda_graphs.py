@@ -192,6 +192,47 @@ def test_out_of_memory_capture_frees_the_other_graphs(fake_capture):
     assert graphed.captures == 2
 
 
+def test_pipeline_out_of_memory_drops_its_graphs_and_retries_once(fake_capture, caplog):
+    # A generation that runs out of memory while graphs hold pools is retried once, with graphs off for
+    # good; without graphs to free, the error is the caller's (the server answers out_of_memory).
+    from diffserve.runtime.api import GenerationResult
+    from diffserve.runtime.pipelines.base import NativePipeline
+
+    class Pipeline(NativePipeline):
+        family, task = "test", "image"
+
+        def setup(self):
+            self.defaults, self.dit, self.attempts, self.fail = {}, GraphedForward(_double), [], 1
+
+        def plan(self, req):
+            return req
+
+        def run(self, plan, timings, on_step, should_cancel):
+            out = self.dit(x=torch.ones(2))[0] if self.fail < 9 else None
+            self.attempts.append(self.dit.disabled)
+            if len(self.attempts) <= self.fail:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (VAE decode)")
+            return GenerationResult(images=[out], width=1, height=1, seed=0)
+
+    pipe = Pipeline({}, {}, "cpu")
+    with caplog.at_level(logging.WARNING, logger="diffserve.runtime.cuda_graphs"):
+        result = pipe(GenerationRequest("x"))
+    assert torch.equal(result.images[0], torch.full((2,), 2.0))
+    assert pipe.attempts == [None, "a generation ran out of memory with graphs cached"]
+    assert not pipe.dit.graphs and fake_capture.made[0] in fake_capture.released
+    assert (pipe.dit.captures, pipe.dit.eager_calls) == (1, 1)  # the retry ran eagerly
+    assert "CUDA graphs of" in caplog.text
+    pipe(GenerationRequest("x"))  # later generations stay eager: no new capture
+    assert pipe.dit.captures == 1
+
+    for fail in (2, 9):  # a second OOM (graphs already off), or an OOM with nothing captured: propagates
+        pipe = Pipeline({}, {}, "cpu")
+        pipe.fail = fail
+        with pytest.raises(torch.OutOfMemoryError):
+            pipe(GenerationRequest("x"))
+        assert len(pipe.attempts) == (2 if fail == 2 else 1)
+
+
 def test_output_that_is_not_tensors_runs_eagerly(fake_capture, caplog):
     graphed = GraphedForward(lambda x: {"sample": x})
     with caplog.at_level(logging.WARNING, logger="diffserve.runtime.cuda_graphs"):

@@ -45,6 +45,18 @@ class NativePipeline:
         pipeline.defaults.update(spec.runtime_defaults())
         return pipeline
 
+    def _drop_cuda_graphs(self) -> bool:
+        """Turn off this pipeline's CUDA graphs (cuda_graphs.GraphedForward attributes, or lists of them);
+        True when one of them held a graph, i.e. when retrying without them can help."""
+        from diffserve.runtime.cuda_graphs import GraphedForward
+
+        freed = False
+        for value in vars(self).values():
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, GraphedForward):
+                    freed = item.disable("a generation ran out of memory with graphs cached") or freed
+        return freed
+
     def setup(self) -> None:
         raise NotImplementedError
 
@@ -64,7 +76,15 @@ class NativePipeline:
         start, timings = time.perf_counter(), stages.Timings()
         with timings("validate"):
             plan = self.plan(req)
-        result = self.run(plan, timings, on_step, should_cancel)
+        try:
+            result = self.run(plan, timings, on_step, should_cancel)
+        except torch.OutOfMemoryError:
+            # The CUDA graphs' pools keep a forward's activations reserved between steps, which can leave
+            # the VAE decode (or a larger request) without room. Free them, stay eager, retry once.
+            if not self._drop_cuda_graphs():
+                raise
+            torch.cuda.empty_cache()
+            result = self.run(plan, timings, on_step, should_cancel)
         result.fps = plan.fps
         result.timings = {**timings, "total": time.perf_counter() - start}
         return result
