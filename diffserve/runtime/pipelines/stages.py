@@ -351,8 +351,10 @@ def to_pil(images: torch.Tensor) -> list:
     """(batch, 3, H, W) in [-1, 1] -> PIL images, rounded to uint8 as diffusers' image processor does."""
     from PIL import Image
 
-    arr = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-    return [Image.fromarray(a) for a in (arr * 255).round().astype(np.uint8)]
+    # Scaled, rounded (half to even, as numpy) and narrowed to uint8 where the images are: only bytes cross
+    # to the host (81 Wan frames at 480x832: 97 MB instead of 388 MB of float32, and no numpy pass).
+    pixels = ((images / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
+    return [Image.fromarray(a) for a in pixels.permute(0, 2, 3, 1).cpu().numpy()]
 
 
 def decode_images(vae, latents: torch.Tensor) -> list:
