@@ -162,6 +162,18 @@ def qk_norm_rope_reference(
     return out.flatten(-2).to(x.dtype)
 
 
+def _qk_kernel_fits(x, weight, cos, sin, head_dim: int) -> bool:
+    """Whether the Triton q/k kernel runs (both the out-of-place and the in-place form): enabled, on CUDA
+    (also inside torch.compile, as a custom op), a 3-D x whose row fits a program."""
+    tensors = [t for t in (x, weight, cos, sin) if t is not None]
+    return (
+        _use_triton(*tensors, in_compile=True)
+        and x.dim() == 3
+        and x.shape[-1] <= 16384
+        and head_dim & (head_dim - 1) == 0  # the kernel tiles a head as one power-of-two block
+    )
+
+
 def qk_norm_rope(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -174,13 +186,7 @@ def qk_norm_rope(
     """x (batch, seq, heads * head_dim) — may be a column slice of a fused q|k|v projection — to
     (batch, seq, heads, head_dim): RMSNorm with `weight` (None: no norm) over each head (per_head) or over
     all heads together, then the rotary embedding cos/sin (seq, head_dim // 2), float32 (None: none)."""
-    tensors = [t for t in (x, weight, cos, sin) if t is not None]
-    if (
-        _use_triton(*tensors, in_compile=True)
-        and x.dim() == 3
-        and x.shape[-1] <= 16384
-        and head_dim & (head_dim - 1) == 0  # the kernel tiles a head as one power-of-two block
-    ):
+    if _qk_kernel_fits(x, weight, cos, sin, head_dim):
         return torch.ops.diffserve.qk_norm_rope(x, weight, eps, cos, sin, head_dim, per_head)
     return qk_norm_rope_reference(x, weight, eps, cos, sin, head_dim, per_head)
 
@@ -219,13 +225,7 @@ def qk_norm_rope_(
     the new tensor, and lets the caller lay out q, k and v of several streams in one buffer up front."""
     if x.stride(-1) != 1:
         raise ValueError("qk_norm_rope_ needs a last-dim-contiguous x")
-    tensors = [t for t in (x, weight, cos, sin) if t is not None]
-    if (
-        _use_triton(*tensors, in_compile=True)
-        and x.dim() == 3
-        and x.shape[-1] <= 16384
-        and head_dim & (head_dim - 1) == 0
-    ):
+    if _qk_kernel_fits(x, weight, cos, sin, head_dim):
         torch.ops.diffserve.qk_norm_rope_(x, weight, eps, cos, sin, head_dim, per_head)
     else:
         x.copy_(qk_norm_rope_reference(x, weight, eps, cos, sin, head_dim, per_head).flatten(-2))
