@@ -309,9 +309,7 @@ class GraphedForward:
         if isinstance(error, torch.OutOfMemoryError):
             # The other graphs' pools hold memory the eager call may need: free them all (they are
             # recaptured when their layouts come back) along with what the side stream cached.
-            for other in self.graphs.values():
-                other.release()
-            self.graphs.clear()
+            self._release_graphs()
             torch.cuda.empty_cache()
         message = str(error).strip().splitlines()
         reason = f"{type(error).__name__}: {message[0] if message else ''}"
@@ -332,10 +330,13 @@ class GraphedForward:
 
     def reset(self) -> None:
         """Drop every graph (after the wrapped model's tensors were replaced) and forget capture failures."""
+        self._release_graphs()
+        self.uncapturable.clear()
+
+    def _release_graphs(self) -> None:
         for graph in self.graphs.values():
             graph.release()
         self.graphs.clear()
-        self.uncapturable.clear()
 
 
 def _name(fn) -> str:
