@@ -152,7 +152,8 @@ def float32_output(ref: torch.nn.Module, inputs: dict) -> torch.Tensor:
     as_fp32 = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
     out = exact_model(**as_fp32, return_dict=False)[0]
     del exact_model
-    torch.cuda.empty_cache() if out.is_cuda else None
+    if out.is_cuda:
+        torch.cuda.empty_cache()
     return out
 
 

@@ -20,11 +20,14 @@ bench_dit.py): this is a diagnosis tool.
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
 import sys
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import time_ms  # noqa: E402
 
 CEILING = 798.0  # TFLOP/s, bf16 dense matmul on the H100 (shared/DESIGN.md)
 
@@ -63,18 +66,8 @@ PAIRS = [(f"dual img {n}", f"dual txt {n}") for n in ("qkv", "out", "ff-in", "ff
 
 
 def timed_us(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+    """Median microseconds of fn on the GPU (harness.time_ms: CUDA events, after the warm-up calls)."""
+    return time_ms(fn, torch.device("cuda"), warmup, iters)[0] * 1e3
 
 
 def make(m: int, k: int, n: int, dtype=torch.bfloat16):
