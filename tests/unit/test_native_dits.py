@@ -320,6 +320,40 @@ def test_fused_projections_match_and_keep_the_state_dict(family):
     assert len([n for n, b in ours.named_buffers() if n.endswith("_weight") and b is not None]) == len(fused)
 
 
+@pytest.mark.parametrize("guidance_embeds", [False, True], ids=["schnell", "dev"])
+def test_flux_adaln_schedule_matches_per_step_forwards(guidance_embeds):
+    # Pipelines project every step's adaLN conditioning before the loop and pass row i as adaln=; each
+    # step must then give what the plain forward gives for that step's timestep, guidance and pooled text.
+    ref, ours = _flux_pair(guidance_embeds)
+    ours.fuse_projections()
+    inputs = _flux_inputs(guidance=guidance_embeds)
+    steps = torch.tensor([1.0, 0.75, 0.3125, 0.05])
+    with torch.no_grad():
+        schedule = ours.adaln_schedule(steps, inputs["guidance"], inputs["pooled_projections"])
+        assert schedule.shape == (4, 2, ours.adaln_weight.shape[0])
+        for i, t in enumerate(steps):
+            per_step = {**inputs, "timestep": t.expand(2)}
+            expected = ref(**per_step, return_dict=False)[0]
+            plain = ours(**per_step)
+            # With the schedule the timestep, guidance and pooled text are not read at all.
+            junk = {"timestep": torch.full((2,), 0.5), "pooled_projections": torch.zeros(2, 32)}
+            got = ours(**{**per_step, **junk, "guidance": None}, adaln=schedule[i])
+            assert _rel_err(got, expected) < TOL
+            assert _rel_err(got, plain) < 1e-6
+        # A row of another step is another output (the schedule really is per step).
+        assert _rel_err(ours(**inputs, adaln=schedule[0]), ours(**inputs, adaln=schedule[3])) > 1e-3
+        with pytest.raises(ValueError, match="adaln_schedule"):
+            ours(**inputs, adaln=schedule[0, :1])
+    if guidance_embeds:
+        with pytest.raises(ValueError, match="guidance"):
+            ours.adaln_schedule(steps, None, inputs["pooled_projections"])
+    # Without fused projections there is nothing to precompute: the pipeline runs the plain forward.
+    assert (
+        _flux_pair(guidance_embeds)[1].adaln_schedule(steps, inputs["guidance"], inputs["pooled_projections"])
+        is None
+    )
+
+
 def test_flux_batch_one_joint_buffer_path_matches_diffusers(monkeypatch):
     # With fused projections and batch 1, dual blocks build [text | image] q, k, v in one buffer, normalised
     # in place (FluxAttention._joint_qkv); batch 2 concatenates. Both must match diffusers.
