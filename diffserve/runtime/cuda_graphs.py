@@ -340,4 +340,7 @@ class GraphedForward:
 
 
 def _name(fn) -> str:
-    return type(fn).__name__ if isinstance(fn, torch.nn.Module) else getattr(fn, "__name__", repr(fn))
+    owner = getattr(fn, "__self__", None)  # a bound method: name its object (e.g. a TextEncoder)
+    if isinstance(fn, torch.nn.Module) or owner is not None:
+        return type(fn if owner is None else owner).__name__
+    return getattr(fn, "__name__", repr(fn))

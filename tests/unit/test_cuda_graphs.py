@@ -391,13 +391,17 @@ def test_flux_generation_same_pixels_with_and_without_graphs(flux_gpu, monkeypat
     req = GenerationRequest(
         "a red fox", negative_prompt="blurry", width=64, height=48, num_inference_steps=3, seed=1, extra=extra
     )
+    encoders = (flux_gpu.pipeline.clip, flux_gpu.pipeline.t5)
     monkeypatch.setenv(cuda_graphs.GRAPHS_ENV, "0")
-    before = dit.replays
+    before, encoded = dit.replays, [e.replays for e in encoders]
     off = _frames(flux_gpu.generate(req))
-    assert dit.replays == before
+    assert dit.replays == before and [e.replays for e in encoders] == encoded
     monkeypatch.delenv(cuda_graphs.GRAPHS_ENV)
     on = _frames(flux_gpu.generate(req))
     assert dit.replays == before + 3 * (2 if true_cfg else 1)  # every forward of the loop was a replay
+    # CLIP and T5 replayed too, once per prompt (the negative one with true CFG).
+    prompts = 2 if true_cfg else 1
+    assert [e.replays for e in encoders] == [n + prompts for n in encoded]
     assert np.array_equal(on, off) and on.std() > 1
 
 
@@ -408,9 +412,10 @@ def test_wan_generation_same_frames_with_and_without_graphs(wan_gpu, monkeypatch
     monkeypatch.setenv(cuda_graphs.GRAPHS_ENV, "0")
     off = _frames(wan_gpu.generate(req))
     monkeypatch.delenv(cuda_graphs.GRAPHS_ENV)
-    before = dit.replays
+    before, encoded = dit.replays, wan_gpu.pipeline.t5.replays
     on = _frames(wan_gpu.generate(req))
     assert dit.replays == before + 3 * 2  # guidance 5: two forwards per step
+    assert wan_gpu.pipeline.t5.replays == encoded + 2  # UMT5 (with its mask) replayed for both prompts
     assert np.array_equal(on, off) and on.std() > 1
 
 

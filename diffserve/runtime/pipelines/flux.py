@@ -68,10 +68,12 @@ class FluxPipeline(NativePipeline):
         }
         self.image_defaults = {"guidance_scale": 7.0 if self.guidance_embeds else 0.0}  # FluxImg2ImgPipeline
         self.dit = GraphedForward(self.transformer)  # CUDA graphs on a GPU, the plain module elsewhere
+        self.clip = stages.TextEncoder(self.text_encoder, "pooler_output")
+        self.t5 = stages.TextEncoder(self.text_encoder_2, "last_hidden_state")
 
     def encode(self, prompts: list[str]):
-        pooled = stages.clip_pooled(self.tokenizer, self.text_encoder, prompts)
-        states = stages.t5_states(self.tokenizer_2, self.text_encoder_2, prompts, T5_LENGTH)
+        pooled = stages.clip_pooled(self.tokenizer, self.clip, prompts)
+        states = stages.t5_states(self.tokenizer_2, self.t5, prompts, T5_LENGTH)
         return states.to(self.device), pooled.to(self.device)
 
     def run(self, p: stages.Plan, timings, on_step, should_cancel) -> GenerationResult:

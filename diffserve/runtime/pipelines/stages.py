@@ -222,24 +222,48 @@ def encoder_device(encoder) -> torch.device:
     return next(encoder.parameters()).device
 
 
-def clip_pooled(tokenizer, encoder, prompts: list[str]) -> torch.Tensor:
+class TextEncoder(cuda_graphs.GraphedForward):
+    """A text encoder as the pipelines call it: padded token ids (and the padding mask, for encoders that
+    take one) in, the one output a pipeline reads (`output`: "pooler_output" or "last_hidden_state") out.
+
+    On a GPU the forward replays as a CUDA graph: prompts are padded to a fixed length, so every call has
+    the same shapes, and T5-XXL's forward is ~1,000 short kernels (24 layers of small ops around 512-row
+    GEMMs) that keep the GPU waiting on the host between launches; one graph replay removes those gaps
+    (an H100 measured the bare T5-XXL at 42.9 ms eager, 26.5 ms as a graph). Elsewhere: the plain call."""
+
+    def __init__(self, module, output: str):
+        self.module, self.output = module, output
+        super().__init__(self._forward, max_graphs=2)
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.module(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=False)
+        return getattr(out, self.output)
+
+    def encode(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The output for these ids, on the encoder's device and in its dtype."""
+        device = encoder_device(self.module)
+        inputs = {"input_ids": ids.to(device)}
+        if mask is not None:
+            inputs["attention_mask"] = mask.to(device)
+        return self(**inputs).to(self.module.dtype)
+
+
+def clip_pooled(tokenizer, encoder: TextEncoder, prompts: list[str]) -> torch.Tensor:
     """CLIP's pooled output (the end-of-text token's state), as FLUX conditions on it."""
     ids, _ = tokenize(tokenizer, prompts, tokenizer.model_max_length)
-    return encoder(ids.to(encoder_device(encoder)), output_hidden_states=False).pooler_output.to(
-        encoder.dtype
-    )
+    return encoder.encode(ids)
 
 
-def t5_states(tokenizer, encoder, prompts: list[str], max_length: int, zero_padding: bool = False):
+def t5_states(
+    tokenizer, encoder: TextEncoder, prompts: list[str], max_length: int, zero_padding: bool = False
+):
     """T5/UMT5 last hidden states, (batch, max_length, dim). FLUX runs T5 without a mask over the padding;
     Wan passes the mask and zeroes the padded positions (zero_padding=True)."""
     ids, mask = tokenize(tokenizer, prompts, max_length)
-    device = encoder_device(encoder)
     if not zero_padding:
-        return encoder(ids.to(device), output_hidden_states=False)[0].to(encoder.dtype)
-    mask = mask.to(device)
-    states = encoder(ids.to(device), mask).last_hidden_state.to(encoder.dtype)
-    return states.masked_fill(~mask.bool()[..., None], 0.0)
+        return encoder.encode(ids)
+    states = encoder.encode(ids, mask)
+    return states.masked_fill(~mask.to(states.device).bool()[..., None], 0.0)
 
 
 # ---- prepare latents ---------------------------------------------------------------------------------

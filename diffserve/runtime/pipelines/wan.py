@@ -52,10 +52,11 @@ class WanPipeline(NativePipeline):
         self.dits = [GraphedForward(self.transformer)]
         if has_second:
             self.dits.append(GraphedForward(self.transformer_2))
+        self.t5 = stages.TextEncoder(self.text_encoder, "last_hidden_state")
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         prompts = [stages.clean_prompt(p) for p in prompts]
-        states = stages.t5_states(self.tokenizer, self.text_encoder, prompts, TEXT_LENGTH, zero_padding=True)
+        states = stages.t5_states(self.tokenizer, self.t5, prompts, TEXT_LENGTH, zero_padding=True)
         return states.to(self.device, self.transformer.dtype)
 
     def run(self, p: stages.Plan, timings, on_step, should_cancel) -> GenerationResult:
