@@ -19,6 +19,7 @@ import torch
 from diffserve.runtime import cuda_graphs
 from diffserve.runtime.api import GenerationRequest
 from diffserve.runtime.cuda_graphs import GraphedForward, graph_key, why_eager
+from diffserve.runtime.pipelines import stages
 from diffserve.runtime.runner import load_runner
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -459,3 +460,17 @@ def test_wan_two_experts_choose_without_syncing(tiny_wan22_dir, monkeypatch):
     runner.generate(GenerationRequest("x", width=32, height=32, num_frames=5, num_inference_steps=4, seed=0))
     first, second = runner.pipeline.dits
     assert (first.replays, second.replays) == (2 * high_noise, 2 * (4 - high_noise))  # CFG: two per step
+
+
+@cuda
+def test_stage_timings_tile_the_request_on_the_gpu(flux_gpu):
+    """stages.Timings records CUDA events instead of waiting at every stage; settle() turns them into
+    seconds on the GPU's timeline, which add up to no more than the request's wall time."""
+    req = GenerationRequest("a red fox", width=64, height=64, num_inference_steps=3, seed=0)
+    timings = flux_gpu.generate(req).timings
+    stages_ = ("validate", "prepare_latents", "encode_text", "denoise", "decode")
+    assert set(stages_) <= set(timings) and all(timings[s] >= 0 for s in stages_)
+    assert timings["denoise"] > 0 and sum(timings[s] for s in stages_) <= timings["total"] * 1.05
+    cpu = torch.arange(6.0).reshape(2, 3)
+    on_gpu = stages.upload(cpu, "cuda")
+    assert on_gpu.is_cuda and torch.equal(on_gpu.cpu(), cpu)

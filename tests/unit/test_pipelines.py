@@ -420,3 +420,18 @@ def test_result_reports_the_seed_and_it_reproduces(flux):
     again = flux.generate(GenerationRequest(seed=drawn.seed, **kw))
     assert again.seed == drawn.seed
     assert np.array_equal(_pixels(again.images), _pixels(drawn.images))
+
+
+def test_upload_and_timings_on_the_cpu():
+    # On the CPU upload() is a plain move and a stage's time is its host time (no CUDA events).
+    from diffserve.runtime.pipelines import stages
+
+    t = torch.arange(4.0)
+    assert stages.upload(t, "cpu") is t
+    timings = stages.Timings()
+    with timings("a"):
+        sum(range(10000))
+    with timings("a"):
+        pass
+    assert timings == {}  # filled in by settle()
+    assert set(timings.settle()) == {"a"} and timings["a"] > 0

@@ -86,5 +86,5 @@ class NativePipeline:
             torch.cuda.empty_cache()
             result = self.run(plan, timings, on_step, should_cancel)
         result.fps = plan.fps
-        result.timings = {**timings, "total": time.perf_counter() - start}
+        result.timings = {**timings.settle(), "total": time.perf_counter() - start}
         return result

@@ -182,5 +182,5 @@ class GenericPipeline:
             result.videos = [list(v) for v in out.frames]
         else:
             result.images = list(out.images)
-        result.timings = {**timings, "total": time.perf_counter() - start}
+        result.timings = {**timings.settle(), "total": time.perf_counter() - start}
         return result

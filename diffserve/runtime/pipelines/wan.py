@@ -62,12 +62,23 @@ class WanPipeline(NativePipeline):
     def run(self, p: stages.Plan, timings, on_step, should_cancel) -> GenerationResult:
         n, cfg = p.num_outputs, p.guidance > 1.0
         guidance_2 = p.extra["guidance_scale_2"]
+        # Order (as in flux.py): the schedule first, whose set-up waits for the GPU while it is idle; then
+        # the text encoders, queued; then the noise, drawn on the CPU while they run.
+        with timings("prepare_latents"):
+            scheduler = stages.fresh_scheduler(self.scheduler)
+            scheduler.set_timesteps(p.steps, device=self.device)
+            scheduler.set_begin_index(0)
+            # UniPC with its coefficients worked out here, on the host: diffusers' own step waits for the GPU.
+            scheduler = sync_free_scheduler(scheduler)
+            # Wan2.2 A14B: the second expert (dits[1]) takes the steps below the boundary. Decided here from one
+            # copy of the timesteps: comparing a GPU timestep in Python would wait for the GPU at every step.
+            expert = [0] * len(scheduler.timesteps)
+            if self.boundary is not None:
+                expert = [int(low) for low in (scheduler.timesteps < self.boundary).tolist()]
         with timings("encode_text"):
             cond = self.encode([p.prompt]).repeat_interleave(n, 0)
             uncond = self.encode([p.negative_prompt or ""]).repeat_interleave(n, 0) if cfg else None
         with timings("prepare_latents"):
-            scheduler = stages.fresh_scheduler(self.scheduler)
-            scheduler.set_timesteps(p.steps, device=self.device)
             frames = (p.num_frames - 1) // self.scale_t + 1
             shape = (
                 n,
@@ -77,14 +88,6 @@ class WanPipeline(NativePipeline):
                 p.width // self.scale_s,
             )
             latents = stages.gaussian(shape, stages.cpu_generator(p.seed), self.device, torch.float32)
-            scheduler.set_begin_index(0)
-            # UniPC with its coefficients worked out here, on the host: diffusers' own step waits for the GPU.
-            scheduler = sync_free_scheduler(scheduler)
-            # Wan2.2 A14B: the second expert (dits[1]) takes the steps below the boundary. Decided here from one
-            # copy of the timesteps: comparing a GPU timestep in Python would wait for the GPU at every step.
-            expert = [0] * len(scheduler.timesteps)
-            if self.boundary is not None:
-                expert = [int(low) for low in (scheduler.timesteps < self.boundary).tolist()]
 
         def predict(x, t, i):
             dit, scale = self.dits[expert[i]], (p.guidance, guidance_2)[expert[i]]
