@@ -421,8 +421,11 @@ def to_pil(images: torch.Tensor) -> list:
 
 
 def decode_images(vae, latents: torch.Tensor) -> list:
-    """AutoencoderKL latents (batch, C, h, w), already un-normalised -> PIL images."""
-    return to_pil(vae.decode(latents.to(vae.dtype), return_dict=False)[0])
+    """AutoencoderKL latents (batch, C, h, w), already un-normalised -> PIL images. Decoded by
+    kl_vae_decode (= vae.decode, with each GroupNorm + SiLU as one bandwidth-bound kernel on CUDA)."""
+    from diffserve.runtime.kl_vae_decode import decode_kl_latents
+
+    return to_pil(decode_kl_latents(vae, latents.to(vae.dtype)))
 
 
 def decode_videos(vae, latents: torch.Tensor) -> list[list]:
