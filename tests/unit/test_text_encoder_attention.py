@@ -98,3 +98,22 @@ def test_t5_bias_goes_to_sdpa_not_the_flash_kernel(simulate):
     got = warmup_forward(model, with_mask=False)
     assert sim.calls == []  # relative position bias cannot go through a flash kernel
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_t5_bias_reaches_sdpa_as_a_dense_mask(monkeypatch):
+    # T5 passes its position bias as a transposed view; SDPA only uses its fused kernels (cuDNN, memory
+    # efficient) for a dense mask and otherwise computes in float32 on the math path, ~16x slower.
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    model = build("t5")
+    expected = warmup_forward(model, with_mask=True)
+    apply_to_text_encoder(model)
+    got = warmup_forward(model, with_mask=True)
+    assert masks and all(m is not None and m.is_contiguous() for m in masks)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
