@@ -1,23 +1,30 @@
-"""Triton kernels behind diffserve.kernels.group_norm (imported only when Triton is there; the reference
-and the dispatch live in group_norm.py).
+"""Triton kernels behind diffserve.kernels.group_norm (imported only when Triton is there; the reference,
+the dispatch and the choice of layout live in group_norm.py).
 
 Why not PyTorch's kernel: its statistics pass gives each (sample, group) one thread block. A VAE decode
 runs at batch 1 with 32 groups, so 32 blocks reduce up to 4M elements each on a GPU of 132 SMs — half of
 the FLUX decode time went there. Here every (sample, group) is split over many programs, so the GPU fills
-at any batch size, and the work is three passes over memory (read for the statistics, read + write to
-normalise):
+at any batch size. Statistics are float32 Welford states (mean, M2) merged with the exact parallel formula
+(Chan et al.), not sums and sums of squares: with |mean| >> std (activations of 100 +- 1) the latter
+cancels catastrophically in float32 over millions of elements. Partials are merged in a fixed order (no
+atomics: deterministic), with no host synchronisation and only stream-ordered temporaries (torch.empty),
+so everything runs inside CUDA-graph capture. Two memory layouts:
 
-  1. stats: grid (samples * groups, splits). Each program reads one contiguous chunk of its group and
-     keeps a float32 Welford state (mean, M2) per lane; the lanes are merged with the exact parallel
-     formula (Chan et al.) and the chunk's (mean, M2) written to a small buffer. Welford, not sum and sum
-     of squares: with |mean| >> std (activations of 100 +- 1) the latter cancels catastrophically in
-     float32 over millions of elements.
-  2. apply: grid (samples * channels, spatial blocks). Each program merges its group's partials (a few
-     dozen numbers, always in the same order: deterministic, no atomics), then writes
-     (x - mean) * rstd * weight[c] + bias[c], optionally SiLU, in float32, rounded once to x's dtype.
+Contiguous (N, C, *spatial), group_norm_triton: a group is one contiguous run of C/G * spatial.
+  1. stats: grid (samples * groups, splits); each program reduces one contiguous chunk of its group.
+  2. apply: grid (samples * channels, spatial blocks); each program merges its group's partials (a few
+     dozen numbers) and writes (x - mean) * rstd * weight[c] + bias[c], optionally SiLU, in float32,
+     rounded once to x's dtype.
 
-No host synchronisation and only stream-ordered temporaries (torch.empty), so it runs inside CUDA-graph
-capture. x must be contiguous (N, C, *spatial): a group is then one contiguous run of C/G * spatial.
+Channels last ((N, *spatial, C) in memory: channels_last, channels_last_3d), group_norm_channels_last: a
+group is a run of C/G channels inside every pixel's C, so programs read [pixels x channels] tiles whose
+rows are contiguous, and every element's channel is its column.
+  1. stats: grid (samples * channel blocks, splits); each program keeps per-column Welford states over a
+     chunk of pixels and writes one (mean, M2) per channel.
+  2. finalize: grid (samples * groups); merges a group's chunks x channels into its mean and rstd, and
+     writes each channel's mean and rstd * weight[c] (a few KB).
+  3. apply: grid (pixel blocks, samples * channel blocks); tiles of contiguous pixel rows, normalised with
+     the per-channel vectors loaded once per program.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ _MAX_SPLITS = 1024
 _STATS_BLOCK = 4096
 _APPLY_BLOCK = 4096
 _MIN_BLOCK = 128  # one element per thread of 4 warps: tiny groups and 2-D inputs get a masked tile
+_MAX_BLOCK_C = 1024  # channels per channels-last tile; wider tensors get several channel blocks
+_FINALIZE_TILE = 2048  # (chunks x channels of a group) per step of the finalize loops
 
 
 @triton.jit
@@ -161,5 +170,173 @@ def group_norm_triton(
         c, spatial, c // num_groups, group_size, chunk, splits, eps,
         HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
         BLOCK=apply_block, SPLITS_P2=max(16, triton.next_power_of_2(splits)), num_warps=_warps(apply_block),
+    )  # fmt: skip
+    return y
+
+
+# ---------------------------------------------------------------- channels last: (N, *spatial, C) in memory
+
+
+@triton.jit
+def _cl_stats_kernel(
+    X, PMEAN, PM2, channels, pixels, chunk, splits, cblocks,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)  # sample * cblocks + channel block
+    split = tl.program_id(1).to(tl.int64)
+    n = (row // cblocks).to(tl.int64)
+    ch = (row % cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ch_ok = ch < channels
+    start = split * chunk
+    cnt = tl.minimum(chunk, pixels - start)  # pixels of this chunk (>= 1)
+    p = tl.arange(0, BLOCK_P)
+    ptrs = X + (n * pixels + start) * channels + p[:, None] * channels + ch[None, :]
+    mean = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    # Full tiles: every lane has seen i values before tile i (one Welford step with a scalar count), and
+    # without a channel mask when the blocks tile C exactly, so the row loads vectorise.
+    n_full = cnt // BLOCK_P
+    for i in range(0, n_full):
+        if EVEN_C:
+            x = tl.load(ptrs).to(tl.float32)
+        else:
+            x = tl.load(ptrs, mask=ch_ok[None, :], other=0.0).to(tl.float32)
+        d = x - mean
+        mean += d * (1.0 / (i + 1.0))
+        m2 += d * (x - mean)
+        ptrs += BLOCK_P * channels  # (a 64-bit pointer step: chunk * channels may pass 2**31)
+    # The ragged tail of pixels: only the rows it covers take a step.
+    in_tail = n_full * BLOCK_P + p < cnt
+    x = tl.load(ptrs, mask=in_tail[:, None] & ch_ok[None, :], other=0.0).to(tl.float32)
+    count = (n_full.to(tl.float32) + in_tail.to(tl.float32))[:, None]
+    d = x - mean
+    mean = tl.where(in_tail[:, None], mean + d / tl.maximum(count, 1.0), mean)
+    m2 = tl.where(in_tail[:, None], m2 + d * (x - mean), m2)
+    # Merge the rows of each column (channel): the chunk's per-channel (mean, M2).
+    chunk_mean = tl.sum(count * mean, axis=0) / cnt.to(tl.float32)
+    dm = mean - chunk_mean[None, :]
+    chunk_m2 = tl.sum(m2, axis=0) + tl.sum(count * dm * dm, axis=0)
+    out = (n * splits + split) * channels + ch
+    tl.store(PMEAN + out, chunk_mean, mask=ch_ok)
+    tl.store(PM2 + out, chunk_m2, mask=ch_ok)
+
+
+@triton.jit
+def _cl_finalize_kernel(
+    PMEAN, PM2, W, MEAN, SCALE, channels, pixels, channels_per_group, chunk, splits, eps,
+    HAS_W: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)  # sample * groups + group
+    groups = channels // channels_per_group
+    n = row // groups
+    j = tl.arange(0, BLOCK_G)
+    c_ok = j < channels_per_group
+    c = (row % groups) * channels_per_group + j
+    base = PMEAN + n * splits * channels
+    base2 = PM2 + n * splits * channels
+    total = pixels * 1.0 * channels_per_group  # (float first: may pass 2**31; either may be a constexpr 1)
+    # Two passes over the partials, in the same order in every run: the group mean, then its M2 (Chan's
+    # merge: sum of the M2s + sum of count * (chunk mean - group mean)^2, every chunk of every channel).
+    acc = tl.zeros([BLOCK_S, BLOCK_G], dtype=tl.float32)
+    for s0 in range(0, splits, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        ok = (s < splits)[:, None] & c_ok[None, :]
+        count = tl.minimum(chunk, pixels - s.to(tl.int64) * chunk).to(tl.float32)[:, None]
+        pm = tl.load(base + s[:, None] * channels + c[None, :], mask=ok, other=0.0)
+        acc += tl.where(ok, count * pm, 0.0)
+    mean = tl.sum(tl.sum(acc, axis=1), axis=0) / total
+    acc = tl.zeros([BLOCK_S, BLOCK_G], dtype=tl.float32)
+    for s0 in range(0, splits, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        ok = (s < splits)[:, None] & c_ok[None, :]
+        count = tl.minimum(chunk, pixels - s.to(tl.int64) * chunk).to(tl.float32)[:, None]
+        offs = s[:, None] * channels + c[None, :]
+        pm = tl.load(base + offs, mask=ok, other=0.0)
+        pm2 = tl.load(base2 + offs, mask=ok, other=0.0)
+        dm = pm - mean
+        acc += tl.where(ok, pm2 + count * dm * dm, 0.0)
+    rstd = tl.rsqrt(tl.sum(tl.sum(acc, axis=1), axis=0) / total + eps)
+    scale = tl.zeros([BLOCK_G], dtype=tl.float32) + rstd
+    if HAS_W:
+        scale = scale * tl.load(W + c, mask=c_ok, other=0.0).to(tl.float32)
+    tl.store(MEAN + n * channels + c, tl.zeros([BLOCK_G], dtype=tl.float32) + mean, mask=c_ok)
+    tl.store(SCALE + n * channels + c, scale, mask=c_ok)
+
+
+@triton.jit
+def _cl_apply_kernel(
+    X, Y, MEAN, SCALE, B, channels, pixels, cblocks,
+    HAS_B: tl.constexpr, SILU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    EVEN_C: tl.constexpr,
+):  # fmt: skip
+    # Pixel blocks on grid axis 0 (up to 2**31 - 1): a 2048x2048 image has 2**17 of them, past axis 1's 65535.
+    blk = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(1)  # sample * cblocks + channel block
+    n = (row // cblocks).to(tl.int64)
+    ch = (row % cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ch_ok = ch < channels
+    mean = tl.load(MEAN + n * channels + ch, mask=ch_ok, other=0.0)[None, :]
+    scale = tl.load(SCALE + n * channels + ch, mask=ch_ok, other=0.0)[None, :]
+    shift = 0.0
+    if HAS_B:
+        shift = tl.load(B + ch, mask=ch_ok, other=0.0).to(tl.float32)[None, :]
+    p = blk * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs = (n * pixels + p)[:, None] * channels + ch[None, :]
+    if EVEN_C:  # a mask constant along the rows: the loads and stores vectorise
+        inside = (p < pixels)[:, None]
+    else:
+        inside = (p < pixels)[:, None] & ch_ok[None, :]
+    x = tl.load(X + offs, mask=inside, other=0.0).to(tl.float32)
+    y = (x - mean) * scale + shift
+    if SILU:
+        y = y * tl.sigmoid(y)
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=inside)
+
+
+def group_norm_channels_last(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    silu: bool,
+) -> torch.Tensor:
+    """GroupNorm (+ SiLU) of x (N, C, *spatial) laid out channels last (x.movedim(1, -1) contiguous), with
+    C % num_groups == 0; the output has x's strides and dtype."""
+    n, c = x.shape[0], x.shape[1]
+    pixels = x.numel() // (n * c)
+    y = torch.empty_like(x)  # dense x: preserve_format gives it x's strides
+    block_c = min(_MAX_BLOCK_C, triton.next_power_of_2(c))
+    cblocks = triton.cdiv(c, block_c)
+    even_c = c % block_c == 0
+
+    stats_p = max(1, min(_STATS_BLOCK // block_c, triton.next_power_of_2(pixels)))
+    # Chunks of at least four tiles: every chunk writes (and the finalize reads) 2 floats per channel, so
+    # shorter chunks would add a sizeable fraction of the input's traffic.
+    splits, chunk = split_plan(n * cblocks, pixels, 2 * stats_p, _sm_count(x.device))
+    pmean = torch.empty(n, splits, c, device=x.device, dtype=torch.float32)
+    pm2 = torch.empty(n, splits, c, device=x.device, dtype=torch.float32)
+    _cl_stats_kernel[(n * cblocks, splits)](
+        x, pmean, pm2, c, pixels, chunk, splits, cblocks,
+        BLOCK_P=stats_p, BLOCK_C=block_c, EVEN_C=even_c, num_warps=_warps(stats_p * block_c),
+    )  # fmt: skip
+
+    mean = torch.empty(n, c, device=x.device, dtype=torch.float32)
+    scale = torch.empty(n, c, device=x.device, dtype=torch.float32)
+    cpg = c // num_groups
+    block_g = triton.next_power_of_2(cpg)
+    block_s = max(1, min(triton.next_power_of_2(splits), _FINALIZE_TILE // block_g))
+    w = weight.contiguous() if weight is not None else pmean  # pointer for an absent operand (never read)
+    _cl_finalize_kernel[(n * num_groups,)](
+        pmean, pm2, w, mean, scale, c, pixels, cpg, chunk, splits, eps,
+        HAS_W=weight is not None, BLOCK_S=block_s, BLOCK_G=block_g, num_warps=4,
+    )  # fmt: skip
+
+    apply_p = max(1, min(_APPLY_BLOCK // block_c, triton.next_power_of_2(pixels)))
+    b = bias.contiguous() if bias is not None else mean
+    _cl_apply_kernel[(triton.cdiv(pixels, apply_p), n * cblocks)](
+        x, y, mean, scale, b, c, pixels, cblocks,
+        HAS_B=bias is not None, SILU=silu, BLOCK_P=apply_p, BLOCK_C=block_c, EVEN_C=even_c,
+        num_warps=_warps(apply_p * block_c),
     )  # fmt: skip
     return y

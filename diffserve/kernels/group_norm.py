@@ -12,11 +12,11 @@ float16/bfloat16/float32 (N, C, *spatial); otherwise F.group_norm then F.silu, w
 nn.GroupNorm followed by nn.SiLU computes, so CPU results stay bit-identical to diffusers'. Inside
 torch.compile the kernels run as a custom op (opaque to Inductor).
 
-Layout: the kernels read a contiguous (N, C, *spatial) tensor and write a contiguous one. Other layouts
-are made contiguous first — what F.group_norm does on CUDA too, and it matters: in a VAE decoder the
-residual stream turns channels_last after the mid block's attention (its output is a transposed view),
-so every resnet's first norm gets a channels_last input. The output is contiguous, as F.group_norm's is
-on CUDA, so the convolutions after it see the layouts they see under diffusers.
+Layout: the output has x's memory format. A contiguous x is read as it is, and so is one laid out
+channels last ((N, *spatial, C) in memory: torch.channels_last, channels_last_3d), which the kernels read
+natively; any other layout is made contiguous first. Channels last matters for the VAE decode on CUDA:
+kl_vae_decode runs the whole decoder in it, so that cuDNN runs its NHWC convolutions without transposing
+every input and output, and the residual adds see two tensors of one layout.
 
 Numerics: the kernels compute in float32 and round once; the reference rounds the normalised value to
 x's dtype before SiLU. In bf16 the two differ by about one bf16 rounding per element.
@@ -58,6 +58,11 @@ def _kernel_fits(x: torch.Tensor, num_groups: int, weight, bias) -> bool:
     )
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether x is dense with its channels innermost (and not also contiguous, as when spatial is 1)."""
+    return x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
 def group_norm(
     x: torch.Tensor,
     num_groups: int,
@@ -67,7 +72,8 @@ def group_norm(
     silu: bool = False,
 ) -> torch.Tensor:
     """F.group_norm(x, num_groups, weight, bias, eps), then SiLU when `silu`; x (N, C, *spatial), any
-    number of spatial dims (images, videos); returned in x's dtype."""
+    number of spatial dims (images, videos); returned in x's dtype (and, from the kernels, x's memory
+    format)."""
     if _kernel_fits(x, num_groups, weight, bias):
         return torch.ops.diffserve.group_norm(x, num_groups, weight, bias, eps, silu)
     return group_norm_reference(x, num_groups, weight, bias, eps, silu)
@@ -82,11 +88,15 @@ def _group_norm_op(
     eps: float,
     silu: bool,
 ) -> torch.Tensor:
-    from diffserve.kernels._triton_group_norm import group_norm_triton
+    from diffserve.kernels import _triton_group_norm as kernels
 
-    return group_norm_triton(x.contiguous(), num_groups, weight, bias, eps, silu)
+    if _channels_last(x):
+        return kernels.group_norm_channels_last(x, num_groups, weight, bias, eps, silu)
+    return kernels.group_norm_triton(x.contiguous(), num_groups, weight, bias, eps, silu)
 
 
 @_group_norm_op.register_fake
 def _(x, num_groups, weight, bias, eps, silu):
-    return x.new_empty(x.shape)  # contiguous, whatever x's layout: as the kernel writes it
+    # The layout the kernels write: x's strides when channels last (empty_like preserves a dense x's),
+    # else contiguous.
+    return torch.empty_like(x) if _channels_last(x) else x.new_empty(x.shape)

@@ -21,6 +21,7 @@ from diffserve.kernels import group_norm as gn
 from diffserve.runtime import kl_vae_decode as kl
 from diffserve.runtime.kl_vae_decode import decode_kl_latents, vae_decode_supported
 
+CL = torch.channels_last
 gpu = pytest.mark.skipif(
     not (torch.cuda.is_available() and fused_ops.triton_available()), reason="needs a CUDA GPU with Triton"
 )
@@ -98,16 +99,39 @@ def test_group_norm_channels_last_on_cpu():
     assert torch.equal(gn.group_norm(x, 4, None, None, 1e-6, silu=True), F.silu(F.group_norm(x, 4, eps=1e-6)))
 
 
-def test_group_norm_custom_op_shape_inference():
-    # The op torch.compile sees: registered, with a fake implementation giving x's shape and dtype and the
-    # contiguous layout the kernel writes, also for a channels_last x.
-    x = torch.empty(2, 8, 5, 7, device="meta", dtype=torch.bfloat16).contiguous(
-        memory_format=torch.channels_last
-    )
+def _meta(shape, layout):
+    x = torch.empty(shape, device="meta", dtype=torch.bfloat16)
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
+    if layout == "channels_innermost":  # (N, C, L) as a transposed view of (N, L, C)
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "strided":  # not dense: the op reads a contiguous copy
+        return torch.empty(*shape[:-1], 2 * shape[-1], device="meta", dtype=torch.bfloat16)[..., ::2]
+    return x
+
+
+@pytest.mark.parametrize(
+    "shape, layout, out_layout",
+    [
+        ((2, 8, 5, 7), "contiguous", "same"),
+        ((2, 8, 5, 7), "channels_last", "same"),
+        ((2, 8, 3, 5, 7), "channels_last", "same"),
+        ((2, 8, 35), "channels_innermost", "same"),
+        ((2, 8, 5, 7), "strided", "contiguous"),
+    ],
+)
+def test_group_norm_custom_op_shape_inference(shape, layout, out_layout):
+    # The op torch.compile sees: registered, with a fake implementation giving x's shape, dtype and the
+    # layout the kernels write: x's for a contiguous or channels-last x, contiguous for anything else.
+    x = _meta(shape, layout)
     w = torch.empty(8, device="meta", dtype=torch.bfloat16)
     out = torch.ops.diffserve.group_norm(x, 4, w, w, 1e-6, True)
     assert out.shape == x.shape and out.dtype == x.dtype and out.device.type == "meta"
-    assert out.is_contiguous()
+    if out_layout == "same":
+        assert out.stride() == x.stride()
+    else:
+        assert not x.is_contiguous() and out.is_contiguous()
+    assert gn._channels_last(x) == (layout in ("channels_last", "channels_innermost"))
 
 
 def test_cpu_tensors_never_take_the_kernel_path():
@@ -177,6 +201,52 @@ def test_post_quant_conv_is_applied(vae):
     without = decode_kl_latents(model, z)
     assert not torch.equal(with_conv, without)
     assert torch.equal(without, _decode(model, z))
+
+
+def _record_conv_inputs(model) -> list[tuple[str, bool]]:
+    """Forward pre-hooks on every decoder conv (modules the walk calls, not ones it steps around, so the
+    hooks do not turn the walk off), recording whether each input is channels_last."""
+    seen = []
+
+    def hook(name):
+        return lambda module, args: seen.append((name, args[0].is_contiguous(memory_format=CL)))
+
+    for name, m in model.decoder.named_modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_pre_hook(hook(name))
+    return seen
+
+
+def test_cpu_decode_keeps_the_latents_layout(vae):
+    model = copy.deepcopy(vae)
+    seen = _record_conv_inputs(model)
+    decode_kl_latents(model, _latents(1, 16))
+    assert seen and not seen[0][1]  # conv_in's input: NCHW on the CPU, as under vae.decode
+
+
+def test_channels_last_walk_on_the_cpu(vae, monkeypatch):
+    # The CUDA layout (latents made channels_last, image made contiguous) run on the CPU: every conv and
+    # every residual add sees channels_last, and the numbers are vae.decode's up to float32 rounding.
+    model = copy.deepcopy(vae)
+    monkeypatch.setattr(kl, "_channels_last_decode", lambda latents: True)
+    adds = []
+    resnet = kl._resnet
+
+    def recording(block, x):
+        out = resnet(block, x)
+        adds.append(x.is_contiguous(memory_format=CL) and out.is_contiguous(memory_format=CL))
+        return out
+
+    monkeypatch.setattr(kl, "_resnet", recording)
+    z = _latents(2, 16)
+    expected = _decode(model, z)
+    seen = _record_conv_inputs(model)
+    got = decode_kl_latents(model, z)
+    assert got.is_contiguous() and got.shape == expected.shape
+    assert _rel(got, expected) < 1e-5
+    assert len(seen) == sum(isinstance(m, nn.Conv2d) for m in model.decoder.modules())
+    assert all(is_cl for _, is_cl in seen), [name for name, is_cl in seen if not is_cl]
+    assert len(adds) == 6 and all(adds)
 
 
 # ---------------------------------------------------------------- what the walk does not cover
@@ -258,21 +328,56 @@ def test_triton_group_norm_matches_float64(shape, groups, dtype, offset, silu):
     assert _rel(got, _reference64(x, groups, w, b, 1e-6, silu)) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
-@gpu
-@pytest.mark.parametrize("shape", [(2, 96, 37, 53), (1, 64, 3, 20, 30)])
-def test_triton_group_norm_reads_channels_last(shape):
-    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
-    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=fmt)
-    w = torch.randn(shape[1], device="cuda", dtype=torch.bfloat16)
-    assert gn._kernel_fits(x, 16, w, w)
-    got = gn.group_norm(x, 16, w, w, 1e-6, silu=True)
-    assert got.is_contiguous()  # as F.group_norm's output on CUDA
-    assert _rel(got, _reference64(x, 16, w, w, 1e-6, True)) < 1e-2
+def _memory_format(shape):
+    return CL if len(shape) == 4 else torch.channels_last_3d
 
 
 @gpu
-def test_triton_group_norm_replays_in_a_cuda_graph():
-    x = torch.randn(2, 64, 48, 40, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize(
+    "shape, groups",
+    [
+        ((1, 128, 1024, 1024), 32),  # the FLUX decoder's last stage: 1024 chunks of 32 tiles
+        ((2, 96, 37, 53), 32),  # 3 channels per group, C not a power of two (masked channel tiles)
+        ((1, 64, 19, 23), 32),
+        ((1, 512, 24, 40), 32),
+        ((1, 2048, 6, 7), 32),  # two channel blocks
+        ((1, 64, 3, 20, 30), 16),  # channels_last_3d
+        ((2, 96, 5, 7, 9), 32),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0.0, 100.0])
+@pytest.mark.parametrize("silu", [False, True])
+def test_triton_group_norm_channels_last_matches_float64(shape, groups, dtype, offset, silu):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    fmt = _memory_format(shape)
+    x = (torch.randn(shape, device="cuda", generator=g) + offset).to(dtype).contiguous(memory_format=fmt)
+    w = torch.randn(shape[1], device="cuda", generator=g).to(dtype)
+    b = torch.randn(shape[1], device="cuda", generator=g).to(dtype)
+    assert gn._kernel_fits(x, groups, w, b) and gn._channels_last(x)
+    got = gn.group_norm(x, groups, w, b, 1e-6, silu=silu)
+    assert got.dtype == dtype and got.shape == x.shape
+    assert got.is_contiguous(memory_format=fmt) and got.stride() == x.stride()  # written channels last
+    assert _rel(got, _reference64(x, groups, w, b, 1e-6, silu)) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@gpu
+def test_triton_group_norm_without_affine_and_other_layouts():
+    x = torch.randn(2, 96, 20, 26, device="cuda") * 3 + 1
+    for view in (x.contiguous(memory_format=CL), x[..., ::2], x.transpose(2, 3)):  # channels last, strided
+        got = gn.group_norm(view, 32, None, None, 1e-6, silu=True)
+        expected = F.silu(F.group_norm(view.double(), 32, eps=1e-6))
+        assert _rel(got, expected) < 1e-5
+        if gn._channels_last(view):
+            assert got.stride() == view.stride()
+        else:
+            assert got.is_contiguous()
+
+
+@gpu
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL])
+def test_triton_group_norm_replays_in_a_cuda_graph(fmt):
+    x = torch.randn(2, 64, 48, 40, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=fmt)
     w = torch.randn(64, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(64, device="cuda", dtype=torch.bfloat16)
     stream = torch.cuda.Stream()
@@ -303,3 +408,20 @@ def test_decode_on_cuda_bf16_is_as_accurate_as_diffusers():
     # Our bf16 decode is as close to the float32 truth as diffusers' bf16 decode is (it rounds less).
     assert _rel(ours.cpu(), exact) <= 2 * _rel(theirs.cpu(), exact) + 1e-3
     assert _rel(ours, theirs) < 5e-2
+
+
+@gpu
+def test_decode_on_cuda_runs_channels_last():
+    # Every conv (resnets, shortcuts, upsamplers, conv_in/out) sees a channels_last input, whatever the
+    # latents' layout, and the image comes back contiguous with the same numbers either way.
+    model = _tiny_vae().to("cuda", torch.bfloat16)
+    z = _latents(2, 16).to("cuda", torch.bfloat16)
+    seen = _record_conv_inputs(model)
+    assert vae_decode_supported(model)
+    ours = decode_kl_latents(model, z)
+    assert len(seen) == sum(isinstance(m, nn.Conv2d) for m in model.decoder.modules())
+    assert all(is_cl for _, is_cl in seen), [name for name, is_cl in seen if not is_cl]
+    assert ours.is_contiguous()
+    from_cl = decode_kl_latents(model, z.contiguous(memory_format=CL))
+    assert _rel(from_cl, ours) < 1e-3
+    assert _rel(ours, _decode(model, z)) < 5e-2
