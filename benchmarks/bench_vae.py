@@ -1,5 +1,8 @@
-"""Wan VAE decode, 81 frames at 480x832: diffusers' AutoencoderKLWan.decode vs diffserve's decode_wan_latents
-(whole frames, and strips of the high-resolution part), same VAE and latents, one process.
+"""VAE decodes, diffusers vs diffserve, same VAE and latents, one process:
+  --family wan (default)  Wan2.1's AutoencoderKLWan, 81 frames at 480x832: vae.decode vs decode_wan_latents
+                          (whole frames, and strips of the high-resolution part)
+  --family flux           FLUX.1's AutoencoderKL, 1024x1024: vae.decode vs decode_kl_latents (fused
+                          GroupNorm+SiLU Triton kernels, channels_last on CUDA); --tiles does not apply
 
 Figures: ms per decode (median of --iters after one warm-up, CUDA events), peak GPU memory during the
 decode (torch.cuda.max_memory_allocated after a reset; it includes the VAE's weights and the latents, ~0.5 GB
@@ -8,7 +11,7 @@ in bf16, so it is what the process needs), and the relative error of ours agains
 --memory-report writes the largest allocations live at diffusers' peak (torch.cuda.memory history, with
 the Python frames that made them) to --out-dir, to show what the peak is made of.
 
-    python benchmarks/bench_vae.py [--dtype bfloat16] [--tiles 1 2] [--memory-report]
+    python benchmarks/bench_vae.py [--family wan|flux] [--dtype bfloat16] [--tiles 1 2] [--memory-report]
     python benchmarks/bench_vae.py --tiny      # CPU, tiny VAE: checks this script end to end
 """
 
@@ -34,6 +37,25 @@ TINY = dict(
     latents=(1, 4, 3, 4, 12),
     label="tiny Wan VAE 32x96x9",
 )
+
+
+BENCHMARK = {"wan": "wan2.1_480x832x81", "flux": "flux1_1024x1024"}  # results.jsonl names
+FLUX_LATENTS = dict(full=(1, 16, 128, 128), tiny=(1, 4, 8, 8))
+
+
+def build_flux_vae(tiny: bool, device, dtype):
+    """FLUX.1's AutoencoderKL (pipeline_specs.FLUX_VAE) or a tiny one, random weights."""
+    import diffusers
+    from harness import init_weights_, on_device
+    from pipeline_specs import FLUX_VAE
+
+    config = dict(FLUX_VAE)
+    if tiny:
+        config.update(block_out_channels=(16, 32), norm_num_groups=8, latent_channels=4)
+        config.update(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    vae = on_device(device, dtype, lambda: diffusers.AutoencoderKL(**config))
+    init_weights_(vae)
+    return vae
 
 
 def build_vae(config: dict, device, dtype):
@@ -116,6 +138,7 @@ def memory_report(fn, path: Path, top: int = 25) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--family", choices=("wan", "flux"), default="wan", help="which VAE (see above)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--tiles", type=int, nargs="+", default=[1, 2], help="strip counts to run for ours")
     p.add_argument("--iters", type=int, default=3)
@@ -129,6 +152,7 @@ def main(argv=None) -> int:
     if args.results is None:
         args.results = Path(tempfile.gettempdir()) / "bench_vae_tiny.jsonl" if args.tiny else RESULTS
 
+    from diffserve.runtime.kl_vae_decode import decode_kl_latents
     from diffserve.runtime.vae_decode import decode_wan_latents
 
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -136,8 +160,23 @@ def main(argv=None) -> int:
         print("bench_vae.py needs a CUDA GPU (use --tiny for a CPU check of the script)", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype)
-    spec = TINY if args.tiny else FULL
-    vae = build_vae(spec["config"], device, dtype)
+    if args.family == "flux":
+        shape = FLUX_LATENTS["tiny" if args.tiny else "full"]
+        spec = dict(
+            latents=shape, label=f"{'tiny ' if args.tiny else ''}FLUX.1 VAE {8 * shape[-1]}x{8 * shape[-2]}"
+        )
+        vae = build_flux_vae(args.tiny, device, dtype)
+        args.tiles = [1]  # one "ours" row: decode_kl_latents has no strip mode
+
+        def ours(tiles):
+            return decode_kl_latents(vae, latents)
+    else:
+        spec = TINY if args.tiny else FULL
+        vae = build_vae(spec["config"], device, dtype)
+
+        def ours(tiles):
+            return decode_wan_latents(vae, latents, tiles=tiles)
+
     latents = torch.randn(spec["latents"], device=device, generator=torch.Generator(device).manual_seed(1))
     latents = latents.to(dtype)
     print(
@@ -151,13 +190,12 @@ def main(argv=None) -> int:
         rows.append(dict(impl="diffusers", ms=ms, peak_gb=peak, rel_err=0.0))
         print(f"  diffusers        {ms:9.1f} ms  peak {peak or 0:6.2f} GB", flush=True)
         for tiles in args.tiles:
-            ms, peak, out = timed(
-                lambda t=tiles: decode_wan_latents(vae, latents, tiles=t), device, args.iters
-            )
+            ms, peak, out = timed(lambda t=tiles: ours(t), device, args.iters)
             err = rel_err(out, reference)
-            rows.append(dict(impl=f"ours-tiles{tiles}", ms=ms, peak_gb=peak, rel_err=err))
+            impl = f"ours-tiles{tiles}" if args.family == "wan" else "ours"
+            rows.append(dict(impl=impl, ms=ms, peak_gb=peak, rel_err=err))
             print(
-                f"  ours tiles={tiles:<4d} {ms:9.1f} ms  peak {peak or 0:6.2f} GB  rel err {err:.2e}",
+                f"  {impl:16s} {ms:9.1f} ms  peak {peak or 0:6.2f} GB  rel err {err:.2e}",
                 flush=True,
             )
             del out
@@ -166,16 +204,16 @@ def main(argv=None) -> int:
                 lambda: vae.decode(latents, return_dict=False)[0], args.out_dir / "vae_memory_diffusers.txt"
             )
             memory_report(
-                lambda: decode_wan_latents(vae, latents, tiles=args.tiles[0]),
+                lambda: ours(args.tiles[0]),
                 args.out_dir / f"vae_memory_ours_tiles{args.tiles[0]}.txt",
             )
         if args.profile and device.type == "cuda":
             from profile_kernels import profile_forward
 
             profile_forward(
-                lambda: decode_wan_latents(vae, latents, tiles=args.tiles[0]),
-                args.out_dir / f"profile_vae_tiles{args.tiles[0]}.txt",
-                title=f"{spec['label']} decode_wan_latents tiles={args.tiles[0]}",
+                lambda: ours(args.tiles[0]),
+                args.out_dir / f"profile_vae_{args.family}_tiles{args.tiles[0]}.txt",
+                title=f"{spec['label']} ours tiles={args.tiles[0]}",
                 iters=1,
             )
     lines = ["| impl | ms | peak GB | rel err vs diffusers |", "|---|---:|---:|---:|"]
@@ -184,7 +222,7 @@ def main(argv=None) -> int:
         lines.append(f"| {r['impl']} | {r['ms']:.1f} | {peak} | {r['rel_err']:.2e} |")
         if args.record:
             record(
-                f"vae_decode_{'tiny' if args.tiny else 'wan2.1_480x832x81'}",
+                f"vae_decode_{'tiny_' if args.tiny else ''}{BENCHMARK[args.family]}",
                 r["impl"],
                 r["ms"],
                 path=args.results,

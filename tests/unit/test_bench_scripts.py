@@ -55,3 +55,14 @@ def test_bench_dit_graph_variant_tiny(tmp_path):
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [r["impl"] for r in rows] == ["ours-eager", "ours-graph"]
     assert rows[1]["cuda_graph"] is False and rows[1]["rel_err_vs_diffusers_eager"] < 1e-2
+
+
+def test_bench_vae_flux_tiny(tmp_path):
+    # --family flux times diffusers' AutoencoderKL.decode against decode_kl_latents on the same latents.
+    bench = _load("bench_vae")
+    results = tmp_path / "results.jsonl"
+    assert bench.main(["--tiny", "--family", "flux", "--iters", "2", "--results", str(results)]) == 0
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["impl"] for r in rows] == ["diffusers", "ours"]
+    assert all(r["benchmark"] == "vae_decode_tiny_flux1_1024x1024" for r in rows)
+    assert rows[1]["rel_err_vs_diffusers"] < 1e-5  # the same decode on the CPU
