@@ -8,7 +8,8 @@ at any batch size. Statistics are float32 Welford states (mean, M2) merged with 
 (Chan et al.), not sums and sums of squares: with |mean| >> std (activations of 100 +- 1) the latter
 cancels catastrophically in float32 over millions of elements. Partials are merged in a fixed order (no
 atomics: deterministic), with no host synchronisation and only stream-ordered temporaries (torch.empty),
-so everything runs inside CUDA-graph capture. Two memory layouts:
+so everything runs inside CUDA-graph capture. An optional per-channel input_bias normalises x + input_bias
+without writing it (a conv's bias, run without it: see group_norm.py). Two memory layouts:
 
 Contiguous (N, C, *spatial), group_norm_triton: a group is one contiguous run of C/G * spatial.
   1. stats: grid (samples * groups, splits); each program reduces one contiguous chunk of its group.
@@ -46,13 +47,19 @@ _FINALIZE_TILE = 2048  # (chunks x channels of a group) per step of the finalize
 
 
 @triton.jit
-def _group_stats_kernel(X, PMEAN, PM2, group_size, chunk, splits, BLOCK: tl.constexpr):
+def _group_stats_kernel(
+    X, IB, PMEAN, PM2, group_size, chunk, splits, spatial, channels_per_group, groups,
+    HAS_IB: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)  # sample * groups + group
     split = tl.program_id(1).to(tl.int64)
     start = split * chunk
     n = tl.minimum(chunk, group_size - start)  # elements of this chunk (>= 1)
     base = X + row * group_size + start
     lanes = tl.arange(0, BLOCK)
+    # input_bias: a chunk spans channels, so every element looks up its own (the group's first channel +
+    # its offset in the group // spatial). Not the hot path: the CUDA decode runs channels last.
+    ib = IB + (row % groups) * channels_per_group
     mean = tl.zeros([BLOCK], dtype=tl.float32)
     m2 = tl.zeros([BLOCK], dtype=tl.float32)
     # Full tiles without masks: every lane has seen i values before tile i, so the Welford step divides by
@@ -60,6 +67,8 @@ def _group_stats_kernel(X, PMEAN, PM2, group_size, chunk, splits, BLOCK: tl.cons
     n_full = n // BLOCK
     for i in range(0, n_full):
         x = tl.load(base + i * BLOCK + lanes).to(tl.float32)
+        if HAS_IB:
+            x += tl.load(ib + (start + i * BLOCK + lanes) // spatial).to(tl.float32)
         d = x - mean
         mean += d * (1.0 / (i + 1.0))
         m2 += d * (x - mean)
@@ -67,6 +76,8 @@ def _group_stats_kernel(X, PMEAN, PM2, group_size, chunk, splits, BLOCK: tl.cons
     tail = n_full * BLOCK + lanes
     in_tail = tail < n
     x = tl.load(base + tail, mask=in_tail, other=0.0).to(tl.float32)
+    if HAS_IB:
+        x += tl.load(ib + (start + tail) // spatial, mask=in_tail, other=0.0).to(tl.float32)
     count = n_full.to(tl.float32) + in_tail.to(tl.float32)
     d = x - mean
     mean = tl.where(in_tail, mean + d / tl.maximum(count, 1.0), mean)
@@ -81,9 +92,9 @@ def _group_stats_kernel(X, PMEAN, PM2, group_size, chunk, splits, BLOCK: tl.cons
 
 @triton.jit
 def _group_apply_kernel(
-    X, Y, W, B, PMEAN, PM2,
+    X, Y, W, B, IB, PMEAN, PM2,
     channels, spatial, channels_per_group, group_size, chunk, splits, eps,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_IB: tl.constexpr, SILU: tl.constexpr,
     BLOCK: tl.constexpr, SPLITS_P2: tl.constexpr,
 ):  # fmt: skip
     nc = tl.program_id(0).to(tl.int64)  # sample * channels + channel
@@ -103,6 +114,8 @@ def _group_apply_kernel(
     scale = tl.rsqrt(var + eps)
     if HAS_W:
         scale = scale * tl.load(W + c).to(tl.float32)
+    if HAS_IB:  # (x + ib) - mean as x - (mean - ib): the bias folded into this channel's mean
+        mean = mean - tl.load(IB + c).to(tl.float32)
     shift = 0.0
     if HAS_B:
         shift = tl.load(B + c).to(tl.float32)
@@ -146,8 +159,10 @@ def group_norm_triton(
     bias: torch.Tensor | None,
     eps: float,
     silu: bool,
+    input_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """GroupNorm (+ SiLU) of a contiguous x (N, C, *spatial) with C % num_groups == 0; x's dtype out."""
+    """GroupNorm (+ SiLU) of a contiguous x (N, C, *spatial) with C % num_groups == 0, of x + input_bias
+    (per channel, added in float32) when given; x's dtype out."""
     n, c = x.shape[0], x.shape[1]
     spatial = x.numel() // (n * c)
     group_size = (c // num_groups) * spatial
@@ -158,17 +173,19 @@ def group_norm_triton(
     splits, chunk = split_plan(rows, group_size, stats_block, _sm_count(x.device))
     pmean = torch.empty(rows, splits, device=x.device, dtype=torch.float32)
     pm2 = torch.empty(rows, splits, device=x.device, dtype=torch.float32)
+    ib = input_bias.contiguous() if input_bias is not None else pmean  # (pointer never read when absent)
     _group_stats_kernel[(rows, splits)](
-        x, pmean, pm2, group_size, chunk, splits, BLOCK=stats_block, num_warps=_warps(stats_block)
-    )
+        x, ib, pmean, pm2, group_size, chunk, splits, spatial, c // num_groups, num_groups,
+        HAS_IB=input_bias is not None, BLOCK=stats_block, num_warps=_warps(stats_block),
+    )  # fmt: skip
 
     apply_block = min(_APPLY_BLOCK, max(_MIN_BLOCK, triton.next_power_of_2(spatial)))
     w = weight.contiguous() if weight is not None else pmean  # pointer for an absent operand (never read)
     b = bias.contiguous() if bias is not None else pmean
     _group_apply_kernel[(n * c, triton.cdiv(spatial, apply_block))](
-        x, y, w, b, pmean, pm2,
+        x, y, w, b, ib, pmean, pm2,
         c, spatial, c // num_groups, group_size, chunk, splits, eps,
-        HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
+        HAS_W=weight is not None, HAS_B=bias is not None, HAS_IB=input_bias is not None, SILU=silu,
         BLOCK=apply_block, SPLITS_P2=max(16, triton.next_power_of_2(splits)), num_warps=_warps(apply_block),
     )  # fmt: skip
     return y
@@ -223,8 +240,8 @@ def _cl_stats_kernel(
 
 @triton.jit
 def _cl_finalize_kernel(
-    PMEAN, PM2, W, MEAN, SCALE, channels, pixels, channels_per_group, chunk, splits, eps,
-    HAS_W: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
+    PMEAN, PM2, W, IB, MEAN, SCALE, channels, pixels, channels_per_group, chunk, splits, eps,
+    HAS_W: tl.constexpr, HAS_IB: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)  # sample * groups + group
     groups = channels // channels_per_group
@@ -235,6 +252,11 @@ def _cl_finalize_kernel(
     base = PMEAN + n * splits * channels
     base2 = PM2 + n * splits * channels
     total = pixels * 1.0 * channels_per_group  # (float first: may pass 2**31; either may be a constexpr 1)
+    # input_bias: the partials are per channel, so x + ib only moves each channel's chunk means by ib[c]
+    # (the M2s are shift-invariant): added here, and the stats and apply passes never see it.
+    ib = tl.zeros([BLOCK_G], dtype=tl.float32)
+    if HAS_IB:
+        ib = tl.load(IB + c, mask=c_ok, other=0.0).to(tl.float32)
     # Two passes over the partials, in the same order in every run: the group mean, then its M2 (Chan's
     # merge: sum of the M2s + sum of count * (chunk mean - group mean)^2, every chunk of every channel).
     acc = tl.zeros([BLOCK_S, BLOCK_G], dtype=tl.float32)
@@ -242,7 +264,7 @@ def _cl_finalize_kernel(
         s = s0 + tl.arange(0, BLOCK_S)
         ok = (s < splits)[:, None] & c_ok[None, :]
         count = tl.minimum(chunk, pixels - s.to(tl.int64) * chunk).to(tl.float32)[:, None]
-        pm = tl.load(base + s[:, None] * channels + c[None, :], mask=ok, other=0.0)
+        pm = tl.load(base + s[:, None] * channels + c[None, :], mask=ok, other=0.0) + ib[None, :]
         acc += tl.where(ok, count * pm, 0.0)
     mean = tl.sum(tl.sum(acc, axis=1), axis=0) / total
     acc = tl.zeros([BLOCK_S, BLOCK_G], dtype=tl.float32)
@@ -251,7 +273,7 @@ def _cl_finalize_kernel(
         ok = (s < splits)[:, None] & c_ok[None, :]
         count = tl.minimum(chunk, pixels - s.to(tl.int64) * chunk).to(tl.float32)[:, None]
         offs = s[:, None] * channels + c[None, :]
-        pm = tl.load(base + offs, mask=ok, other=0.0)
+        pm = tl.load(base + offs, mask=ok, other=0.0) + ib[None, :]
         pm2 = tl.load(base2 + offs, mask=ok, other=0.0)
         dm = pm - mean
         acc += tl.where(ok, pm2 + count * dm * dm, 0.0)
@@ -259,7 +281,8 @@ def _cl_finalize_kernel(
     scale = tl.zeros([BLOCK_G], dtype=tl.float32) + rstd
     if HAS_W:
         scale = scale * tl.load(W + c, mask=c_ok, other=0.0).to(tl.float32)
-    tl.store(MEAN + n * channels + c, tl.zeros([BLOCK_G], dtype=tl.float32) + mean, mask=c_ok)
+    # The apply pass reads x, not x + ib: (x + ib) - mean = x - (mean - ib).
+    tl.store(MEAN + n * channels + c, mean - ib, mask=c_ok)
     tl.store(SCALE + n * channels + c, scale, mask=c_ok)
 
 
@@ -300,9 +323,11 @@ def group_norm_channels_last(
     bias: torch.Tensor | None,
     eps: float,
     silu: bool,
+    input_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GroupNorm (+ SiLU) of x (N, C, *spatial) laid out channels last (x.movedim(1, -1) contiguous), with
-    C % num_groups == 0; the output has x's strides and dtype."""
+    C % num_groups == 0, of x + input_bias (per channel, in float32) when given; the output has x's
+    strides and dtype."""
     n, c = x.shape[0], x.shape[1]
     pixels = x.numel() // (n * c)
     y = torch.empty_like(x)  # dense x: preserve_format gives it x's strides
@@ -327,9 +352,11 @@ def group_norm_channels_last(
     block_g = triton.next_power_of_2(cpg)
     block_s = max(1, min(triton.next_power_of_2(splits), _FINALIZE_TILE // block_g))
     w = weight.contiguous() if weight is not None else pmean  # pointer for an absent operand (never read)
+    ib = input_bias.contiguous() if input_bias is not None else pmean
     _cl_finalize_kernel[(n * num_groups,)](
-        pmean, pm2, w, mean, scale, c, pixels, cpg, chunk, splits, eps,
-        HAS_W=weight is not None, BLOCK_S=block_s, BLOCK_G=block_g, num_warps=4,
+        pmean, pm2, w, ib, mean, scale, c, pixels, cpg, chunk, splits, eps,
+        HAS_W=weight is not None, HAS_IB=input_bias is not None, BLOCK_S=block_s, BLOCK_G=block_g,
+        num_warps=4,
     )  # fmt: skip
 
     apply_p = max(1, min(_APPLY_BLOCK // block_c, triton.next_power_of_2(pixels)))

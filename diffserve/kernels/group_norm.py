@@ -18,6 +18,10 @@ natively; any other layout is made contiguous first. Channels last matters for t
 kl_vae_decode runs the whole decoder in it, so that cuDNN runs its NHWC convolutions without transposing
 every input and output, and the residual adds see two tensors of one layout.
 
+input_bias: GroupNorm(x + input_bias) for a per-channel vector, without a pass that writes x + input_bias.
+On CUDA a conv's bias is a separate broadcast pass over its output; kl_vae_decode runs convs without bias
+and hands the bias of one that feeds a GroupNorm to it here, where the kernels add it in float32 for free.
+
 Numerics: the kernels compute in float32 and round once; the reference rounds the normalised value to
 x's dtype before SiLU. In bf16 the two differ by about one bf16 rounding per element.
 """
@@ -39,14 +43,18 @@ def group_norm_reference(
     bias: torch.Tensor | None,
     eps: float,
     silu: bool = False,
+    input_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """nn.GroupNorm then nn.SiLU, in torch ops (what diffusers' blocks run)."""
+    """nn.GroupNorm then nn.SiLU, in torch ops (what diffusers' blocks run), of x + input_bias if given
+    (added in x's dtype, as a biased conv's output would be)."""
+    if input_bias is not None:
+        x = x + input_bias.view(-1, *[1] * (x.dim() - 2))
     y = F.group_norm(x, num_groups, weight, bias, eps)
     return F.silu(y) if silu else y
 
 
-def _kernel_fits(x: torch.Tensor, num_groups: int, weight, bias) -> bool:
-    tensors = [t for t in (x, weight, bias) if t is not None]
+def _kernel_fits(x: torch.Tensor, num_groups: int, weight, bias, input_bias=None) -> bool:
+    tensors = [t for t in (x, weight, bias, input_bias) if t is not None]
     return (
         _use_triton(*tensors, in_compile=True)
         and x.dim() >= 2
@@ -54,7 +62,7 @@ def _kernel_fits(x: torch.Tensor, num_groups: int, weight, bias) -> bool:
         and x.dtype in _KERNEL_DTYPES
         and num_groups > 0
         and x.shape[1] % num_groups == 0
-        and all(t.shape == (x.shape[1],) for t in (weight, bias) if t is not None)
+        and all(t.shape == (x.shape[1],) for t in (weight, bias, input_bias) if t is not None)
     )
 
 
@@ -70,13 +78,14 @@ def group_norm(
     bias: torch.Tensor | None,
     eps: float,
     silu: bool = False,
+    input_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """F.group_norm(x, num_groups, weight, bias, eps), then SiLU when `silu`; x (N, C, *spatial), any
-    number of spatial dims (images, videos); returned in x's dtype (and, from the kernels, x's memory
-    format)."""
-    if _kernel_fits(x, num_groups, weight, bias):
-        return torch.ops.diffserve.group_norm(x, num_groups, weight, bias, eps, silu)
-    return group_norm_reference(x, num_groups, weight, bias, eps, silu)
+    """F.group_norm(x + input_bias, num_groups, weight, bias, eps) (x alone when input_bias is None),
+    then SiLU when `silu`; x (N, C, *spatial), any number of spatial dims (images, videos), input_bias
+    (C,); returned in x's dtype (and, from the kernels, x's memory format)."""
+    if _kernel_fits(x, num_groups, weight, bias, input_bias):
+        return torch.ops.diffserve.group_norm(x, num_groups, weight, bias, eps, silu, input_bias)
+    return group_norm_reference(x, num_groups, weight, bias, eps, silu, input_bias)
 
 
 @torch.library.custom_op("diffserve::group_norm", mutates_args=())
@@ -87,16 +96,17 @@ def _group_norm_op(
     bias: torch.Tensor | None,
     eps: float,
     silu: bool,
+    input_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     from diffserve.kernels import _triton_group_norm as kernels
 
     if _channels_last(x):
-        return kernels.group_norm_channels_last(x, num_groups, weight, bias, eps, silu)
-    return kernels.group_norm_triton(x.contiguous(), num_groups, weight, bias, eps, silu)
+        return kernels.group_norm_channels_last(x, num_groups, weight, bias, eps, silu, input_bias)
+    return kernels.group_norm_triton(x.contiguous(), num_groups, weight, bias, eps, silu, input_bias)
 
 
 @_group_norm_op.register_fake
-def _(x, num_groups, weight, bias, eps, silu):
+def _(x, num_groups, weight, bias, eps, silu, input_bias=None):
     # The layout the kernels write: x's strides when channels last (empty_like preserves a dense x's),
     # else contiguous.
     return torch.empty_like(x) if _channels_last(x) else x.new_empty(x.shape)

@@ -38,8 +38,10 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from diffserve.kernels.fused_ops import _use_triton
 from diffserve.kernels.group_norm import group_norm
 
 # vae -> (decoder it was checked with, post_quant_conv it was checked with, the modules whose forward the
@@ -49,6 +51,25 @@ _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _norm_silu_ok(norm: nn.Module, act: nn.Module) -> bool:
     return type(norm) is nn.GroupNorm and type(act) is nn.SiLU
+
+
+def _conv_ok(conv: nn.Module | None) -> bool:
+    # What F.conv2d(x, conv.weight, None, ...) reproduces (other padding modes pad first).
+    return type(conv) is nn.Conv2d and conv.padding_mode == "zeros"
+
+
+def _upsampler_ok(up: nn.Module) -> bool:
+    from diffusers.models.upsampling import Upsample2D
+
+    return (
+        type(up) is Upsample2D
+        and up.norm is None
+        and up.interpolate
+        and up.use_conv
+        and not up.use_conv_transpose
+        and up.name == "conv"
+        and _conv_ok(up.conv)
+    )
 
 
 def _resnet_ok(block: nn.Module) -> bool:
@@ -64,6 +85,9 @@ def _resnet_ok(block: nn.Module) -> bool:
         # Without a time embedding every mode but scale_shift (which needs one) is norm2 alone; the
         # Decoder's up blocks say "group", its mid block "default".
         and block.time_embedding_norm != "scale_shift"
+        and _conv_ok(block.conv1)
+        and _conv_ok(block.conv2)
+        and (block.conv_shortcut is None or _conv_ok(block.conv_shortcut))
     )
 
 
@@ -88,9 +112,17 @@ def _replaced_modules(vae) -> list[nn.Module] | None:
         return None
     if not _norm_silu_ok(decoder.conv_norm_out, decoder.conv_act):
         return None
+    upsamplers = [u for block in decoder.up_blocks for u in block.upsamplers or ()]
+    if not all(_upsampler_ok(u) for u in upsamplers) or not all(
+        _conv_ok(c) for c in (decoder.conv_in, decoder.conv_out)
+    ):
+        return None
+    # On CUDA the convolutions and upsamplers are not called as modules either (their bias is folded).
     replaced = [decoder, mid, *decoder.up_blocks, decoder.conv_norm_out, decoder.conv_act]
+    replaced += [decoder.conv_in, decoder.conv_out, *upsamplers, *(u.conv for u in upsamplers)]
     for r in resnets:
-        replaced += [r, r.norm1, r.norm2, r.nonlinearity]
+        replaced += [r, r.norm1, r.norm2, r.nonlinearity, r.conv1, r.conv2]
+        replaced += [r.conv_shortcut] if r.conv_shortcut is not None else []
     return replaced
 
 
@@ -125,22 +157,69 @@ def vae_decode_supported(vae) -> bool:
     return isinstance(vae, nn.Module) and _plan(vae) is not None
 
 
-def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    return group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=True)
+def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor, x_bias: torch.Tensor | None) -> torch.Tensor:
+    return group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=True, input_bias=x_bias)
 
 
-def _resnet(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    h = block.conv1(_norm_silu(block.norm1, x))
-    h = block.conv2(block.dropout(_norm_silu(block.norm2, h)))
-    shortcut = x if block.conv_shortcut is None else block.conv_shortcut(x)
-    out = shortcut + h
+# On CUDA (fold=True) activations travel as (x, x_bias): the tensor a conv wrote without its bias, and that
+# bias (or None), still to be added. The pass that next reads x adds it — the GroupNorm after the conv
+# (input_bias) or the residual add — so no pass exists only to add a bias. On the CPU (fold=False) every
+# conv is the module itself and x_bias is always None: vae.decode's exact operations.
+
+
+def _conv(conv: nn.Conv2d, x: torch.Tensor, fold: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not fold or conv.bias is None:
+        return conv(x), None
+    return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups), conv.bias
+
+
+def _add(a: torch.Tensor, b=None, bias=None, bias2=None) -> torch.Tensor:
+    """a (+ b) (+ bias) (+ bias2), biases (C,) per channel: one vectorised Triton pass on CUDA, in float32
+    with one rounding (PyTorch's broadcast add of a (1, C, 1, 1) bias is a strided loop at ~1/3 of the
+    bandwidth); torch's adds elsewhere (a + b alone is exactly diffusers' residual add)."""
+    if bias is None and bias2 is None:
+        return a if b is None else a + b
+    tensors = [t for t in (a, b, bias, bias2) if t is not None]
+    dense = a.is_contiguous() or a.is_contiguous(memory_format=torch.channels_last)
+    if _use_triton(*tensors) and dense and (b is None or b.stride() == a.stride()):
+        from diffserve.kernels._triton_bias_add import add_bias
+
+        return add_bias(a, b, bias, bias2)
+    out = a if b is None else a + b
+    for v in (bias, bias2):
+        out = out if v is None else out + v.view(-1, *[1] * (a.dim() - 2))
+    return out
+
+
+def _resnet(block: nn.Module, x: torch.Tensor, x_bias: torch.Tensor | None, fold: bool) -> torch.Tensor:
+    if x_bias is not None and block.conv_shortcut is not None:
+        x, x_bias = _add(x, bias=x_bias), None  # the 1x1 shortcut conv needs x + x_bias itself
+    h, h_bias = _conv(block.conv1, _norm_silu(block.norm1, x, x_bias), fold)
+    h, h_bias = _conv(block.conv2, block.dropout(_norm_silu(block.norm2, h, h_bias)), fold)
+    shortcut, s_bias = (x, x_bias) if block.conv_shortcut is None else _conv(block.conv_shortcut, x, fold)
+    out = _add(shortcut, h, s_bias, h_bias)  # shortcut + conv2(...): both biases in the one pass
     # x / 1.0 == x exactly: skip a pass over the activation for the factor every AutoencoderKL uses.
     return out if block.output_scale_factor == 1.0 else out / block.output_scale_factor
 
 
-def _channels_last_decode(latents: torch.Tensor) -> bool:
-    # CUDA only: on the CPU the result must stay bit-identical to vae.decode, and oneDNN's channels_last
-    # convolutions may round differently. (A function so that the CPU tests can run the CUDA layout.)
+def _upsample(up: nn.Module, x: torch.Tensor, fold: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not fold:
+        return up(x), None
+    # Upsample2D.forward: nearest 2x, then its conv. (Its .contiguous() guards for batch >= 64 and outputs
+    # past 2**31 elements concern PyTorch's NHWC kernel; ours indexes in 64 bits.)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and _use_triton(x):
+        from diffserve.kernels._triton_bias_add import upsample_nearest2x_channels_last
+
+        x = upsample_nearest2x_channels_last(x)
+    else:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+    return _conv(up.conv, x, fold)
+
+
+def _cuda_walk(latents: torch.Tensor) -> bool:
+    """The CUDA form of the walk: channels_last throughout, conv biases folded into the next pass. CUDA
+    only: on the CPU the result must stay bit-identical to vae.decode, and oneDNN's channels_last
+    convolutions may round differently. (A function so that the CPU tests can run the CUDA form.)"""
     return latents.is_cuda
 
 
@@ -151,21 +230,26 @@ def decode_kl_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     if not vae_decode_supported(vae):
         return vae.decode(latents, return_dict=False)[0]
     decoder = vae.decoder
-    channels_last = _channels_last_decode(latents)
-    if channels_last:
+    fold = _cuda_walk(latents)
+    if fold:
         latents = latents.contiguous(memory_format=torch.channels_last)
+    # post_quant_conv (1x1 on the latents: small) as it is, since conv_in's zero padding needs its bias.
     z = latents if vae.post_quant_conv is None else vae.post_quant_conv(latents)
-    h = decoder.conv_in(z)
+    h, h_bias = _conv(decoder.conv_in, z, fold)
     mid = decoder.mid_block
-    h = _resnet(mid.resnets[0], h)
+    h = _resnet(mid.resnets[0], h, h_bias, fold)
     for attn, resnet in zip(mid.attentions, mid.resnets[1:], strict=True):
         if attn is not None:
             h = attn(h, temb=None)
-        h = _resnet(resnet, h)
+        h = _resnet(resnet, h, None, fold)
+    h_bias = None
     for block in decoder.up_blocks:
         for resnet in block.resnets:
-            h = _resnet(resnet, h)
+            h, h_bias = _resnet(resnet, h, h_bias, fold), None
         for upsampler in block.upsamplers or ():
-            h = upsampler(h)
-    image = decoder.conv_out(_norm_silu(decoder.conv_norm_out, h))
-    return image.contiguous() if channels_last else image
+            if h_bias is not None:  # (two upsamplers in a row: never in diffusers' blocks)
+                h, h_bias = _add(h, bias=h_bias), None
+            h, h_bias = _upsample(upsampler, h, fold)
+    image, image_bias = _conv(decoder.conv_out, _norm_silu(decoder.conv_norm_out, h, h_bias), fold)
+    image = _add(image, bias=image_bias)
+    return image.contiguous() if fold else image
