@@ -17,42 +17,42 @@ import torch
 import triton
 import triton.language as tl
 
-_ADD_BLOCK = 2048
-_TILE = 4096  # elements per upsampling tile (pixels x channels)
-_MAX_BLOCK_C = 256
+_TILE = 4096  # elements per program (rows x columns)
+_MAX_BLOCK_C = 256  # channels per upsampling tile
+_MAX_BLOCK_COL = 1024
 
 
 @triton.jit
 def _add_kernel(
-    A, B, BIAS, BIAS2, Y, numel, channels, inner,
-    HAS_B: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr, BLOCK: tl.constexpr,
+    A, B, BIAS, BIAS2, Y, rows, cols, channels, col_blocks,
+    HAS_B: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_COL: tl.constexpr, EVEN_COL: tl.constexpr,
 ):  # fmt: skip
-    start = tl.program_id(0).to(tl.int64) * BLOCK
-    lanes = tl.arange(0, BLOCK)
-    offs = start + lanes
-    inside = offs < numel
+    # The tensor as a (rows, cols) matrix: channels last (N * pixels, C), a column is a channel;
+    # contiguous (N * C, pixels), a row is one. Either way the channel comes without a per-element
+    # division, and each program loads its few bias values once.
+    pid = tl.program_id(0).to(tl.int64)
+    r = (pid // col_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    k = (pid % col_blocks) * BLOCK_COL + tl.arange(0, BLOCK_COL)
+    if EVEN_COL:  # a mask constant along the rows: the loads and stores vectorise
+        inside = (r < rows)[:, None]
+    else:
+        inside = (r < rows)[:, None] & (k < cols)[None, :]
+    offs = r[:, None] * cols + k[None, :]
     y = tl.load(A + offs, mask=inside, other=0.0).to(tl.float32)
     if HAS_B:
         y += tl.load(B + offs, mask=inside, other=0.0).to(tl.float32)
-    # Element i's channel is (i // inner) % channels (inner: 1 channels last, the pixel count contiguous).
-    # From the block's phase in its period, in 32 bits; inner == 1 is specialised away by Triton.
-    phase = (start % (inner * channels)).to(tl.int32)
-    c = ((phase + lanes) // inner) % channels  # always a valid channel: no mask, an L1-resident gather
+    if CHANNELS_LAST:
+        c = k[None, :]
+        c_ok = c < cols
+    else:
+        c = (r % channels)[:, None]
+        c_ok = c < channels  # (always: a valid address for the rows past the end)
     if HAS_BIAS:
-        y += tl.load(BIAS + c).to(tl.float32)
+        y += tl.load(BIAS + c, mask=c_ok, other=0.0).to(tl.float32)
     if HAS_BIAS2:
-        y += tl.load(BIAS2 + c).to(tl.float32)
+        y += tl.load(BIAS2 + c, mask=c_ok, other=0.0).to(tl.float32)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=inside)
-
-
-def _channel_inner(x: torch.Tensor) -> int | None:
-    """Elements between consecutive channels in x's memory: 1 when dense channels last, the pixel count
-    when contiguous, None otherwise."""
-    if x.is_contiguous():
-        return x[0, 0].numel() if x.dim() > 2 else 1
-    if x.dim() >= 3 and x.movedim(1, -1).is_contiguous():
-        return 1
-    return None
 
 
 def add_bias(
@@ -62,20 +62,27 @@ def add_bias(
     bias2: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """a (+ b) (+ bias) (+ bias2) in float32, rounded once to a's dtype, in a's memory format: a and b
-    (N, C, *spatial) of one shape and layout (contiguous or channels last), bias and bias2 (C,)."""
-    inner = _channel_inner(a)
-    if inner is None or (b is not None and (b.shape != a.shape or b.stride() != a.stride())):
+    (N, C, *spatial) of one shape and strides, contiguous or channels last (dense, channels innermost);
+    bias and bias2 (C,)."""
+    n, channels = a.shape[0], a.shape[1]
+    pixels = a.numel() // max(1, n * channels)
+    channels_last = not a.is_contiguous()
+    if (channels_last and not (a.dim() >= 3 and a.movedim(1, -1).is_contiguous())) or (
+        b is not None and (b.shape != a.shape or b.stride() != a.stride())
+    ):
         raise ValueError("add_bias: a and b must be one dense layout, contiguous or channels last")
-    channels = a.shape[1]
-    if inner * channels + _ADD_BLOCK >= 2**31:  # the 32-bit channel arithmetic
-        raise ValueError("add_bias: a channel period past 2**31 elements")
+    rows, cols = (n * pixels, channels) if channels_last else (n * channels, pixels)
+    block_col = min(_MAX_BLOCK_COL, triton.next_power_of_2(cols))
+    block_r = max(1, min(_TILE // block_col, triton.next_power_of_2(rows)))
+    col_blocks = triton.cdiv(cols, block_col)
     y = torch.empty_like(a)
-    numel = a.numel()
-    _add_kernel[(triton.cdiv(numel, _ADD_BLOCK),)](
-        a, b if b is not None else a, bias if bias is not None else a, bias2 if bias2 is not None else a,
-        y, numel, channels, inner,
-        HAS_B=b is not None, HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None,
-        BLOCK=_ADD_BLOCK, num_warps=4,
+    bias, bias2 = (v.contiguous() if v is not None else a for v in (bias, bias2))  # (a: absent, never read)
+    _add_kernel[(triton.cdiv(rows, block_r) * col_blocks,)](
+        a, a if b is None else b, bias, bias2,
+        y, rows, cols, channels, col_blocks,
+        HAS_B=b is not None, HAS_BIAS=bias is not a, HAS_BIAS2=bias2 is not a,
+        CHANNELS_LAST=channels_last, BLOCK_R=block_r, BLOCK_COL=block_col, EVEN_COL=cols % block_col == 0,
+        num_warps=4,
     )  # fmt: skip
     return y
 

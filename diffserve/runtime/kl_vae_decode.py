@@ -10,16 +10,25 @@ every norm + activation pair is one diffserve.kernels.group_norm(..., silu=True)
   Decoder:       post_quant_conv (if any), conv_in, mid block (resnet, [attention, resnet]...),
                  up blocks (resnets, then upsamplers), conv_norm_out -> SiLU, conv_out
 
-Convolutions, the mid block's attention and the upsamplers are called as they are. On the CPU (and
-wherever the kernel does not run) group_norm is F.group_norm then F.silu, so the result is bit-identical
-to vae.decode; on CUDA it differs by the kernel's single rounding (one bf16 ulp per element).
+On the CPU the convolutions, the mid block's attention and the upsamplers are called as they are, and
+group_norm is F.group_norm then F.silu, so the result is bit-identical to vae.decode.
+
+On CUDA the convolutions run without their bias (F.conv2d with the module's weight and geometry): a
+biased nn.Conv2d there is cuDNN then a separate broadcast add of the bias, a strided loop at ~1/3 of the
+bandwidth (6.4 of 36 ms of a FLUX 1024x1024 decode on an H100). The bias is added by the next pass over
+the output instead: the GroupNorm after conv1 and after conv_in (group_norm's input_bias), the residual
+add after conv2 and the 1x1 shortcut (one Triton pass a + b + bias + bias2); only conv_out's and some
+upsamplers' outputs (a resnet's 1x1 shortcut needs x + bias itself) get a plain, vectorised bias add.
+The upsamplers' nearest 2x is a Triton copy in channels_last (PyTorch's NHWC kernel is a gather loop at
+3x its NCHW time). Every sum is taken in float32 and rounded once, where diffusers on CUDA rounds the conv
+output, then the biased one: the result stays within bf16 rounding of vae.decode's.
 
 Memory format on CUDA: the latents are made channels_last once and the whole decoder runs in it. Under
 vae.decode the stream is NCHW until the mid block's attention, whose output (a transposed view) is
 channels_last, so from then on every resnet added a channels_last tensor to an NCHW one (a strided,
 unvectorised loop: ~5x a plain add) and cuDNN transposed every conv's input and output to NHWC and back
-(~15 of 42 ms of a FLUX 1024x1024 decode on an H100). In channels_last, cuDNN runs its NHWC kernels directly (an NCHW weight is
-converted per call: small), group_norm reads and writes channels_last natively, the attention keeps it
+(~15 of 42 ms of a FLUX 1024x1024 decode on an H100). In channels_last, cuDNN runs its NHWC kernels
+directly (an NCHW weight is converted per call: small), group_norm reads and writes channels_last natively, the attention keeps it
 (its input reshapes to tokens as a view, its output comes back channels_last) and so do nearest-neighbour
 upsampling and the 1x1 shortcuts; both operands of every residual add are channels_last. The 3-channel
 image is made contiguous at the end (cheap). On the CPU the latents keep their layout, as vae.decode's.
@@ -205,13 +214,14 @@ def _resnet(block: nn.Module, x: torch.Tensor, x_bias: torch.Tensor | None, fold
 def _upsample(up: nn.Module, x: torch.Tensor, fold: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     if not fold:
         return up(x), None
-    # Upsample2D.forward: nearest 2x, then its conv. (Its .contiguous() guards for batch >= 64 and outputs
-    # past 2**31 elements concern PyTorch's NHWC kernel; ours indexes in 64 bits.)
+    # Upsample2D.forward: nearest 2x, then its conv.
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and _use_triton(x):
         from diffserve.kernels._triton_bias_add import upsample_nearest2x_channels_last
 
-        x = upsample_nearest2x_channels_last(x)
+        x = upsample_nearest2x_channels_last(x)  # (64-bit indexing: no size limit)
     else:
+        if x.shape[0] >= 64 or x.numel() * 2 > 2**31:  # diffusers' guards: PyTorch's NHWC kernel fails there
+            x = x.contiguous()
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
     return _conv(up.conv, x, fold)
 
