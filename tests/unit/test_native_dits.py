@@ -408,3 +408,31 @@ def test_linear_concat_splits_the_gemm():
         assert torch.equal(linear_concat([a, b], linear), expected)  # CPU default: the cat itself
         with pytest.raises(ValueError, match="12"):
             linear_concat([a, a], linear, split=True)
+
+
+def test_flux_last_single_block_keeps_only_the_image_rows():
+    # On CUDA the model's last single block computes only the rows it returns (keep_from = text length):
+    # queries, MLP, output projection and residual of those rows; keys and values of every token.
+    from diffserve.runtime.layers.rope import axes_rope
+    from diffserve.runtime.models.flux import FluxSingleBlock
+
+    torch.manual_seed(0)
+    block = _randomise(FluxSingleBlock(dim=16, heads=2, head_dim=8))
+    x, cond = torch.randn(2, 9, 16), torch.randn(2, 16)
+    rope = axes_rope(torch.randint(0, 5, (9, 3)).float(), (2, 2, 4))
+    with torch.no_grad():
+        full = block(x, cond, rope)
+        kept = block(x, cond, rope, keep_from=4)
+    assert kept.shape == (2, 5, 16)
+    torch.testing.assert_close(kept, full[:, 4:], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_flux_on_cuda_with_the_trimmed_last_block_matches_diffusers():
+    ref, ours = _flux_pair(True)
+    ref, ours = ref.cuda(), ours.cuda()
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _flux_inputs().items()}
+    with torch.no_grad():
+        expected = ref(**inputs, return_dict=False)[0]
+        got = ours(**inputs)
+    assert _rel_err(got.cpu(), expected.cpu()) < 1e-4  # float32 (TF32 off by default for matmuls)
