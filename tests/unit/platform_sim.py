@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from diffserve.kernels.flash_attention_v2 import fa2_support
 from diffserve.kernels.flash_attention_v3 import fa3_support
-from diffserve.platforms import reset_current_platform
+from diffserve.platforms import get_current_platform, reset_current_platform
+from diffserve.runtime.layers import attention as attention_layer
 from diffserve.runtime.layers.attention import reset_attention_backends
 
 
@@ -67,6 +68,9 @@ class Simulator:
             mp.setitem(sys.modules, name, None)  # None in sys.modules makes `import name` raise ImportError
         for name in providers:
             mp.setitem(sys.modules, name, fake_provider(name, self.calls))
+        # The simulated device's tensors are CPU tensors: let the simulated platform pick their kernel, as
+        # it would for tensors on that device (outside simulation CPU tensors go to the CPU platform).
+        mp.setattr(attention_layer, "platform_for", lambda device_type: get_current_platform())
         mp.setenv("DIFFSERVE_PLATFORM", platform)
         mp.delenv("DIFFSERVE_ATTENTION_BACKEND", raising=False)
         reset_all()

@@ -89,3 +89,25 @@ def test_set_attention_backend_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown attention backend"):
         attn_layer.set_attention_backend("fast-please")
     attn_layer.reset_attention_backends()
+
+
+def test_cpu_tensors_on_a_gpu_machine_get_the_cpu_platforms_kernel(monkeypatch):
+    # A model run with --device cpu on a CUDA machine: FA3/FA2 cannot take CPU tensors, so their kernel is
+    # chosen by the CPU platform's rules, while the GPU's tensors keep the GPU platform's choice.
+    from diffserve.platforms.cpu import CpuPlatform
+    from diffserve.platforms.cuda import CudaPlatform
+
+    monkeypatch.setattr(attn_layer, "get_current_platform", lambda: CudaPlatform)
+    asked = []
+    monkeypatch.setattr(
+        CudaPlatform, "get_attn_backend_cls_str", classmethod(lambda cls, *a: asked.append(a) or "x.FA3")
+    )
+    assert attn_layer.platform_for("cpu") is CpuPlatform
+    assert attn_layer.platform_for("cuda") is CudaPlatform and attn_layer.platform_for(None) is CudaPlatform
+    attn_layer.reset_attention_backends()
+    q = torch.randn(1, 8, 2, 16)
+    assert attn_layer.get_attention_backend(16, torch.float32, "cpu") is SDPABackend
+    out = attn_layer.attention(q, q, q)  # runs (SDPA), where the CUDA platform's FA3 would fail
+    torch.testing.assert_close(out, reference(q, q, q, 16**-0.5, False).float(), rtol=1e-5, atol=1e-5)
+    assert asked == []  # the CUDA platform was never asked about CPU tensors
+    attn_layer.reset_attention_backends()

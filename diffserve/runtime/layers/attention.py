@@ -21,7 +21,7 @@ ENV_VAR = "DIFFSERVE_ATTENTION_BACKEND"
 
 _selected: AttentionBackendEnum | None = None
 _selected_set = False
-_backends: dict[tuple[int, torch.dtype], type] = {}
+_backends: dict[tuple[int, torch.dtype, bool], type] = {}
 
 
 def set_attention_backend(name: str | AttentionBackendEnum | None) -> AttentionBackendEnum | None:
@@ -47,12 +47,28 @@ def reset_attention_backends() -> None:
     _backends.clear()
 
 
-def get_attention_backend(head_size: int, dtype: torch.dtype) -> type:
-    """The backend class for this (head size, dtype), resolved on first use through current_platform."""
-    key = (head_size, dtype)
+def platform_for(device_type: str | None):
+    """The platform whose rules pick the kernel for tensors on `device_type` (None: the platform's own
+    device): the current platform, except for CPU tensors on a GPU machine, which the CPU platform takes."""
+    platform = get_current_platform()
+    if device_type == "cpu" and platform.device_type != "cpu":
+        from diffserve.platforms.cpu import CpuPlatform
+
+        return CpuPlatform
+    return platform
+
+
+def get_attention_backend(head_size: int, dtype: torch.dtype, device_type: str | None = None) -> type:
+    """The backend class for this (head size, dtype), resolved on first use through current_platform.
+
+    device_type: where the tensors are. Tensors on the CPU of a GPU machine (a model run with --device cpu,
+    the CPU tests) resolve through the CPU platform: the GPU's kernels (FA3, FA2) cannot take them."""
+    on_cpu = device_type == "cpu"  # None (a caller asking for the platform's device) keys as the device's
+    key = (head_size, dtype, on_cpu)
     backend = _backends.get(key)
     if backend is None:
-        path = get_current_platform().get_attn_backend_cls_str(selected_attention_backend(), head_size, dtype)
+        platform = platform_for("cpu" if on_cpu else None)
+        path = platform.get_attn_backend_cls_str(selected_attention_backend(), head_size, dtype)
         backend = _backends[key] = import_class(path)
     return backend
 
@@ -60,5 +76,5 @@ def get_attention_backend(head_size: int, dtype: torch.dtype) -> type:
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, causal: bool = False
 ) -> torch.Tensor:
-    backend = get_attention_backend(q.shape[-1], q.dtype)
+    backend = get_attention_backend(q.shape[-1], q.dtype, q.device.type)
     return backend.forward(q, k, v, scale=scale, causal=causal)

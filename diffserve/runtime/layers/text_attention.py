@@ -48,7 +48,7 @@ def diffserve_text_attention(
     causal = causal and query.shape[2] > 1
     mask = _combined_mask(attention_mask, position_bias, query.dtype)
     if mask is None:
-        backend = get_attention_backend(query.shape[-1], query.dtype)
+        backend = get_attention_backend(query.shape[-1], query.dtype, query.device.type)
         out = backend.forward(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=scaling, causal=causal
         )
