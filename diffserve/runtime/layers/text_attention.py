@@ -58,8 +58,8 @@ def diffserve_text_attention(
         upper = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).triu(k_len - q_len + 1)
         mask = mask.masked_fill(upper, torch.finfo(mask.dtype).min)
     # Dense mask: T5 hands its relative-position bias over as a transposed view, and with a strided mask SDPA
-    # leaves its fused kernels for the float32 math path (H100, T5-XXL at 512 tokens: 580 us instead of
-    # 36 us per call, 26.7 -> 17.2 ms per encoder forward). A copy of 64 x 512 x 512 values is ~20 us.
+    # leaves its fused kernels (cuDNN, memory-efficient) for the float32 math path, several times slower on
+    # an H100 (benchmarks/RESULTS.md, session 3). The copy is one small pass over heads x seq x seq values.
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask.to(query.dtype).contiguous(), scale=scaling
     )
