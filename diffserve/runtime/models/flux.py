@@ -199,7 +199,7 @@ class FluxSingleBlock(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor, rope, projected=None, keep_from: int = 0):
         """keep_from: return only the rows from this token on (the last block of the model, whose text rows
         are dropped anyway: their MLP, output projection and queries are skipped, ~0.17 ms of a FLUX.1
-        forward at 1024^2). Every token still provides keys and values, so the kept rows are unchanged."""
+        forward at 1024^2 by FLOP count). Every token still provides keys and values, so the kept rows are unchanged."""
         shift, scale, gate = self.norm(cond, projected)
         h = norm_modulate(x, shift, scale, _EPS)
         mlp = linear_gelu(h[:, keep_from:], self.proj_mlp.weight, self.proj_mlp.bias)

@@ -268,7 +268,7 @@ class TextEncoder(cuda_graphs.GraphedForward):
     On a GPU the forward replays as a CUDA graph: prompts are padded to a fixed length, so every call has
     the same shapes, and T5-XXL's forward is ~1,000 short kernels (24 layers of small ops around 512-row
     GEMMs) that keep the GPU waiting on the host between launches; one graph replay removes those gaps
-    (an H100 measured the bare T5-XXL at 42.9 ms eager, 26.5 ms as a graph). Elsewhere: the plain call."""
+    (benchmarks/RESULTS.md, session 3: the text stage of a FLUX generation). Elsewhere: the plain call."""
 
     def __init__(self, module, output: str):
         self.module, self.output = module, output
@@ -417,7 +417,7 @@ def to_pil(images: torch.Tensor) -> list:
     # Scaled, rounded (half to even, as numpy) and narrowed to uint8 where the images are: only bytes cross
     # to the host (81 Wan frames at 480x832: 97 MB instead of 388 MB of float32, and no numpy pass).
     # Channels last on the device, then one contiguous copy: .cpu() of the permuted view would reorder the
-    # bytes on the host instead (~10 ms for a 1024^2 image on the H100 machines' CPUs).
+    # bytes on the host instead (FLUX's decode stage at 1024^2: 42 -> 34 ms, benchmarks/RESULTS.md).
     pixels = ((images / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
     return [Image.fromarray(a) for a in pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()]
 
