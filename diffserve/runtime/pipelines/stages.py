@@ -417,7 +417,7 @@ def to_pil(images: torch.Tensor) -> list:
     # Scaled, rounded (half to even, as numpy) and narrowed to uint8 where the images are: only bytes cross
     # to the host (81 Wan frames at 480x832: 97 MB instead of 388 MB of float32, and no numpy pass).
     # Channels last on the device, then one contiguous copy: .cpu() of the permuted view would reorder the
-    # bytes on the host instead (FLUX's decode stage at 1024^2: 42 -> 34 ms, benchmarks/RESULTS.md).
+    # bytes on the host instead (FLUX's decode stage at 1024^2: 46.5 -> 34.0 ms, benchmarks/RESULTS.md).
     pixels = ((images / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
     return [Image.fromarray(a) for a in pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()]
 
