@@ -81,19 +81,9 @@ class FluxPipeline(NativePipeline):
     def run(self, p: stages.Plan, timings, on_step, should_cancel) -> GenerationResult:
         n, true_cfg = p.num_outputs, p.extra["true_cfg_scale"]  # > 1: real CFG (negative prompt)
         h, w = 2 * (p.height // (self.vae_scale * 2)), 2 * (p.width // (self.vae_scale * 2))
-        # Order: first what makes the host wait for the GPU (setting up the schedule copies it to the GPU
-        # synchronously) while the GPU is still idle; then the text encoders, queued; then the noise, drawn
-        # on the CPU while they run. No stage boundary waits (stages.Timings).
-        with timings("prepare_latents"):
-            dtype, gen = self.text_encoder_2.dtype, stages.cpu_generator(p.seed)  # = the T5 states
-            scheduler = stages.fresh_scheduler(self.scheduler)
-            sigmas = np.linspace(1.0, 1 / p.steps, p.steps)
-            scheduler.set_timesteps(
-                sigmas=sigmas, mu=sigma_shift((h // 2) * (w // 2), scheduler.config), device=self.device
-            )
-            timesteps = scheduler.timesteps if p.image is None else self.img2img_timesteps(scheduler, p)
-            img_ids = image_ids(h // 2, w // 2, self.device, dtype)
-            txt_ids = torch.zeros(T5_LENGTH, 3, device=self.device, dtype=self.text_encoder.dtype)
+        # Order: the text encoders first (T5 is one graph replay, queued at once); then, while they run, the
+        # host sets up the schedule and draws the noise on the CPU, uploading without waiting for the GPU
+        # (stages.upload). No stage boundary waits either (stages.Timings).
         with timings("encode_text"):
             states, pooled = (x.repeat_interleave(n, 0) for x in self.encode([p.prompt]))
             if true_cfg > 1 and p.negative_prompt is not None:
@@ -101,6 +91,14 @@ class FluxPipeline(NativePipeline):
             else:
                 true_cfg = 1.0
         with timings("prepare_latents"):
+            dtype, gen = self.text_encoder_2.dtype, stages.cpu_generator(p.seed)  # = the T5 states
+            scheduler = stages.fresh_scheduler(self.scheduler)
+            sigmas = np.linspace(1.0, 1 / p.steps, p.steps)
+            mu = sigma_shift((h // 2) * (w // 2), scheduler.config)
+            stages.set_timesteps_async(scheduler, self.device, sigmas=sigmas, mu=mu)
+            timesteps = scheduler.timesteps if p.image is None else self.img2img_timesteps(scheduler, p)
+            img_ids = stages.upload(image_ids(h // 2, w // 2, "cpu", dtype), self.device)
+            txt_ids = torch.zeros(T5_LENGTH, 3, device=self.device, dtype=self.text_encoder.dtype)
             shape = (n, self.transformer_config["in_channels"] // 4, h, w)
             if p.image is None:
                 scheduler.set_begin_index(0)

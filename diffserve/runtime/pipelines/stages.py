@@ -312,6 +312,15 @@ def cpu_generator(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
 
 
+def set_timesteps_async(scheduler, device, **kwargs) -> None:
+    """scheduler.set_timesteps(device=device, **kwargs) without making the host wait for the GPU: the
+    schedule is computed on the CPU (as diffusers does before its own copy) and its tensors uploaded with
+    `upload`. For schedulers whose state is `timesteps` and `sigmas` (flow matching: FLUX)."""
+    scheduler.set_timesteps(device="cpu", **kwargs)
+    scheduler.timesteps = upload(scheduler.timesteps, device)
+    scheduler.sigmas = upload(scheduler.sigmas, device)
+
+
 def gaussian(shape: tuple[int, ...], generator: torch.Generator, device, dtype) -> torch.Tensor:
     """Standard normal noise drawn on the CPU (device-independent results), then moved."""
     return upload(torch.randn(shape, generator=generator, device="cpu", dtype=dtype), device)
