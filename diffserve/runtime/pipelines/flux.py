@@ -13,7 +13,7 @@ import torch
 from diffserve.runtime.api import GenerationRequest, GenerationResult
 from diffserve.runtime.cuda_graphs import GraphedForward
 from diffserve.runtime.distributed.cfg import cfg_pair
-from diffserve.runtime.pipelines import stages
+from diffserve.runtime.pipelines import stages, text
 from diffserve.runtime.pipelines.base import NativePipeline
 
 T5_LENGTH = 512  # diffusers' max_sequence_length default for both dev and schnell
@@ -68,14 +68,14 @@ class FluxPipeline(NativePipeline):
         }
         self.image_defaults = {"guidance_scale": 7.0 if self.guidance_embeds else 0.0}  # FluxImg2ImgPipeline
         self.dit = GraphedForward(self.transformer)  # CUDA graphs on a GPU, the plain module elsewhere
-        self.clip = stages.TextEncoder(self.text_encoder, "pooler_output")
-        self.t5 = stages.TextEncoder(self.text_encoder_2, "last_hidden_state")
+        self.clip = text.TextEncoder(self.text_encoder, "pooler_output")
+        self.t5 = text.TextEncoder(self.text_encoder_2, "last_hidden_state")
 
     def encode(self, prompts: list[str]):
         # T5 first: it is one graph replay (asynchronous), so the host time CLIP takes to launch its kernels
         # (when it runs eagerly) overlaps T5's GPU time instead of leaving the GPU idle.
-        states = stages.t5_states(self.tokenizer_2, self.t5, prompts, T5_LENGTH)
-        pooled = stages.clip_pooled(self.tokenizer, self.clip, prompts)
+        states = text.t5_states(self.tokenizer_2, self.t5, prompts, T5_LENGTH)
+        pooled = text.clip_pooled(self.tokenizer, self.clip, prompts)
         return states.to(self.device), pooled.to(self.device)
 
     def run(self, p: stages.Plan, timings, on_step, should_cancel) -> GenerationResult:

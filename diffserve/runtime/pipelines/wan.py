@@ -13,7 +13,7 @@ import torch
 from diffserve.runtime.api import GenerationRequest, GenerationResult
 from diffserve.runtime.cuda_graphs import GraphedForward
 from diffserve.runtime.distributed.cfg import cfg_pair
-from diffserve.runtime.pipelines import stages
+from diffserve.runtime.pipelines import stages, text
 from diffserve.runtime.pipelines.base import NativePipeline
 from diffserve.runtime.schedulers import sync_free_scheduler
 
@@ -52,11 +52,11 @@ class WanPipeline(NativePipeline):
         self.dits = [GraphedForward(self.transformer)]
         if has_second:
             self.dits.append(GraphedForward(self.transformer_2))
-        self.t5 = stages.TextEncoder(self.text_encoder, "last_hidden_state")
+        self.t5 = text.TextEncoder(self.text_encoder, "last_hidden_state")
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        prompts = [stages.clean_prompt(p) for p in prompts]
-        states = stages.t5_states(self.tokenizer, self.t5, prompts, TEXT_LENGTH, zero_padding=True)
+        prompts = [text.clean_prompt(p) for p in prompts]
+        states = text.t5_states(self.tokenizer, self.t5, prompts, TEXT_LENGTH, zero_padding=True)
         return states.to(self.device, self.transformer.dtype)
 
     def run(self, p: stages.Plan, timings, on_step, should_cancel) -> GenerationResult:
