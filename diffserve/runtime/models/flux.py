@@ -277,6 +277,8 @@ class FluxTransformer(NativeDiT):
     def _conditioning(self, timestep, guidance, pooled: torch.Tensor, batch: int, device) -> torch.Tensor:
         """silu(temb): what every adaLN projection reads. Rounding the timestep to the activation dtype
         before scaling follows the reference; the model was trained and distilled with it."""
+        if self.config.guidance_embeds and guidance is None:
+            raise ValueError("this FLUX transformer has a guidance embedding (dev); pass guidance")
         dtype = self.x_embedder.weight.dtype
         timestep = self._per_sample(timestep, batch, device).to(dtype) * 1000
         if self.config.guidance_embeds:
@@ -299,8 +301,6 @@ class FluxTransformer(NativeDiT):
         which may change the last bit of a sum, well inside bf16 precision)."""
         if self.adaln_weight is None:
             return None
-        if self.config.guidance_embeds and guidance is None:
-            raise ValueError("this FLUX transformer has a guidance embedding (dev); pass guidance")
         steps, batch = timesteps.shape[0], pooled_projections.shape[0]
         device = pooled_projections.device
         per_step = timesteps.to(device).reshape(steps, 1).expand(steps, batch)
@@ -329,8 +329,6 @@ class FluxTransformer(NativeDiT):
         diffusers' pipelines expect); img_ids/txt_ids (seq, 3) positions; adaln: this step's row of
         adaln_schedule() (then timestep, guidance and pooled_projections are not read). Extra keyword arguments that
         diffusers' pipelines pass (joint_attention_kwargs, ...) are accepted and ignored."""
-        if adaln is None and self.config.guidance_embeds and guidance is None:
-            raise ValueError("this FLUX transformer has a guidance embedding (dev); pass guidance")
         # Sequence parallelism (a no-op alone): this rank keeps its share of the image tokens; the text
         # tokens stay whole and lead every joint attention.
         seq = shard_sequence(hidden_states.shape[1], replicated_prefix=encoder_hidden_states.shape[1])
