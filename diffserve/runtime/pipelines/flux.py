@@ -114,8 +114,11 @@ class FluxPipeline(NativePipeline):
             # Every step's adaLN projections in one GEMM before the loop (FluxTransformer.adaln_schedule):
             # the steps then skip a 6.4 GB weight read each. Same rounding of the inputs as the forward's.
             step_times = timesteps.to(dtype) / 1000
-            schedule = self.adaln_schedule(step_times, guidance, pooled)
-            neg_schedule = self.adaln_schedule(step_times, guidance, neg_pooled) if true_cfg > 1 else None
+            # (None when the projections are not fused: then each forward projects for itself.)
+            schedule = self.transformer.adaln_schedule(step_times, guidance, pooled)
+            neg_schedule = (
+                self.transformer.adaln_schedule(step_times, guidance, neg_pooled) if true_cfg > 1 else None
+            )
 
         def predict(x, t, i):
             common = dict(
@@ -127,8 +130,8 @@ class FluxPipeline(NativePipeline):
                 return_dict=False,
             )
 
-            def branch(text, text_pooled, adaln):
-                kwargs = dict(encoder_hidden_states=text, pooled_projections=text_pooled, **common)
+            def branch(prompt_states, prompt_pooled, adaln):
+                kwargs = dict(encoder_hidden_states=prompt_states, pooled_projections=prompt_pooled, **common)
                 return self.dit(**kwargs, adaln=None if adaln is None else adaln[i])[0]
 
             if true_cfg <= 1:
@@ -145,11 +148,6 @@ class FluxPipeline(NativePipeline):
             latents = unpack(latents, h, w) / self.vae.config.scaling_factor + self.vae.config.shift_factor
             images = stages.decode_images(self.vae, latents)
         return GenerationResult(images=images, width=p.width, height=p.height, seed=p.seed)
-
-    def adaln_schedule(self, step_times: torch.Tensor, guidance, pooled: torch.Tensor) -> torch.Tensor | None:
-        """The transformer's adaLN projections for every step, or None where it cannot precompute them."""
-        schedule = getattr(self.transformer, "adaln_schedule", None)
-        return None if schedule is None else schedule(step_times, guidance, pooled)
 
     @staticmethod
     def img2img_timesteps(scheduler, p: stages.Plan) -> torch.Tensor:

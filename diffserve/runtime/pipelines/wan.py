@@ -62,8 +62,10 @@ class WanPipeline(NativePipeline):
     def run(self, p: stages.Plan, timings, on_step, should_cancel) -> GenerationResult:
         n, cfg = p.num_outputs, p.guidance > 1.0
         guidance_2 = p.extra["guidance_scale_2"]
-        # Order (as in flux.py): the schedule first, whose set-up waits for the GPU while it is idle; then
-        # the text encoders, queued; then the noise, drawn on the CPU while they run.
+        # Order: the schedule first, while the GPU is still idle, since setting it up waits for the GPU (its
+        # copy to the device, the host-side UniPC coefficients, the expert per step); then the text encoders,
+        # queued; then the noise, drawn on the CPU while they run. (FLUX's schedule uploads asynchronously,
+        # so there the encoders go first.)
         with timings("prepare_latents"):
             scheduler = stages.fresh_scheduler(self.scheduler)
             scheduler.set_timesteps(p.steps, device=self.device)
@@ -98,8 +100,8 @@ class WanPipeline(NativePipeline):
             else:
                 timestep = t.expand(n)
 
-            def branch(text):
-                out = dit(hidden_states=x, timestep=timestep, encoder_hidden_states=text, return_dict=False)
+            def branch(prompt_states):
+                out = dit(hidden_states=x, timestep=timestep, encoder_hidden_states=prompt_states, return_dict=False)
                 return out[0]
 
             if not cfg:
