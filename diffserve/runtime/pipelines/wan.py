@@ -101,7 +101,9 @@ class WanPipeline(NativePipeline):
                 timestep = t.expand(n)
 
             def branch(prompt_states):
-                out = dit(hidden_states=x, timestep=timestep, encoder_hidden_states=prompt_states, return_dict=False)
+                out = dit(
+                    hidden_states=x, timestep=timestep, encoder_hidden_states=prompt_states, return_dict=False
+                )
                 return out[0]
 
             if not cfg:
