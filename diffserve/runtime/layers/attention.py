@@ -67,8 +67,9 @@ def get_attention_backend(head_size: int, dtype: torch.dtype, device_type: str |
     key = (head_size, dtype, on_cpu)
     backend = _backends.get(key)
     if backend is None:
-        platform = platform_for("cpu" if on_cpu else None)
-        path = platform.get_attn_backend_cls_str(selected_attention_backend(), head_size, dtype)
+        path = platform_for(device_type).get_attn_backend_cls_str(
+            selected_attention_backend(), head_size, dtype
+        )
         backend = _backends[key] = import_class(path)
     return backend
 

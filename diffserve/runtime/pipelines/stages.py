@@ -1,8 +1,9 @@
 """The stages every pipeline is made of: validate -> encode text -> prepare latents -> denoise -> decode.
 
 Family pipelines (flux.py, wan.py) compose these (the encode-text stage lives in text.py); anything
-family-specific (latent packing, guidance style) stays in the family file. Random numbers come from a CPU torch.Generator in the order diffusers'
-pipelines draw them, so a seed gives the same picture as diffusers on any device.
+family-specific (latent packing, guidance style) stays in the family file. Random numbers come from a CPU
+torch.Generator in the order diffusers' pipelines draw them, so a seed gives the same picture as diffusers
+on any device.
 """
 
 from __future__ import annotations
