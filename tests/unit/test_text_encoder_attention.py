@@ -117,3 +117,25 @@ def test_t5_bias_reaches_sdpa_as_a_dense_mask(monkeypatch):
     got = warmup_forward(model, with_mask=True)
     assert masks and all(m is not None and m.is_contiguous() for m in masks)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, builds_per_forward", [("t5", 1), ("umt5", 2)])
+def test_dense_mask_built_once_per_shared_bias(monkeypatch, name, builds_per_forward):
+    # T5 hands one position bias (and one padding mask) to all its layers: the dense mask is built once per
+    # forward and reused. UMT5 has a bias per layer (2 here), so each layer builds its own.
+    builds = []
+    combine = text_attention._combined_mask
+
+    def counting(*args):
+        builds.append(1)
+        return combine(*args)
+
+    monkeypatch.setattr(text_attention, "_combined_mask", counting)
+    model = build(name)
+    expected = warmup_forward(model, with_mask=True)
+    apply_to_text_encoder(model)
+    for _ in range(2):  # a second forward builds afresh: its bias is a new tensor
+        builds.clear()
+        got = warmup_forward(model, with_mask=True)
+        assert len(builds) == builds_per_forward
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -11,6 +11,8 @@ calls go to SDPA with the bias folded into its mask, which computes the same fun
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from diffserve.runtime.layers.attention import get_attention_backend, set_attention_backend
@@ -30,6 +32,44 @@ def _combined_mask(
     return position_bias if attention_mask is None else position_bias + attention_mask
 
 
+# The last dense mask built, keyed by the identity of the tensors it came from: T5 computes its position bias
+# in the first layer and hands the same tensor (and the same padding mask) to all 24, so the dense copy is
+# made once per forward instead of once per layer (the per-layer copies were 4.4 of 16.7 ms of a T5-XXL
+# forward on an H100). UMT5 has a bias per layer: every layer misses, as before.
+_last_dense: tuple = ()
+
+
+def _ref(t: torch.Tensor | None):
+    return None if t is None else weakref.ref(t)
+
+
+def _same(ref, t: torch.Tensor | None) -> bool:
+    return ref is None if t is None else (ref is not None and ref() is t)
+
+
+def _dense_mask(attention_mask, position_bias, causal: bool, query, key) -> torch.Tensor | None:
+    """The additive float mask SDPA gets: bias + padding mask (+ causality), dense and in q's dtype."""
+    global _last_dense
+    shape = (query.dtype, causal, query.shape[2], key.shape[2])
+    if _last_dense and _last_dense[2] == shape:
+        bias_ref, mask_ref, _, dense = _last_dense
+        if _same(bias_ref, position_bias) and _same(mask_ref, attention_mask):
+            return dense
+    mask = _combined_mask(attention_mask, position_bias, query.dtype)
+    if mask is None:
+        return None
+    if causal:  # a mask and causality together: fold causality into the mask
+        q_len, k_len = query.shape[2], key.shape[2]
+        upper = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).triu(k_len - q_len + 1)
+        mask = mask.masked_fill(upper, torch.finfo(mask.dtype).min)
+    # Dense: T5 hands its relative-position bias over as a transposed view, and with a strided mask SDPA
+    # leaves its fused kernels (cuDNN, memory-efficient) for the float32 math path, several times slower on
+    # an H100 (benchmarks/RESULTS.md, session 3).
+    dense = mask.to(query.dtype).contiguous()
+    _last_dense = (_ref(position_bias), _ref(attention_mask), shape, dense)
+    return dense
+
+
 def diffserve_text_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -46,23 +86,14 @@ def diffserve_text_attention(
     None)."""
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
     causal = causal and query.shape[2] > 1
-    mask = _combined_mask(attention_mask, position_bias, query.dtype)
+    mask = _dense_mask(attention_mask, position_bias, causal, query, key)
     if mask is None:
         backend = get_attention_backend(query.shape[-1], query.dtype, query.device.type)
         out = backend.forward(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=scaling, causal=causal
         )
         return out, None
-    if causal:  # a mask and causality together: fold causality into the mask
-        q_len, k_len = query.shape[2], key.shape[2]
-        upper = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).triu(k_len - q_len + 1)
-        mask = mask.masked_fill(upper, torch.finfo(mask.dtype).min)
-    # Dense mask: T5 hands its relative-position bias over as a transposed view, and with a strided mask SDPA
-    # leaves its fused kernels (cuDNN, memory-efficient) for the float32 math path, several times slower on
-    # an H100 (benchmarks/RESULTS.md, session 3). The copy is one small pass over heads x seq x seq values.
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask.to(query.dtype).contiguous(), scale=scaling
-    )
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
     return out.transpose(1, 2), None
 
 
