@@ -6,9 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffserve.kernels import gemm
 from diffserve.kernels.fused_ops import linear_gelu
-from diffserve.runtime.layers.linear import Linear
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -31,9 +29,9 @@ def linear_concat(parts: list[torch.Tensor], linear: nn.Linear, split: bool | No
         weight = linear.weight[:, col : col + part.shape[-1]]
         col += part.shape[-1]
         if out is None:
-            out = gemm.linear(part, weight, linear.bias)
+            out = F.linear(part, weight, linear.bias)
         else:
-            gemm.linear(part, weight, out=out, accumulate=True)
+            out.view(-1, out.shape[-1]).addmm_(part.reshape(-1, part.shape[-1]), weight.t())
     if col != linear.in_features:
         raise ValueError(f"parts have {col} features in total, the linear layer takes {linear.in_features}")
     return out
@@ -43,7 +41,7 @@ class _Proj(nn.Module):
     # Holds `.proj` so parameter names read `net.0.proj.*`, as in diffusers' FeedForward.
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = Linear(dim, inner)
+        self.proj = nn.Linear(dim, inner)
 
 
 class FeedForward(nn.Module):
@@ -52,7 +50,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, inner_dim: int, dim_out: int | None = None):
         super().__init__()
-        self.net = nn.ModuleList([_Proj(dim, inner_dim), nn.Identity(), Linear(inner_dim, dim_out or dim)])
+        self.net = nn.ModuleList([_Proj(dim, inner_dim), nn.Identity(), nn.Linear(inner_dim, dim_out or dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net[2](self.hidden(x))

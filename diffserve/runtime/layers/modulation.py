@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffserve.kernels import gemm
 from diffserve.kernels.fused_ops import adaln
 
 
@@ -72,16 +71,11 @@ def linear_residual_(
     Wan's video blocks (32,760 x 1,536 activations vs a 1,536 x 1,536 weight). x, inp: (batch, seq, out/in),
     contiguous. Returns x."""
     if gate is None:
-        gemm.linear(inp, weight, out=x, accumulate=True)
+        x.view(-1, x.shape[-1]).addmm_(inp.reshape(-1, inp.shape[-1]), weight.t())
         return x
     # weight (bf16) x gate (float32) in float32, rounded once into the weight's dtype: one kernel.
     scaled = torch.empty((gate.shape[0], *weight.shape), device=weight.device, dtype=weight.dtype)
     torch.mul(weight, gate.transpose(1, 2), out=scaled)
-    if (
-        x.shape[0] == 1 and x.is_cuda
-    ):  # one sample: a plain GEMM, the tuned one (CPU keeps baddbmm's rounding)
-        gemm.linear(inp, scaled[0], out=x, accumulate=True)
-        return x
     return x.baddbmm_(inp, scaled.transpose(1, 2))
 
 

@@ -11,11 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffserve.kernels import gemm
 from diffserve.runtime.distributed.ulysses import UNSHARDED, sequence_parallel_attention, shard_sequence
 from diffserve.runtime.layers.attention import attention
 from diffserve.runtime.layers.embeddings import MLPEmbedder, timestep_sinusoid
-from diffserve.runtime.layers.linear import Linear
 from diffserve.runtime.layers.mlp import FeedForward, linear_concat, linear_gelu
 from diffserve.runtime.layers.modulation import (
     AdaLNProjection,
@@ -69,18 +67,18 @@ class FluxAttention(nn.Module):
         self.head_dim = head_dim
         self.inner = inner = heads * head_dim
         self.dual = dual
-        self.to_q, self.to_k, self.to_v = (Linear(dim, inner) for _ in range(3))
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, inner) for _ in range(3))
         self.norm_q = nn.RMSNorm(head_dim, eps=_EPS)
         self.norm_k = nn.RMSNorm(head_dim, eps=_EPS)
         self.register_buffer("qkv_weight", None, persistent=False)
         self.register_buffer("qkv_bias", None, persistent=False)
         if dual:
-            self.add_q_proj, self.add_k_proj, self.add_v_proj = (Linear(dim, inner) for _ in range(3))
+            self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(dim, inner) for _ in range(3))
             self.norm_added_q = nn.RMSNorm(head_dim, eps=_EPS)
             self.norm_added_k = nn.RMSNorm(head_dim, eps=_EPS)
             # to_out.1 was dropout in diffusers; Identity keeps the index (and the state-dict names).
-            self.to_out = nn.ModuleList([Linear(inner, dim), nn.Identity()])
-            self.to_add_out = Linear(inner, dim)
+            self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Identity()])
+            self.to_add_out = nn.Linear(inner, dim)
             self.register_buffer("add_qkv_weight", None, persistent=False)
             self.register_buffer("add_qkv_bias", None, persistent=False)
 
@@ -93,7 +91,7 @@ class FluxAttention(nn.Module):
         """One stream's q, k, v (batch, seq, heads, head_dim): RMS-normed, q/k rotated by its rope rows."""
         fused = getattr(self, f"{prefix}qkv_weight")
         if fused is not None:
-            qkv = gemm.linear(x, fused, getattr(self, f"{prefix}qkv_bias")).split(self.inner, dim=-1)
+            qkv = F.linear(x, fused, getattr(self, f"{prefix}qkv_bias")).split(self.inner, dim=-1)
         elif prefix:
             qkv = self.add_q_proj(x), self.add_k_proj(x), self.add_v_proj(x)
         else:
@@ -113,8 +111,8 @@ class FluxAttention(nn.Module):
         sequence per block: ~3 ms per FLUX.1 forward at 1024^2)."""
         n_txt, inner, head_dim = context.shape[1], self.inner, self.head_dim
         buf = x.new_empty(n_txt + x.shape[1], 3 * inner)
-        gemm.linear(context[0], self.add_qkv_weight, self.add_qkv_bias, out=buf[:n_txt])
-        gemm.linear(x[0], self.qkv_weight, self.qkv_bias, out=buf[n_txt:])
+        torch.addmm(self.add_qkv_bias, context[0], self.add_qkv_weight.t(), out=buf[:n_txt])
+        torch.addmm(self.qkv_bias, x[0], self.qkv_weight.t(), out=buf[n_txt:])
         buf = buf[None]
         cos, sin = rope
         streams = (
@@ -195,8 +193,8 @@ class FluxSingleBlock(nn.Module):
         super().__init__()
         self.norm = AdaLNProjection(dim, 3)
         self.attn = FluxAttention(dim, heads, head_dim, dual=False)
-        self.proj_mlp = Linear(dim, int(dim * mlp_ratio))
-        self.proj_out = Linear(dim + int(dim * mlp_ratio), dim)
+        self.proj_mlp = nn.Linear(dim, int(dim * mlp_ratio))
+        self.proj_out = nn.Linear(dim + int(dim * mlp_ratio), dim)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, rope, projected=None, keep_from: int = 0):
         """keep_from: return only the rows from this token on (the last block of the model, whose text rows
@@ -234,8 +232,8 @@ class FluxTransformer(NativeDiT):
         c = config
         dim, heads, head_dim = c.inner_dim, c.num_attention_heads, c.attention_head_dim
         self.time_text_embed = _TimeTextEmbed(dim, c.pooled_projection_dim, c.guidance_embeds)
-        self.context_embedder = Linear(c.joint_attention_dim, dim)
-        self.x_embedder = Linear(c.in_channels, dim)
+        self.context_embedder = nn.Linear(c.joint_attention_dim, dim)
+        self.x_embedder = nn.Linear(c.in_channels, dim)
         self.transformer_blocks = nn.ModuleList(
             FluxDualBlock(dim, heads, head_dim) for _ in range(c.num_layers)
         )
@@ -245,7 +243,7 @@ class FluxTransformer(NativeDiT):
         # Final adaLN: diffusers' AdaLayerNormContinuous, whose projection yields (scale, shift) in that order.
         self.norm_out = AdaLNProjection(dim, 2)
         out_channels = c.out_channels or c.in_channels
-        self.proj_out = Linear(dim, c.patch_size * c.patch_size * out_channels)
+        self.proj_out = nn.Linear(dim, c.patch_size * c.patch_size * out_channels)
         self.register_buffer("adaln_weight", None, persistent=False)
         self.register_buffer("adaln_bias", None, persistent=False)
 

@@ -15,11 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffserve.kernels import gemm
 from diffserve.runtime.distributed.ulysses import sequence_parallel_attention, shard_sequence
 from diffserve.runtime.layers.attention import attention
 from diffserve.runtime.layers.embeddings import MLPEmbedder, timestep_sinusoid
-from diffserve.runtime.layers.linear import Linear
 from diffserve.runtime.layers.mlp import FeedForward
 from diffserve.runtime.layers.modulation import (
     gated_residual,
@@ -82,8 +80,8 @@ class WanAttention(nn.Module):
     def __init__(self, dim: int, heads: int, eps: float):
         super().__init__()
         self.heads = heads
-        self.to_q, self.to_k, self.to_v = (Linear(dim, dim) for _ in range(3))
-        self.to_out = nn.ModuleList([Linear(dim, dim), nn.Identity()])  # .1 was dropout
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Identity()])  # .1 was dropout
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
         for name in ("qkv_weight", "qkv_bias", "kv_weight", "kv_bias"):
@@ -92,9 +90,9 @@ class WanAttention(nn.Module):
     def _project(self, x: torch.Tensor, context: torch.Tensor | None):
         dim = self.to_q.out_features
         if context is None and self.qkv_weight is not None:
-            return gemm.linear(x, self.qkv_weight, self.qkv_bias).split(dim, dim=-1)
+            return F.linear(x, self.qkv_weight, self.qkv_bias).split(dim, dim=-1)
         if context is not None and self.kv_weight is not None:
-            return (self.to_q(x), *gemm.linear(context, self.kv_weight, self.kv_bias).split(dim, dim=-1))
+            return (self.to_q(x), *F.linear(context, self.kv_weight, self.kv_bias).split(dim, dim=-1))
         kv = x if context is None else context
         return self.to_q(x), self.to_k(kv), self.to_v(kv)
 
@@ -201,7 +199,7 @@ class WanTransformer(NativeDiT):
         self.patch_embedding = nn.Conv3d(c.in_channels, dim, kernel_size=c.patch_size, stride=c.patch_size)
         self.condition_embedder = _ConditionEmbedder(c)
         self.blocks = nn.ModuleList(WanBlock(c) for _ in range(c.num_layers))
-        self.proj_out = Linear(dim, c.out_channels * math.prod(c.patch_size))
+        self.proj_out = nn.Linear(dim, c.out_channels * math.prod(c.patch_size))
         self.scale_shift_table = nn.Parameter(torch.empty(1, 2, dim))
         self.reset_parameters()
 
