@@ -427,6 +427,33 @@ def test_flux_last_single_block_keeps_only_the_image_rows():
     torch.testing.assert_close(kept, full[:, 4:], rtol=1e-5, atol=1e-6)
 
 
+def test_flux_blocks_deferring_their_last_residual_compute_the_same():
+    # A block may leave its MLP's gated residual for the next block to add in its first norm pass; two
+    # blocks chained that way give what the two blocks give one after the other.
+    from diffserve.runtime.layers.modulation import gated_residual
+    from diffserve.runtime.layers.rope import axes_rope
+    from diffserve.runtime.models.flux import FluxDualBlock, FluxSingleBlock
+
+    torch.manual_seed(0)
+    duals = [_randomise(FluxDualBlock(dim=16, heads=2, head_dim=8), seed=i) for i in range(2)]
+    singles = [_randomise(FluxSingleBlock(dim=16, heads=2, head_dim=8), seed=i) for i in range(2)]
+    img, txt, cond = torch.randn(2, 6, 16), torch.randn(2, 3, 16), torch.randn(2, 16)
+    rope = axes_rope(torch.randint(0, 5, (9, 3)).float(), (2, 2, 4))
+    with torch.no_grad():
+        plain = duals[1](*duals[0](img, txt, cond, rope), cond, rope)
+        img1, txt1, pending = duals[0](img, txt, cond, rope, defer=True)
+        assert pending[0][0].shape == img.shape and pending[1][0].shape == txt.shape
+        deferred = duals[1](img1, txt1, cond, rope, pending=pending)
+        for got, want in zip(deferred, plain):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+        x = torch.cat([txt, img], dim=1)
+        plain = singles[1](singles[0](x, cond, rope), cond, rope, keep_from=3)
+        x1, pending = singles[0](x, cond, rope, defer=True)
+        x2, pending = singles[1](x1, cond, rope, keep_from=3, pending=pending, defer=True)
+        torch.testing.assert_close(gated_residual(x2, *pending), plain, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_flux_on_cuda_with_the_trimmed_last_block_matches_diffusers():
     ref, ours = _flux_pair(True)
