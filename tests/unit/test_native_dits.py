@@ -444,7 +444,7 @@ def test_flux_blocks_deferring_their_last_residual_compute_the_same():
         img1, txt1, pending = duals[0](img, txt, cond, rope, defer=True)
         assert pending[0][0].shape == img.shape and pending[1][0].shape == txt.shape
         deferred = duals[1](img1, txt1, cond, rope, pending=pending)
-        for got, want in zip(deferred, plain):
+        for got, want in zip(deferred, plain, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
         x = torch.cat([txt, img], dim=1)

@@ -139,3 +139,15 @@ def test_dense_mask_built_once_per_shared_bias(monkeypatch, name, builds_per_for
         got = warmup_forward(model, with_mask=True)
         assert len(builds) == builds_per_forward
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_mask_cache_sees_in_place_changes():
+    # The cache is keyed by tensor identity and version: a bias changed in place gets a new dense mask.
+    q = k = torch.zeros(1, 2, 3, 4)
+    bias = torch.zeros(1, 2, 3, 3)
+    first = text_attention._dense_mask(None, bias, False, q, k)
+    assert text_attention._dense_mask(None, bias, False, q, k) is first
+    bias.add_(1.0)
+    second = text_attention._dense_mask(None, bias, False, q, k)
+    assert second is not first and torch.equal(second, torch.ones(1, 2, 3, 3))
+    assert text_attention._dense_mask(None, bias.clone(), False, q, k) is not second  # another tensor

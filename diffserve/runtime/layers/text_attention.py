@@ -40,11 +40,13 @@ _last_dense: tuple = ()
 
 
 def _ref(t: torch.Tensor | None):
-    return None if t is None else weakref.ref(t)
+    """Who t is and which version of its values: a weak reference (the cache must not keep it alive) and
+    its in-place-modification counter."""
+    return None if t is None else (weakref.ref(t), t._version)
 
 
 def _same(ref, t: torch.Tensor | None) -> bool:
-    return ref is None if t is None else (ref is not None and ref() is t)
+    return ref is None if t is None else (ref is not None and ref[0]() is t and ref[1] == t._version)
 
 
 def _dense_mask(attention_mask, position_bias, causal: bool, query, key) -> torch.Tensor | None:
