@@ -144,8 +144,9 @@ def test_dense_mask_built_once_per_shared_bias(monkeypatch, name, builds_per_for
 def test_dense_mask_cache_sees_in_place_changes():
     # The cache is keyed by tensor identity and version: a bias changed in place gets a new dense mask.
     q = k = torch.zeros(1, 2, 3, 4)
-    bias = torch.zeros(1, 2, 3, 3)
+    bias = torch.zeros(1, 3, 2, 3).transpose(1, 2)  # strided, as T5's: the dense mask is a copy
     first = text_attention._dense_mask(None, bias, False, q, k)
+    assert first.is_contiguous() and first.data_ptr() != bias.data_ptr()
     assert text_attention._dense_mask(None, bias, False, q, k) is first
     bias.add_(1.0)
     second = text_attention._dense_mask(None, bias, False, q, k)
