@@ -152,3 +152,7 @@ def test_dense_mask_cache_sees_in_place_changes():
     second = text_attention._dense_mask(None, bias, False, q, k)
     assert second is not first and torch.equal(second, torch.ones(1, 2, 3, 3))
     assert text_attention._dense_mask(None, bias.clone(), False, q, k) is not second  # another tensor
+    with torch.inference_mode():  # inference tensors have no version counter: identity alone
+        q, k, bias = q.clone(), k.clone(), torch.zeros(1, 3, 2, 3).transpose(1, 2)
+        first = text_attention._dense_mask(None, bias, False, q, k)
+        assert text_attention._dense_mask(None, bias, False, q, k) is first

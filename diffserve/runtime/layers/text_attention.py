@@ -35,18 +35,24 @@ def _combined_mask(
 # The last dense mask built, keyed by the identity of the tensors it came from: T5 computes its position bias
 # in the first layer and hands the same tensor (and the same padding mask) to all 24, so the dense copy is
 # made once per forward instead of once per layer (the per-layer copies were 4.4 of 16.7 ms of a T5-XXL
-# forward on an H100). UMT5 has a bias per layer: every layer misses, as before.
+# forward on an H100). UMT5 has a bias per layer: every layer misses, as before. Only masks with a position
+# bias are kept (it is a new tensor every forward, so nothing is reused across forwards).
 _last_dense: tuple = ()
+
+
+def _version(t: torch.Tensor) -> int | None:
+    # Inference tensors (the pipelines run under inference_mode) keep no version counter.
+    return None if t.is_inference() else t._version
 
 
 def _ref(t: torch.Tensor | None):
     """Who t is and which version of its values: a weak reference (the cache must not keep it alive) and
-    its in-place-modification counter."""
-    return None if t is None else (weakref.ref(t), t._version)
+    its in-place-modification counter where it has one."""
+    return None if t is None else (weakref.ref(t), _version(t))
 
 
 def _same(ref, t: torch.Tensor | None) -> bool:
-    return ref is None if t is None else (ref is not None and ref[0]() is t and ref[1] == t._version)
+    return ref is None if t is None else (ref is not None and ref[0]() is t and ref[1] == _version(t))
 
 
 def _dense_mask(attention_mask, position_bias, causal: bool, query, key) -> torch.Tensor | None:
@@ -68,7 +74,8 @@ def _dense_mask(attention_mask, position_bias, causal: bool, query, key) -> torc
     # leaves its fused kernels (cuDNN, memory-efficient) for the float32 math path, several times slower on
     # an H100 (benchmarks/RESULTS.md, session 3).
     dense = mask.to(query.dtype).contiguous()
-    _last_dense = (_ref(position_bias), _ref(attention_mask), shape, dense)
+    if position_bias is not None:
+        _last_dense = (_ref(position_bias), _ref(attention_mask), shape, dense)
     return dense
 
 
