@@ -156,3 +156,33 @@ def test_dense_mask_cache_sees_in_place_changes():
         q, k, bias = q.clone(), k.clone(), torch.zeros(1, 3, 2, 3).transpose(1, 2)
         first = text_attention._dense_mask(None, bias, False, q, k)
         assert text_attention._dense_mask(None, bias, False, q, k) is first
+
+
+def test_clip_mask_is_the_same_while_a_cuda_graph_is_captured(monkeypatch):
+    # Some transformers versions treat a CUDA-graph capture as tracing and then build the dense causal mask
+    # they skip eagerly (simulated here: the skip check says no); our mask function keeps skipping it, so
+    # the captured forward takes the eager path (the flash backend, causal) instead of SDPA with a mask,
+    # whose first run inside a capture failed on the H100 (CLIP could not be captured).
+    import transformers.masking_utils as masking_utils
+    from transformers import AttentionInterface
+
+    model = build("clip")
+    expected = warmup_forward(model, with_mask=False)
+    apply_to_text_encoder(model)
+    seen = []
+    original = text_attention.diffserve_text_attention
+
+    def spy(module, q, k, v, attention_mask, *args, **kwargs):
+        seen.append(attention_mask)
+        return original(module, q, k, v, attention_mask, *args, **kwargs)
+
+    AttentionInterface.register(text_attention.IMPLEMENTATION, spy)
+    monkeypatch.setattr(masking_utils, "_ignore_causal_mask_sdpa", lambda *args, **kwargs: False)
+    # the simulated condition: transformers' own SDPA mask function now returns a dense mask
+    assert masking_utils.sdpa_mask(batch_size=1, q_length=12, kv_length=12) is not None
+    try:
+        got = warmup_forward(model, with_mask=False)
+    finally:
+        text_attention.register_text_encoder_attention()
+    assert len(seen) == 2 and all(m is None for m in seen)  # one call per layer, no mask
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -106,14 +106,44 @@ def diffserve_text_attention(
     return out.transpose(1, 2), None
 
 
+def _square_self_attention(kwargs: dict) -> bool:
+    """Whether a mask request is for queries and keys over the same positions from 0 (encoders; no cache).
+    Handles both spellings transformers has used (q_length or cache_position)."""
+    if "q_length" in kwargs:
+        q_len = kwargs["q_length"]
+    elif kwargs.get("cache_position") is not None:
+        q_len = kwargs["cache_position"].shape[0]
+    else:
+        return False
+    offsets = (kwargs.get("q_offset", 0), kwargs.get("kv_offset", 0))
+    return all(isinstance(o, int) and o == 0 for o in offsets) and q_len == kwargs.get("kv_length")
+
+
 def register_text_encoder_attention() -> str:
     """Register our function (and SDPA-style masks) with transformers; returns the implementation name."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, sdpa_mask
+
+    def mask(*args, **kwargs):
+        """sdpa_mask, except that an unpadded causal self-attention mask is always skipped (None: attention
+        runs causal), also while a CUDA graph is captured. transformers treats a capture as tracing and then
+        builds the dense causal mask it skips eagerly, so the captured forward took another path (SDPA with
+        a mask) than its eager warm-up, whose first run inside the capture failed (cuDNN allocating): CLIP
+        could not run as a graph."""
+        if (
+            not args
+            and kwargs.get("allow_is_causal_skip", True)
+            and kwargs.get("attention_mask") is None
+            and kwargs.get("local_size") is None
+            and kwargs.get("mask_function", causal_mask_function) is causal_mask_function
+            and _square_self_attention(kwargs)
+        ):
+            return None
+        return sdpa_mask(*args, **kwargs)
 
     AttentionInterface.register(IMPLEMENTATION, diffserve_text_attention)
     # Without a mask function transformers would drop padding masks for a custom implementation.
-    ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, mask)
     return IMPLEMENTATION
 
 
