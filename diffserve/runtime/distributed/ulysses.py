@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from diffserve.kernels.row_copy import copy_rows
 from diffserve.runtime.distributed import group as pg
 from diffserve.runtime.layers.attention import attention
 
@@ -51,9 +52,12 @@ def sequence_parallel_attention(
     # Out: chunk j of `send` is our tokens' head group j of q, k and v, laid out (tokens, 3 * batch, ...)
     # so that what arrives, rank after rank, is (all tokens, 3 * batch, heads / degree, head_dim) with no
     # reshuffle on arrival; it lands in `joint` after the prefix rows.
+    # copy_rows: each token's head group is one contiguous run on both sides (a vectorised copy on CUDA).
     send = q.new_empty(degree, s, 3 * b, hp, d)
     for i, t in enumerate(qkv):
-        send[:, :, i * b : (i + 1) * b] = t[:, n:].unflatten(2, (degree, hp)).permute(2, 1, 0, 3, 4)
+        grouped = t[:, n:].flatten(2).unflatten(2, (degree, hp * d))  # (batch, tokens, group, run)
+        for j in range(b):
+            copy_rows(send[:, :, i * b + j].flatten(-2), grouped[j].transpose(0, 1))
     joint = q.new_empty(n + degree * s, 3 * b, hp, d)
     # (The same shape on both sides: torch.compile's traced all_to_all_single needs it.)
     dist.all_to_all_single(joint[n:].view(send.shape), send, group=group)
@@ -74,7 +78,8 @@ def sequence_parallel_attention(
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
     result = out.new_empty(b, n + s, degree, hp, d)
-    result[:, n:] = recv.permute(1, 2, 0, 3, 4)
+    for j in range(b):
+        copy_rows(result[j, n:].flatten(-2).transpose(0, 1), recv[:, j].flatten(-2))
     if n:  # the prefix's output, all heads, on every rank
         heads_out = out.new_empty(degree, b, n, hp, d)
         pg.all_gather_into(heads_out, out[:, :n].contiguous(), group)
