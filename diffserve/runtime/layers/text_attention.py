@@ -133,7 +133,7 @@ def register_text_encoder_attention() -> str:
         if (
             not args
             and kwargs.get("allow_is_causal_skip", True)
-            and kwargs.get("attention_mask") is None
+            and all(kwargs.get(key) is None for key in ("attention_mask", "padding_mask"))  # no padding
             and kwargs.get("local_size") is None
             and kwargs.get("mask_function", causal_mask_function) is causal_mask_function
             and _square_self_attention(kwargs)
