@@ -12,13 +12,9 @@ import pytest
 import torch
 
 from diffserve.kernels import fused_ops as fo
+from tests.unit.gpu_helpers import rel_err
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -51,18 +47,18 @@ def test_adaln_fallback_matches_formula(per_token):
 
     x2, h = fo.adaln(x, shift, scale, 1e-6, residual=y, gate=gate)
     expect_x = x.double() + y.double() * gate.double()
-    assert _rel(x2, expect_x) < 1e-6
-    assert _rel(h, _layer_norm(expect_x, 1e-6) * (1 + scale.double()) + shift.double()) < 1e-5
+    assert rel_err(x2, expect_x) < 1e-6
+    assert rel_err(h, _layer_norm(expect_x, 1e-6) * (1 + scale.double()) + shift.double()) < 1e-5
 
     x_only, none = fo.adaln(x, None, None, 0.0, residual=y, gate=None, normalize=False)
     assert none is None and torch.equal(x_only, x + y)
 
     same, h = fo.adaln(x, shift, scale, 1e-6)  # no residual: x comes back as is
-    assert same is x and _rel(h, _layer_norm(x, 1e-6) * (1 + scale.double()) + shift.double()) < 1e-5
+    assert same is x and rel_err(h, _layer_norm(x, 1e-6) * (1 + scale.double()) + shift.double()) < 1e-5
 
     weight, bias = torch.randn(d, generator=g), torch.randn(d, generator=g)
     _, h = fo.adaln(x, bias, weight, 1e-6, upcast=True, affine=True)
-    assert _rel(h, _layer_norm(x, 1e-6) * weight.double() + bias.double()) < 1e-5
+    assert rel_err(h, _layer_norm(x, 1e-6) * weight.double() + bias.double()) < 1e-5
 
 
 def test_adaln_keeps_activation_dtype_with_float32_modulation():
@@ -71,7 +67,7 @@ def test_adaln_keeps_activation_dtype_with_float32_modulation():
     gate, shift, scale = (torch.randn(1, 1, 16, generator=g) for _ in range(3))  # float32, as in Wan
     x2, h = fo.adaln(x, shift, scale, 1e-6, upcast=True, residual=y, gate=gate)
     assert x2.dtype == h.dtype == torch.bfloat16
-    assert _rel(x2, x.double() + y.double() * gate.double()) < 4e-3  # summed in float32, rounded once
+    assert rel_err(x2, x.double() + y.double() * gate.double()) < 4e-3  # summed in float32, rounded once
 
 
 @pytest.mark.parametrize("per_head", [True, False], ids=["per-head", "across-heads"])
@@ -89,15 +85,17 @@ def test_qk_norm_rope_fallback_matches_formula(per_head):
     x = q.double().unflatten(-1, (heads, hd)) if per_head else q.double()
     normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight.double()
     expected = _rope(normed.reshape(b, s, heads, hd), cos, sin)
-    assert _rel(out, expected) < 1e-5
+    assert rel_err(out, expected) < 1e-5
 
     # Rope only, and norm only.
     assert (
-        _rel(fo.qk_norm_rope(q, None, 0.0, cos, sin, hd, True), _rope(q.unflatten(-1, (heads, hd)), cos, sin))
+        rel_err(
+            fo.qk_norm_rope(q, None, 0.0, cos, sin, hd, True), _rope(q.unflatten(-1, (heads, hd)), cos, sin)
+        )
         < 1e-6
     )
     assert (
-        _rel(fo.qk_norm_rope(q, weight, 1e-6, None, None, hd, per_head), normed.reshape(b, s, heads, hd))
+        rel_err(fo.qk_norm_rope(q, weight, 1e-6, None, None, hd, per_head), normed.reshape(b, s, heads, hd))
         < 1e-5
     )
 
@@ -111,7 +109,7 @@ def test_linear_gelu_fallback():
     )
     z = x.double() @ w.double().T + bias.double()
     tanh_gelu = 0.5 * z * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (z + 0.044715 * z**3)))
-    assert _rel(fo.linear_gelu(x, w, bias), tanh_gelu) < 1e-6
+    assert rel_err(fo.linear_gelu(x, w, bias), tanh_gelu) < 1e-6
 
 
 def test_switch_and_environment(monkeypatch):
@@ -164,12 +162,12 @@ def test_triton_adaln_matches_fallback(dtype, dim, mod_dtype, tol, per_token):
         dict(residual=y, gate=gate, normalize=False),
     ):
         (fx, fh), (sx, sh) = _both(fo.adaln, x, shift, scale, 1e-6, upcast, **kwargs)
-        assert fx.dtype == sx.dtype == dtype and _rel(fx, sx) < tol, kwargs
+        assert fx.dtype == sx.dtype == dtype and rel_err(fx, sx) < tol, kwargs
         if fh is not None:
-            assert _rel(fh, sh) < tol, kwargs
+            assert rel_err(fh, sh) < tol, kwargs
     weight, bias = torch.randn(dim, device="cuda", generator=g), torch.randn(dim, device="cuda", generator=g)
     (_, fh), (_, sh) = _both(fo.adaln, x, bias, weight, 1e-6, True, residual=y, gate=gate, affine=True)
-    assert _rel(fh, sh) < tol
+    assert rel_err(fh, sh) < tol
 
 
 @gpu
@@ -192,7 +190,7 @@ def test_triton_qk_norm_rope_matches_fallback(heads, hd, per_head, dtype, tol):
     for args in ((weight, 1e-6, cos, sin), (None, 0.0, cos, sin), (weight, 1e-6, None, None)):
         fast, slow = _both(fo.qk_norm_rope, k, *args, hd, per_head)
         assert fast.shape == slow.shape == (b, s, heads, hd) and fast.dtype == dtype
-        assert _rel(fast, slow) < tol
+        assert rel_err(fast, slow) < tol
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
@@ -213,7 +211,7 @@ def test_qk_norm_rope_in_place_matches_out_of_place(device, per_head):
         qkv[..., heads * hd : 2 * heads * hd], weight, 1e-6, angles.cos(), angles.sin(), hd, per_head
     )
     assert got.shape == (b, s, heads, hd) and got.data_ptr() == qkv.data_ptr() + heads * hd * 4
-    assert _rel(got, expected) < 1e-6
+    assert rel_err(got, expected) < 1e-6
     assert torch.equal(qkv[..., : heads * hd], before[..., : heads * hd])
     assert torch.equal(qkv[..., 2 * heads * hd :], before[..., 2 * heads * hd :])
     assert not torch.equal(qkv, before)
@@ -226,7 +224,7 @@ def test_linear_gelu_epilogue_matches_fallback():
     w = (torch.randn(2048, 512, device="cuda", generator=g) * 0.05).bfloat16()
     bias = torch.randn(2048, device="cuda", generator=g).bfloat16()
     fast, slow = _both(fo.linear_gelu, x, w, bias)
-    assert fast.shape == slow.shape and _rel(fast, slow) < 8e-3
+    assert fast.shape == slow.shape and rel_err(fast, slow) < 8e-3
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
@@ -243,21 +241,21 @@ def test_offset_residual_pieces_match_the_formulas(device):
     gate = torch.randn(b, 1, d_out, device=device, generator=g)
     expected = x + (inp @ weight.t()) * gate
     y = x.clone()
-    assert linear_residual_(y, inp, weight, gate) is y and _rel(y, expected) < 1e-5
+    assert linear_residual_(y, inp, weight, gate) is y and rel_err(y, expected) < 1e-5
     y = x.clone()
-    assert linear_residual_(y, inp, weight) is y and _rel(y, x + inp @ weight.t()) < 1e-5
+    assert linear_residual_(y, inp, weight) is y and rel_err(y, x + inp @ weight.t()) < 1e-5
 
     offset, shift, scale = (torch.randn(b, 1, d_out, device=device, generator=g) for _ in range(3))
     shifted = x + offset
     normed = torch.nn.functional.layer_norm(shifted, (d_out,), eps=1e-6)
     h = offset_norm_modulate(x, offset, shift, scale, 1e-6, upcast=True)
-    assert _rel(h, normed * (1 + scale) + shift) < 1e-5
+    assert rel_err(h, normed * (1 + scale) + shift) < 1e-5
     weight_1d, bias_1d = scale[0, 0], shift[0, 0]
     h = offset_norm_modulate(x, offset, bias_1d, weight_1d, 1e-6, upcast=True, affine=True)
-    assert _rel(h, normed * weight_1d + bias_1d) < 1e-5
+    assert rel_err(h, normed * weight_1d + bias_1d) < 1e-5
     # No offset: the plain norm.
     assert (
-        _rel(
+        rel_err(
             offset_norm_modulate(x, None, shift, scale, 1e-6, True), fo.adaln(x, shift, scale, 1e-6, True)[1]
         )
         < 1e-6

@@ -15,20 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-from diffserve.kernels import fused_ops
 from diffserve.kernels import group_norm as gn
 from diffserve.runtime import kl_vae_decode as kl
 from diffserve.runtime.kl_vae_decode import decode_kl_latents, vae_decode_supported
+from tests.unit.gpu_helpers import needs_cuda_triton, rel_err
 
 CL = torch.channels_last
-gpu = pytest.mark.skipif(
-    not (torch.cuda.is_available() and fused_ops.triton_available()), reason="needs a CUDA GPU with Triton"
-)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _randomise(model: nn.Module) -> nn.Module:
@@ -182,7 +174,7 @@ def test_cuda_walk_on_the_cpu(vae, monkeypatch):
     seen = _record_convs(monkeypatch)
     got = decode_kl_latents(model, z)
     assert got.is_contiguous() and got.shape == expected.shape
-    assert _rel(got, expected) < 1e-5
+    assert rel_err(got, expected) < 1e-5
     assert len(seen) == _decoder_convs(model)
     assert all(is_cl for is_cl, _ in seen) and all(folded for _, folded in seen)
     assert len(adds) == 6 and all(adds)
@@ -251,7 +243,7 @@ def test_not_a_kl_vae():
 # ---------------------------------------------------------------- the CUDA decode (GPU)
 
 
-@gpu
+@needs_cuda_triton
 def test_decode_on_cuda_bf16_is_as_accurate_as_diffusers():
     model = _tiny_vae()
     z = _latents(2, 16)
@@ -263,11 +255,11 @@ def test_decode_on_cuda_bf16_is_as_accurate_as_diffusers():
     ours = decode_kl_latents(model, zc)
     assert ours.dtype == torch.bfloat16 and ours.shape == theirs.shape
     # Our bf16 decode is as close to the float32 truth as diffusers' bf16 decode is (it rounds less).
-    assert _rel(ours.cpu(), exact) <= 2 * _rel(theirs.cpu(), exact) + 1e-3
-    assert _rel(ours, theirs) < 5e-2
+    assert rel_err(ours.cpu(), exact) <= 2 * rel_err(theirs.cpu(), exact) + 1e-3
+    assert rel_err(ours, theirs) < 5e-2
 
 
-@gpu
+@needs_cuda_triton
 def test_decode_on_cuda_runs_channels_last(monkeypatch):
     # Every conv (resnets, shortcuts, upsamplers, conv_in/out) sees a channels_last input, whatever the
     # latents' layout, and runs without its bias; the image comes back contiguous with the same numbers
@@ -281,5 +273,5 @@ def test_decode_on_cuda_runs_channels_last(monkeypatch):
     assert all(is_cl for is_cl, _ in seen) and all(folded for _, folded in seen)
     assert ours.is_contiguous()
     from_cl = decode_kl_latents(model, z.contiguous(memory_format=CL))
-    assert _rel(from_cl, ours) < 1e-3
-    assert _rel(ours, _decode(model, z)) < 5e-2
+    assert rel_err(from_cl, ours) < 1e-3
+    assert rel_err(ours, _decode(model, z)) < 5e-2

@@ -11,18 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffserve.kernels import fused_ops
 from diffserve.kernels import group_norm as gn
+from tests.unit.gpu_helpers import needs_cuda_triton, rel_err
 
 CL = torch.channels_last
-gpu = pytest.mark.skipif(
-    not (torch.cuda.is_available() and fused_ops.triton_available()), reason="needs a CUDA GPU with Triton"
-)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _per_channel(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -119,7 +111,7 @@ def _reference64(x, groups, w, b, eps, silu):
     return F.silu(y) if silu else y
 
 
-@gpu
+@needs_cuda_triton
 @pytest.mark.parametrize(
     "shape, groups", [((1, 128, 1024, 1024), 32), ((2, 96, 37, 53), 32), ((1, 64, 3, 20, 30), 16)]
 )
@@ -134,14 +126,16 @@ def test_triton_group_norm_matches_float64(shape, groups, dtype, offset, silu):
     assert gn._kernel_fits(x, groups, w, b)
     got = gn.group_norm(x, groups, w, b, 1e-6, silu=silu)
     assert got.dtype == dtype and got.shape == x.shape
-    assert _rel(got, _reference64(x, groups, w, b, 1e-6, silu)) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert rel_err(got, _reference64(x, groups, w, b, 1e-6, silu)) < (
+        1e-5 if dtype == torch.float32 else 1e-2
+    )
 
 
 def _memory_format(shape):
     return CL if len(shape) == 4 else torch.channels_last_3d
 
 
-@gpu
+@needs_cuda_triton
 @pytest.mark.parametrize(
     "shape, groups",
     [
@@ -167,23 +161,25 @@ def test_triton_group_norm_channels_last_matches_float64(shape, groups, dtype, o
     got = gn.group_norm(x, groups, w, b, 1e-6, silu=silu)
     assert got.dtype == dtype and got.shape == x.shape
     assert got.is_contiguous(memory_format=fmt) and got.stride() == x.stride()  # written channels last
-    assert _rel(got, _reference64(x, groups, w, b, 1e-6, silu)) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert rel_err(got, _reference64(x, groups, w, b, 1e-6, silu)) < (
+        1e-5 if dtype == torch.float32 else 1e-2
+    )
 
 
-@gpu
+@needs_cuda_triton
 def test_triton_group_norm_without_affine_and_other_layouts():
     x = torch.randn(2, 96, 20, 26, device="cuda") * 3 + 1
     for view in (x.contiguous(memory_format=CL), x[..., ::2], x.transpose(2, 3)):  # channels last, strided
         got = gn.group_norm(view, 32, None, None, 1e-6, silu=True)
         expected = F.silu(F.group_norm(view.double(), 32, eps=1e-6))
-        assert _rel(got, expected) < 1e-5
+        assert rel_err(got, expected) < 1e-5
         if gn._channels_last(view):
             assert got.stride() == view.stride()
         else:
             assert got.is_contiguous()
 
 
-@gpu
+@needs_cuda_triton
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL])
 def test_triton_group_norm_replays_in_a_cuda_graph(fmt):
     x = torch.randn(2, 64, 48, 40, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=fmt)
@@ -200,10 +196,10 @@ def test_triton_group_norm_replays_in_a_cuda_graph(fmt):
     x.copy_(torch.randn_like(x) * 5 + 3)  # new inputs after capture: the replay must use them
     graph.replay()
     torch.cuda.synchronize()
-    assert _rel(out, _reference64(x, 32, w, b, 1e-6, True)) < 1e-2
+    assert rel_err(out, _reference64(x, 32, w, b, 1e-6, True)) < 1e-2
 
 
-@gpu
+@needs_cuda_triton
 @pytest.mark.parametrize(
     "shape, groups, fmt",
     [
@@ -227,14 +223,14 @@ def test_triton_group_norm_input_bias_matches_float64(shape, groups, fmt, dtype)
     assert got.dtype == dtype and got.stride() == x.stride()
     x64 = x.double() + _per_channel(ib.double(), x)
     expected = F.silu(F.group_norm(x64, groups, w.double(), b.double(), 1e-6))
-    assert _rel(got, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert rel_err(got, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
 def _dense(shape, fmt, dtype, g):
     return torch.randn(shape, device="cuda", generator=g).to(dtype).contiguous(memory_format=fmt)
 
 
-@gpu
+@needs_cuda_triton
 @pytest.mark.parametrize(
     "shape, fmt",
     [
@@ -271,7 +267,7 @@ def test_triton_add_bias_matches_torch(shape, fmt, dtype, has_b, has_bias, has_b
     assert ((got.double() - expected).abs() <= expected.abs() * ulp + size * 2.0**-22).all()
 
 
-@gpu
+@needs_cuda_triton
 @pytest.mark.parametrize("shape", [(1, 512, 64, 64), (2, 96, 7, 9), (1, 3, 5, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_upsample_is_nearest_interpolation(shape, dtype):

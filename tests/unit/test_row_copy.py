@@ -6,12 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffserve.kernels.fused_ops import triton_available
 from diffserve.kernels.row_copy import copy_rows
-
-needs_triton = pytest.mark.skipif(
-    not (torch.cuda.is_available() and triton_available()), reason="needs a CUDA GPU with Triton"
-)
+from tests.unit.gpu_helpers import needs_cuda_triton
 
 
 def _pack_views(device, dtype, groups=2, tokens=37, run=768, seed=0):
@@ -35,7 +31,7 @@ def test_shape_mismatch_is_an_error():
         copy_rows(torch.empty(2, 3), torch.empty(3, 2))
 
 
-@needs_triton
+@needs_cuda_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("groups, tokens, run", [(2, 16380, 768), (4, 37, 768), (3, 5, 100), (1, 300, 256)])
 def test_cuda_kernel_is_an_exact_copy(dtype, groups, tokens, run):
@@ -49,7 +45,7 @@ def test_cuda_kernel_is_an_exact_copy(dtype, groups, tokens, run):
     assert torch.equal(back.transpose(0, 1), src)
 
 
-@needs_triton
+@needs_cuda_triton
 def test_cuda_four_dims_that_do_not_merge():
     src = torch.randn(3, 2, 40, 64, device="cuda").transpose(0, 1)  # (2, 3, 40, 64), leading dims strided
     dst = torch.empty(2, 3, 40, 64, device="cuda")
