@@ -60,7 +60,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dit_specs import FULL, TINY, make_inputs  # noqa: E402
 from harness import bench_device, free, init_weights_, native_twin, on_device, rel_err, results_file, time_ms  # noqa: E402
-from record import RESULTS, record  # noqa: E402
+from record import RESULTS, blas_workspace, record  # noqa: E402
 
 VARIANTS = (
     "diffusers-eager",
@@ -350,6 +350,7 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {device_name}, torch {torch.__version__}, {args.dtype}, variants {args.variants}")
+    print(f"cuBLAS workspace: {blas_workspace()}")
 
     if args.diffusers_attention_backend == "_flash_3" or any(v.endswith("+fa3") for v in args.variants):
         print(enable_diffusers_fa3())

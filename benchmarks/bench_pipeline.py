@@ -49,7 +49,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import bench_device, results_file, synchronize  # noqa: E402
 from pipeline_specs import full_reference, ours_from, tiny_reference  # noqa: E402
-from record import RESULTS, record  # noqa: E402
+from record import RESULTS, blas_workspace, record  # noqa: E402
 
 # fmt: off
 REQUESTS = {  # what each family is timed at: diffusers' defaults for these models
@@ -304,7 +304,7 @@ def main(argv=None) -> int:
         return 2
     dtype = getattr(torch, args.dtype or ("float32" if args.tiny else "bfloat16"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {name}, torch {torch.__version__}, {dtype}")
+    print(f"device {name}, torch {torch.__version__}, {dtype}, cuBLAS workspace: {blas_workspace()}")
     import diffusers
     import transformers
 

@@ -16,10 +16,19 @@ import torch
 
 
 def bench_device(tiny: bool, script: str) -> torch.device | None:
-    """The CPU for a --tiny check of a script, else the GPU; None (after saying why) where there is none."""
+    """The CPU for a --tiny check of a script, else the GPU; None (after saying why) where there is none.
+
+    On the GPU the process's cuBLAS workspaces are then set up as diffserve's runner sets them
+    (cuda_graphs.configure_blas_workspace: none, unless DIFFSERVE_BLAS_WORKSPACE=default), before any GEMM,
+    so that ours is timed as it serves. The setting is per process, so diffusers in the same run gets it
+    too: its baseline with cuBLAS's own workspaces is a second run with DIFFSERVE_BLAS_WORKSPACE=default.
+    Each recorded row says which (record.py, "blas_workspace")."""
     if tiny:
         return torch.device("cpu")
     if torch.cuda.is_available():
+        from diffserve.runtime.cuda_graphs import configure_blas_workspace
+
+        configure_blas_workspace("cuda")
         return torch.device("cuda")
     print(f"{script} needs a CUDA GPU (use --tiny for a CPU check of the script)", file=sys.stderr)
     return None

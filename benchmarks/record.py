@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -19,6 +20,13 @@ def device_name() -> str:
     return "cpu"
 
 
+def blas_workspace() -> str:
+    """The cuBLAS workspace settings of this process (harness.bench_device sets them): "default", or the
+    variables as set."""
+    names = ("CUBLAS_WORKSPACE_CONFIG", "CUBLASLT_WORKSPACE_SIZE")
+    return " ".join(f"{n}={os.environ[n]}" for n in names if n in os.environ) or "default"
+
+
 def record(
     benchmark: str, impl: str, ms: float, tflops: float | None = None, path: Path | None = None, **extra
 ) -> dict:
@@ -30,6 +38,7 @@ def record(
         "ms": round(float(ms), 4),
         "tflops": None if tflops is None else round(float(tflops), 2),
         "command": extra.pop("command", None) or " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
+        "blas_workspace": blas_workspace(),
         **extra,
     }
     with open(path or RESULTS, "a") as f:

@@ -73,6 +73,34 @@ def graphs_enabled() -> bool:
     return os.environ.get(GRAPHS_ENV, "1").strip().lower() not in _FALSE
 
 
+BLAS_WORKSPACE_ENV = "DIFFSERVE_BLAS_WORKSPACE"  # "default" leaves cuBLAS's workspaces as torch sizes them
+_NO_BLAS_WORKSPACE = {"CUBLAS_WORKSPACE_CONFIG": ":0:0", "CUBLASLT_WORKSPACE_SIZE": "0"}
+
+
+def configure_blas_workspace(device) -> bool:
+    """Run this process's cuBLAS and cuBLASLt GEMMs without a workspace, when `device` is a CUDA device and
+    graphs are on; unless DIFFSERVE_BLAS_WORKSPACE=default or the user set either variable. Returns
+    whether it set them.
+
+    Why: with a workspace, cuBLAS (CUDA 13) runs most large bf16 GEMMs on Hopper as kernels with a dynamic
+    tile scheduler, and clears its counter in the workspace with a memset before each GEMM. In a CUDA graph
+    every memset is a node of its own and the GPU idles ~4 us around it: 229 memsets, ~0.9 ms of idle GPU,
+    per FLUX.1 forward at 1024^2. Without a workspace cuBLAS picks the same tiles with a static scheduler:
+    no memset, the same output bit for bit, and a 28-step FLUX.1 generation took 3.349 s instead of 3.405
+    on an H100 (benchmarks/RESULTS.md, session 5).
+
+    torch reads both variables once, when it first sets up cuBLAS in the process, so this must run before
+    the process's first GEMM (load_runner calls it before loading anything)."""
+    if torch.device(device).type != "cuda" or not graphs_enabled():
+        return False
+    if os.environ.get(BLAS_WORKSPACE_ENV, "").strip().lower() == "default":
+        return False
+    if any(name in os.environ for name in _NO_BLAS_WORKSPACE):
+        return False  # the user's sizes (e.g. CUBLAS_WORKSPACE_CONFIG=:4096:8 for deterministic runs)
+    os.environ.update(_NO_BLAS_WORKSPACE)
+    return True
+
+
 def _distributed_world() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size()

@@ -100,11 +100,13 @@ def load_runner(
     """Load `model` (a diffusers directory or a cached Hugging Face id; None -> the bundled default model)
     onto `device` (default: the first accelerator, else the CPU) in `dtype` (default bf16 on GPUs, fp32 on
     the CPU). Raises ModelLoadError with a one-line message for anything the user can fix."""
+    from diffserve.runtime.cuda_graphs import configure_blas_workspace
     from diffserve.runtime.layers.attention import set_attention_backend
     from diffserve.runtime.pipelines import pipeline_class
 
     spec = inspect_model(model)
     device = check_device(device or default_device())
+    configure_blas_workspace(device)  # before the first GEMM of the process (see its docstring)
     torch_dtype = parse_dtype(dtype, device)
     if attention_backend is not None:
         try:

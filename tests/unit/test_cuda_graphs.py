@@ -253,6 +253,60 @@ def test_errors_of_the_forward_itself_propagate(fake_capture):
     assert not graphed.uncapturable and not graphed.graphs
 
 
+# ---- cuBLAS workspaces ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def blas_env(monkeypatch):
+    """A process environment without any of the variables configure_blas_workspace reads or sets."""
+    for name in ("CUBLAS_WORKSPACE_CONFIG", "CUBLASLT_WORKSPACE_SIZE", cuda_graphs.BLAS_WORKSPACE_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(cuda_graphs.GRAPHS_ENV, "1")
+    return monkeypatch
+
+
+def test_blas_workspace_zeroed_for_cuda_with_graphs(blas_env):
+    import os
+
+    assert cuda_graphs.configure_blas_workspace("cuda:0") is True
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":0:0"
+    assert os.environ["CUBLASLT_WORKSPACE_SIZE"] == "0"
+
+
+@pytest.mark.parametrize(
+    "device, env",
+    [
+        ("cpu", {}),
+        ("cuda", {"DIFFSERVE_CUDA_GRAPHS": "0"}),
+        ("cuda", {"DIFFSERVE_BLAS_WORKSPACE": "default"}),
+        ("cuda", {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}),
+        ("cuda", {"CUBLASLT_WORKSPACE_SIZE": "1024"}),
+    ],
+)
+def test_blas_workspace_left_alone(blas_env, device, env):
+    # Off the GPU, without graphs, when switched off, or when the user chose a size: nothing changes.
+    import os
+
+    for name, value in env.items():
+        blas_env.setenv(name, value)
+    before = {k: os.environ.get(k) for k in ("CUBLAS_WORKSPACE_CONFIG", "CUBLASLT_WORKSPACE_SIZE")}
+    assert cuda_graphs.configure_blas_workspace(device) is False
+    assert {k: os.environ.get(k) for k in before} == before
+
+
+def test_load_runner_sets_the_workspace_before_loading(tiny_flux_dir, monkeypatch):
+    from diffserve.runtime.pipelines import flux
+
+    calls = []
+    monkeypatch.setattr(cuda_graphs, "configure_blas_workspace", lambda device: calls.append(device))
+    load = flux.FluxPipeline.load.__func__
+    monkeypatch.setattr(
+        flux.FluxPipeline, "load", classmethod(lambda cls, *a: (calls.append("load"), load(cls, *a))[1])
+    )
+    load_runner(str(tiny_flux_dir), device="cpu")
+    assert calls == ["cpu", "load"]
+
+
 # ---- GPU -------------------------------------------------------------------------------------------------
 
 
@@ -474,3 +528,51 @@ def test_stage_timings_tile_the_request_on_the_gpu(flux_gpu):
     cpu = torch.arange(6.0).reshape(2, 3)
     on_gpu = stages.upload(cpu, "cuda")
     assert on_gpu.is_cuda and torch.equal(on_gpu.cpu(), cpu)
+
+
+_MEMSETS_IN_A_GRAPH = """
+import torch
+from torch.profiler import ProfilerActivity, profile
+from diffserve.runtime.cuda_graphs import configure_blas_workspace
+print("configured", configure_blas_workspace("cuda"))
+x = torch.randn(4608, 3072, device="cuda", dtype=torch.bfloat16)
+lin = torch.nn.Linear(3072, 9216, device="cuda", dtype=torch.bfloat16)
+with torch.inference_mode():
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        lin(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = lin(x)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+    print("memsets", sum("memset" in k.lower() for k in kernels), "kernels", len(kernels))
+    print("exact", torch.equal(y, lin(x)))
+"""
+
+
+@cuda
+def test_zero_blas_workspace_leaves_no_memset_in_a_graph(tmp_path):
+    # Set in a fresh process (torch reads the sizes once): a graphed GEMM of FLUX's size has no memset node.
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("CUBLAS_WORKSPACE_CONFIG", "CUBLASLT_WORKSPACE_SIZE")
+    }
+    env.pop(cuda_graphs.BLAS_WORKSPACE_ENV, None)
+    env.pop(cuda_graphs.GRAPHS_ENV, None)
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMSETS_IN_A_GRAPH], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
+    assert lines["configured"] == "True"
+    memsets, _, kernels = lines["memsets"].partition(" kernels ")
+    assert int(memsets) == 0 and int(kernels) >= 1
+    assert lines["exact"] == "True"
