@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
-import math
 import random
 import time
 from collections.abc import Callable
@@ -249,17 +248,8 @@ def set_timesteps_async(scheduler, device, **kwargs) -> None:
 
 
 def gaussian(shape: tuple[int, ...], generator: torch.Generator, device, dtype) -> torch.Tensor:
-    """Standard normal noise drawn on the CPU (device-independent results), then moved: the values of
-    torch.randn(shape, generator=generator, dtype=dtype), and the generator left in the same state.
-
-    16-bit noise is drawn in float32 and rounded when the element count is a multiple of 16. torch's CPU
-    sampler fills 16 values at a time in float32 either way, so the values are the same, but its float32
-    path is vectorised: a FLUX.1 latent at 1024^2 took 7.7 ms in bfloat16 against 1.0 ms on a lent H100's
-    host, time the GPU spent waiting for the noise (benchmarks/RESULTS.md, session 5). A ragged tail is
-    sampled differently per dtype, so other counts are drawn in the dtype itself."""
-    narrow = dtype in (torch.bfloat16, torch.float16) and math.prod(shape) % 16 == 0
-    noise = torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32 if narrow else dtype)
-    return upload(noise.to(dtype), device)
+    """Standard normal noise drawn on the CPU (device-independent results), then moved."""
+    return upload(torch.randn(shape, generator=generator, device="cpu", dtype=dtype), device)
 
 
 def image_tensor(image, width: int, height: int) -> torch.Tensor:
