@@ -260,7 +260,8 @@ def test_errors_of_the_forward_itself_propagate(fake_capture):
 def blas_env(monkeypatch):
     """A process environment without any of the variables configure_blas_workspace reads or sets."""
     for name in ("CUBLAS_WORKSPACE_CONFIG", "CUBLASLT_WORKSPACE_SIZE", cuda_graphs.BLAS_WORKSPACE_ENV):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so that teardown also undoes what the code under test sets
+        monkeypatch.delenv(name)
     monkeypatch.setenv(cuda_graphs.GRAPHS_ENV, "1")
     return monkeypatch
 

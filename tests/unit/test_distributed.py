@@ -370,3 +370,26 @@ def test_generate_cli_spreads_over_ranks(wide_models, tmp_path):
     run = _cli("--model", wan, *video, "--cfg-parallel", "-o", str(tmp_path / "cfg.mp4"), torchrun=2)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("wrote ") == 1 and (tmp_path / "cfg.mp4").stat().st_size > 0
+
+
+def test_ranks_keep_cublas_workspace(monkeypatch):
+    # Ranks run eagerly (no CUDA graphs with several ranks): the runner's "no cuBLAS workspace" setting,
+    # which pays off only in graphs, is left off in them.
+    import os
+
+    from diffserve.runtime import cuda_graphs, runner
+    from diffserve.runtime.distributed import launch
+
+    for name in ("CUBLAS_WORKSPACE_CONFIG", "CUBLASLT_WORKSPACE_SIZE", cuda_graphs.BLAS_WORKSPACE_ENV):
+        monkeypatch.setenv(name, "")  # recorded, so that teardown also undoes what the code under test sets
+        monkeypatch.delenv(name)
+    seen = []
+
+    def fake_load_runner(model, device, dtype, backend):
+        seen.append(cuda_graphs.configure_blas_workspace(device))
+        return "runner"
+
+    monkeypatch.setattr(runner, "load_runner", fake_load_runner)
+    assert launch._load("m", "cuda:1", None, None, 2) == "runner"
+    assert seen == [False]
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and "CUBLASLT_WORKSPACE_SIZE" not in os.environ

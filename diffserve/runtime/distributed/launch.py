@@ -73,8 +73,13 @@ def check_model(config: ParallelConfig, model: str | None) -> None:
 
 
 def _load(model, device, dtype, attention_backend, world_size: int):
+    """load_runner in one rank of a group (spawned or under torchrun)."""
+    from diffserve.runtime.cuda_graphs import BLAS_WORKSPACE_ENV
     from diffserve.runtime.runner import load_runner
 
+    # Ranks of a group run their forwards eagerly (no CUDA graphs with several ranks), and eagerly cuBLAS is
+    # faster with its workspace (FLUX.1 forward 125.7 vs 133.4 ms without, benchmarks/RESULTS.md session 5).
+    os.environ.setdefault(BLAS_WORKSPACE_ENV, "default")
     if torch.device(device).type == "cpu":
         # N processes on the same cores: without this each would start one thread per core.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
