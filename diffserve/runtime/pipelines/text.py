@@ -10,6 +10,7 @@ import torch
 
 from diffserve.runtime import cuda_graphs
 from diffserve.runtime.pipelines.stages import upload
+from diffserve.runtime.t5_encoder import fuse_t5
 
 
 def clean_prompt(text: str) -> str:
@@ -52,9 +53,14 @@ class TextEncoder(cuda_graphs.GraphedForward):
 
     def __init__(self, module, output: str):
         self.module, self.output = module, output
+        # T5/UMT5 last hidden states come from our fused forward over the module's weights (t5_encoder.py:
+        # fewer, larger kernels, the same states); None for CLIP and anything it does not cover.
+        self.fused = fuse_t5(module) if output == "last_hidden_state" else None
         super().__init__(self._forward, max_graphs=2)
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.fused is not None:
+            return self.fused(input_ids, attention_mask)
         out = self.module(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=False)
         return getattr(out, self.output)
 
