@@ -83,11 +83,12 @@ def configure_blas_workspace(device) -> bool:
     whether it set them.
 
     Why: with a workspace, cuBLAS (CUDA 13) runs most large bf16 GEMMs on Hopper as kernels with a dynamic
-    tile scheduler, and clears its counter in the workspace with a memset before each GEMM. In a CUDA graph
+    tile scheduler, and clears part of the workspace with a memset before each of them. In a CUDA graph
     every memset is a node of its own and the GPU idles ~4 us around it: 229 memsets, ~0.9 ms of idle GPU,
     per FLUX.1 forward at 1024^2. Without a workspace cuBLAS picks the same tiles with a static scheduler:
     no memset, the same output bit for bit, and a 28-step FLUX.1 generation took 3.349 s instead of 3.405
-    on an H100 (benchmarks/RESULTS.md, session 5).
+    on one H100 and 3.384 instead of 3.418 on another (benchmarks/RESULTS.md, session 5). Eagerly the
+    workspace is faster (no graph nodes to save), hence graphs only.
 
     torch reads both variables once, when it first sets up cuBLAS in the process, so this must run before
     the process's first GEMM (load_runner calls it before loading anything)."""

@@ -8,9 +8,11 @@ with fewer, larger kernels than the module's forward:
   * T5's relative-position bias (shared by its layers) made into SDPA's dense mask once per forward.
 
 fuse_t5(model) fuses the weights in place: the concatenated q|k|v and wi_0|wi_1 tensors replace the
-separate ones, whose parameters become views of them, so the module keeps working (and loading) as before
-and no weight is held twice. The states are the module's: the same ops in the same order, each rounded as
-the module rounds it (tests/unit/test_t5_encoder.py compares them with transformers' forward).
+separate ones, whose parameters become views of them, so the module keeps working (and loading:
+load_state_dict copies into the views) and no weight is held twice. Fuse where the encoder will run:
+moving the module afterwards (model.to) gives it new parameters and leaves the fused tensors behind (fuse
+it again then). The states are the module's: the same ops in the same order, each rounded as the module
+rounds it (tests/unit/test_t5_encoder.py compares them with transformers' forward).
 
 Covered: T5EncoderModel and UMT5EncoderModel with the gated "gelu_new" feed-forward (T5 v1.1, UMT5), all
 weights in bfloat16 or float32, no hooks. Anything else (float16, whose T5 forward clamps activations;
