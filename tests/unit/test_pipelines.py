@@ -435,3 +435,16 @@ def test_upload_and_timings_on_the_cpu():
         pass
     assert timings == {}  # filled in by settle()
     assert set(timings.settle()) == {"a"} and timings["a"] > 0
+
+
+def test_noise_drawn_later_is_the_noise_drawn_now():
+    # gaussian_later draws on a background thread: same values, same dtype, and the generator is left as
+    # gaussian() leaves it.
+    from diffserve.runtime.pipelines import stages
+
+    later_gen, now_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    draw = stages.gaussian_later((2, 4, 8, 8), later_gen, "cpu", torch.bfloat16)
+    now = stages.gaussian((2, 4, 8, 8), now_gen, "cpu", torch.bfloat16)
+    later = draw()
+    assert later.dtype == torch.bfloat16 and torch.equal(later, now)
+    assert torch.equal(torch.randn(5, generator=later_gen), torch.randn(5, generator=now_gen))

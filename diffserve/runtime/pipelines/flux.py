@@ -81,9 +81,13 @@ class FluxPipeline(NativePipeline):
     def run(self, p: stages.Plan, timings, on_step, should_cancel) -> GenerationResult:
         n, true_cfg = p.num_outputs, p.extra["true_cfg_scale"]  # > 1: real CFG (negative prompt)
         h, w = 2 * (p.height // (self.vae_scale * 2)), 2 * (p.width // (self.vae_scale * 2))
-        # Order: the text encoders first (T5 is one graph replay, queued at once); then, while they run, the
-        # host sets up the schedule and draws the noise on the CPU, uploading without waiting for the GPU
-        # (stages.upload). No stage boundary waits either (stages.Timings).
+        # Order: a text-to-image request's noise is drawn on a background thread from the start
+        # (stages.gaussian_later); the text encoders are queued first (T5 is one graph replay), then the adaLN
+        # schedule; while the GPU runs them, the host sets up the rest and uploads the noise without waiting
+        # for the GPU (stages.upload). No stage boundary waits either (stages.Timings).
+        dtype, gen = self.text_encoder_2.dtype, stages.cpu_generator(p.seed)  # = the T5 states
+        shape = (n, self.transformer_config["in_channels"] // 4, h, w)
+        draw_noise = stages.gaussian_later(shape, gen, self.device, dtype) if p.image is None else None
         with timings("encode_text"):
             states, pooled = (x.repeat_interleave(n, 0) for x in self.encode([p.prompt]))
             if true_cfg > 1 and p.negative_prompt is not None:
@@ -91,7 +95,6 @@ class FluxPipeline(NativePipeline):
             else:
                 true_cfg = 1.0
         with timings("prepare_latents"):
-            dtype, gen = self.text_encoder_2.dtype, stages.cpu_generator(p.seed)  # = the T5 states
             scheduler = stages.fresh_scheduler(self.scheduler)
             sigmas = np.linspace(1.0, 1 / p.steps, p.steps)
             mu = sigma_shift((h // 2) * (w // 2), scheduler.config)
@@ -100,7 +103,7 @@ class FluxPipeline(NativePipeline):
             guidance = torch.full([n], p.guidance, device=self.device) if self.guidance_embeds else None
             # Every step's adaLN projections in one GEMM before the loop (FluxTransformer.adaln_schedule):
             # the steps then skip a 6.4 GB weight read each. Same rounding of the inputs as the forward's.
-            # Queued before the noise is drawn: the GPU runs it (~4 ms at FLUX.1 size) while the host draws.
+            # Queued as early as its inputs allow: ~4 ms of GPU work at FLUX.1 size while the host goes on.
             step_times = timesteps.to(dtype) / 1000
             # (None when the projections are not fused: then each forward projects for itself.)
             schedule = self.transformer.adaln_schedule(step_times, guidance, pooled)
@@ -109,10 +112,9 @@ class FluxPipeline(NativePipeline):
             )
             img_ids = stages.upload(image_ids(h // 2, w // 2, "cpu", dtype), self.device)
             txt_ids = torch.zeros(T5_LENGTH, 3, device=self.device, dtype=self.text_encoder.dtype)
-            shape = (n, self.transformer_config["in_channels"] // 4, h, w)
-            if p.image is None:
+            if draw_noise is not None:
                 scheduler.set_begin_index(0)
-                latents = stages.gaussian(shape, gen, self.device, dtype)
+                latents = draw_noise()
             else:
                 image = stages.image_tensor(p.image, p.width, p.height).to(self.device, dtype)
                 clean = self.vae.encode(image.to(self.vae.dtype)).latent_dist.sample(gen)
