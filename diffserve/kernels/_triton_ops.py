@@ -138,3 +138,25 @@ def qk_norm_rope_triton(x, weight, eps, cos, sin, head_dim, per_head, out=None):
         num_warps=4 if block_h * head_dim <= 2048 else 8,
     )  # fmt: skip
     return out
+
+
+@triton.jit
+def _scale_rows_kernel(W, G, OUT, n_out, n_in, sg_b, sg_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0)  # batch * n_out + output row
+    b = row // n_out
+    o = row % n_out
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_in
+    g = tl.load(G + b * sg_b + o * sg_o).to(tl.float32)
+    w = tl.load(W + o.to(tl.int64) * n_in + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + row.to(tl.int64) * n_in + cols, (w * g).to(OUT.dtype.element_ty), mask=mask)
+
+
+def scale_rows_triton(weight, gate):
+    n_out, n_in = weight.shape
+    out = torch.empty((gate.shape[0], n_out, n_in), device=weight.device, dtype=weight.dtype)
+    block = 1024
+    _scale_rows_kernel[(gate.shape[0] * n_out, triton.cdiv(n_in, block))](
+        weight, gate, out, n_out, n_in, gate.stride(0), gate.stride(2), BLOCK=block, num_warps=4
+    )
+    return out

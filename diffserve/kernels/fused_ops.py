@@ -8,6 +8,7 @@ one pass:
   qk_norm_rope(...)   RMSNorm of q or k (per head, or across all heads) then rotary embedding; reads the
                       (possibly strided) projection output and writes (batch, seq, heads, head_dim)
   linear_gelu(...)    x @ W^T + b followed by GELU(tanh), the GELU done in cuBLASLt's epilogue
+  scale_rows(w, g)    a per-sample copy of a weight with each output row scaled by a gate (Wan's folded gates)
 
 Which path runs: the kernels when the tensors are on CUDA, Triton imports and the ops are enabled
 (DIFFSERVE_FUSED_OPS=0 or set_fused_ops(False) turns them off). Everywhere else (the CPU, CI, ROCm without
@@ -245,6 +246,24 @@ def _qk_norm_rope_inplace_op(
     from diffserve.kernels._triton_ops import qk_norm_rope_triton
 
     qk_norm_rope_triton(x, weight, eps, cos, sin, head_dim, per_head, out=x)
+
+
+# ---------------------------------------------------------------- a weight scaled per output row
+
+
+def scale_rows(weight: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """(batch, out, in): weight (out, in) with row o multiplied by gate[b, 0, o] (gate (batch, 1, out)),
+    computed in float32 and rounded once to weight.dtype, as torch.mul of the two computes it. On CUDA one
+    Triton pass at memory speed: torch's broadcast multiply of mixed dtypes runs unvectorised, at ~0.9 TB/s
+    on an H100 (Wan2.1-1.3B's gate-folded output projections: 2.5 ms per forward, benchmarks/RESULTS.md)."""
+    if gate.dim() != 3 or gate.shape[1] != 1 or gate.shape[2] != weight.shape[0]:
+        raise ValueError(f"gate must be (batch, 1, {weight.shape[0]}), got {tuple(gate.shape)}")
+    if _use_triton(weight, gate) and weight.is_contiguous():
+        from diffserve.kernels._triton_ops import scale_rows_triton
+
+        return scale_rows_triton(weight, gate)
+    out = torch.empty((gate.shape[0], *weight.shape), device=weight.device, dtype=weight.dtype)
+    return torch.mul(weight, gate.transpose(1, 2), out=out)
 
 
 # ---------------------------------------------------------------- linear + GELU(tanh)

@@ -260,3 +260,19 @@ def test_offset_residual_pieces_match_the_formulas(device):
         )
         < 1e-6
     )
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_scale_rows_is_the_broadcast_multiply(device, dtype):
+    # Wan's per-sample weight copies (linear_residual_): row o of the weight times gate[b, 0, o], rounded once
+    # as torch.mul of the two rounds it. Sizes not a multiple of the kernel's block, and a strided gate.
+    g = torch.Generator(device=device).manual_seed(4)
+    weight = torch.randn(40, 1500, device=device, generator=g).to(dtype)
+    gate = torch.randn(3, 40, 2, device=device, generator=g)[..., :1].transpose(1, 2)  # (3, 1, 40), strided
+    expected = (weight.float() * gate.transpose(1, 2)).to(dtype)
+    got = fo.scale_rows(weight, gate)
+    assert got.shape == (3, 40, 1500) and got.dtype == dtype
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="gate must be"):
+        fo.scale_rows(weight, gate.transpose(1, 2))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffserve.kernels.fused_ops import adaln
+from diffserve.kernels.fused_ops import adaln, scale_rows
 
 
 def norm_modulate(
@@ -74,9 +74,7 @@ def linear_residual_(
         x.view(-1, x.shape[-1]).addmm_(inp.reshape(-1, inp.shape[-1]), weight.t())
         return x
     # weight (bf16) x gate (float32) in float32, rounded once into the weight's dtype: one kernel.
-    scaled = torch.empty((gate.shape[0], *weight.shape), device=weight.device, dtype=weight.dtype)
-    torch.mul(weight, gate.transpose(1, 2), out=scaled)
-    return x.baddbmm_(inp, scaled.transpose(1, 2))
+    return x.baddbmm_(inp, scale_rows(weight, gate).transpose(1, 2))
 
 
 def clip_fp16(x: torch.Tensor) -> torch.Tensor:
