@@ -263,9 +263,10 @@ def gaussian_later(
     tensor on `device` (the copy is queued by the caller's thread, on its stream). The generator belongs to
     the draw until then.
 
-    Why: drawing a FLUX.1 latent's bfloat16 noise takes ~8 ms on a lent H100's host (torch's CPU sampler is
-    vectorised for float32 only), longer than the GPU needs for the text encoders and the adaLN schedule
-    queued before it, so the GPU waited for the host before the first step. torch releases the GIL while
+    Why: drawing a FLUX.1 latent's bfloat16 noise takes ~8 ms on a lent H100's host (1 ms in float32, but
+    only a draw in the request's dtype gives diffusers' values on every CPU), longer than the GPU needs for
+    the text encoders and the adaLN schedule queued before it, so the GPU waited for the host before the
+    first step (benchmarks/RESULTS.md, session 5). torch releases the GIL while
     it draws, so the draw overlaps the host's tokenising and queueing."""
     global _noise_thread
     if _noise_thread is None:
