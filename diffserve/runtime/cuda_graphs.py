@@ -98,7 +98,14 @@ def configure_blas_workspace(device) -> bool:
         return False
     if any(name in os.environ for name in _NO_BLAS_WORKSPACE):
         return False  # the user's sizes (e.g. CUBLAS_WORKSPACE_CONFIG=:4096:8 for deterministic runs)
+    if torch.are_deterministic_algorithms_enabled():
+        return False  # torch then insists on one of its deterministic workspace configs (:4096:8, :16:8)
     os.environ.update(_NO_BLAS_WORKSPACE)
+    logger.info(
+        "cuBLAS runs without a workspace (no memset before each GEMM in the CUDA graphs); "
+        "%s=default keeps cuBLAS's own",
+        BLAS_WORKSPACE_ENV,
+    )
     return True
 
 

@@ -266,12 +266,28 @@ def blas_env(monkeypatch):
     return monkeypatch
 
 
-def test_blas_workspace_zeroed_for_cuda_with_graphs(blas_env):
+def test_blas_workspace_zeroed_for_cuda_with_graphs(blas_env, caplog):
     import os
 
-    assert cuda_graphs.configure_blas_workspace("cuda:0") is True
+    with caplog.at_level(logging.INFO, logger="diffserve.runtime.cuda_graphs"):
+        assert cuda_graphs.configure_blas_workspace("cuda:0") is True
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":0:0"
     assert os.environ["CUBLASLT_WORKSPACE_SIZE"] == "0"
+    assert "DIFFSERVE_BLAS_WORKSPACE=default" in caplog.text  # says so, and how to turn it off
+
+
+def test_blas_workspace_left_alone_under_deterministic_algorithms(blas_env):
+    # torch raises at the first GEMM when deterministic algorithms are on and the workspace config is not
+    # one of its deterministic ones, so a deterministic process keeps cuBLAS's setting.
+    import os
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert cuda_graphs.configure_blas_workspace("cuda") is False
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and "CUBLASLT_WORKSPACE_SIZE" not in os.environ
 
 
 @pytest.mark.parametrize(
