@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -448,3 +449,34 @@ def test_noise_drawn_later_is_the_noise_drawn_now():
     later = draw()
     assert later.dtype == torch.bfloat16 and torch.equal(later, now)
     assert torch.equal(torch.randn(5, generator=later_gen), torch.randn(5, generator=now_gen))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork (POSIX)")
+def test_noise_thread_works_in_a_forked_child():
+    # The background draw must not hang in a child forked after the parent used it.
+    import os
+
+    from diffserve.runtime.pipelines import stages
+
+    stages.gaussian_later(
+        (4,), torch.Generator().manual_seed(0), "cpu", torch.float32
+    )()  # parent's thread up
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the draw completes with the expected values
+        ok = False
+        try:
+            got = stages.gaussian_later((4,), torch.Generator().manual_seed(1), "cpu", torch.float32)()
+            ok = torch.equal(got, torch.randn(4, generator=torch.Generator().manual_seed(1)))
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's noise draw hung")
+    assert os.waitstatus_to_exitcode(status) == 0

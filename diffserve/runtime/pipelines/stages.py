@@ -12,6 +12,7 @@ import collections
 import concurrent.futures
 import contextlib
 import io
+import os
 import random
 import time
 from collections.abc import Callable
@@ -254,6 +255,15 @@ def gaussian(shape: tuple[int, ...], generator: torch.Generator, device, dtype) 
 
 
 _noise_thread: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _forget_noise_thread() -> None:
+    # A forked child inherits the executor but not its thread: it would queue draws that never run.
+    global _noise_thread
+    _noise_thread = None
+
+
+os.register_at_fork(after_in_child=_forget_noise_thread)
 
 
 def gaussian_later(
