@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from diffserve.kernels._triton_ops import _warps
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -43,7 +45,7 @@ def rms_norm_triton(x, residual, weight, eps):
     _rms_norm_kernel[(rows,)](
         x, residual if residual is not None else x, weight, out_x, out_h, dim, eps,
         HAS_RES=residual is not None, ROUND_NORMED=weight.dtype in (torch.float16, torch.bfloat16),
-        BLOCK=block, num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16,
+        BLOCK=block, num_warps=_warps(block),
     )  # fmt: skip
     return out_x, out_h
 

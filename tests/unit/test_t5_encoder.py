@@ -55,9 +55,9 @@ def test_fused_forward_gives_the_module_states(name, with_mask):
     # The module still works: its q/k/v and wi_0/wi_1 weights are now views of the fused tensors.
     torch.testing.assert_close(module_states(model, ids, mask), expected, rtol=1e-5, atol=1e-5)
     layer = model.encoder.block[1].layer
-    qkv = fused.layers[1]["qkv"]
+    qkv = layer[0].SelfAttention.qkv_weight
     assert layer[0].SelfAttention.k.weight.data_ptr() == qkv[SIZES["d_kv"] * SIZES["num_heads"] :].data_ptr()
-    wi = fused.layers[1]["wi"]
+    wi = layer[1].DenseReluDense.wi_weight
     assert layer[1].DenseReluDense.wi_1.weight.data_ptr() == wi[SIZES["d_ff"] :].data_ptr()
 
 

@@ -147,8 +147,8 @@ class NativeDiT(nn.Module):
 
 def fuse_linears(owner: nn.Module, names: tuple[str, ...], fused: str) -> None:
     """Concatenate the nn.Linear layers owner.<name> (dotted paths, all reading the same input) into one
-    weight and one bias, kept as non-persistent buffers `<fused>_weight` / `<fused>_bias` of owner, and make
-    each layer's parameters views into them.
+    weight and one bias (None when none of the layers has one), kept as non-persistent buffers
+    `<fused>_weight` / `<fused>_bias` of owner, and make each layer's parameters views into them.
 
     One GEMM instead of several: fewer launches and wider, more efficient matmuls. The state dict keeps
     diffusers' names and load_state_dict(strict=True) still works (it copies through the views), and memory
@@ -157,13 +157,17 @@ def fuse_linears(owner: nn.Module, names: tuple[str, ...], fused: str) -> None:
     if getattr(owner, f"{fused}_weight", None) is not None:
         return
     layers = [owner.get_submodule(name) for name in names]
+    with_bias = {layer.bias is not None for layer in layers}
+    if len(with_bias) != 1:
+        raise ValueError(f"fuse_linears: {names} mix layers with and without a bias")
     weight = torch.cat([layer.weight.detach() for layer in layers])
-    bias = torch.cat([layer.bias.detach() for layer in layers])
+    bias = torch.cat([layer.bias.detach() for layer in layers]) if with_bias.pop() else None
     owner.register_buffer(f"{fused}_weight", weight, persistent=False)
     owner.register_buffer(f"{fused}_bias", bias, persistent=False)
     row = 0
     for layer in layers:
         rows = layer.weight.shape[0]
         layer.weight = nn.Parameter(weight[row : row + rows], requires_grad=False)
-        layer.bias = nn.Parameter(bias[row : row + rows], requires_grad=False)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias[row : row + rows], requires_grad=False)
         row += rows
