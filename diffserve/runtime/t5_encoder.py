@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from diffserve.kernels.t5_ops import gelu_gate, rms_norm
+from diffserve.runtime.layers.text_attention import additive_mask
 from diffserve.runtime.models.base import fuse_linears
 
 
@@ -79,12 +80,10 @@ class FusedT5Encoder:
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, length = input_ids.shape
         x = self.embed(input_ids)
-        padding = None
-        if attention_mask is not None:  # padded keys get the dtype's minimum, as transformers' masks do
-            keep = attention_mask.to(torch.bool)[:, None, None, :]
-            padding = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(
-                ~keep, torch.finfo(x.dtype).min
-            )
+        # Padded keys get the dtype's minimum, as transformers' masks do (additive_mask, as in our attention
+        # function for the module's forward).
+        keep = None if attention_mask is None else attention_mask.to(torch.bool)[:, None, None, :]
+        padding = additive_mask(keep, None, x.dtype)
         first = self.layers[0][0].SelfAttention
         mask = None
         pending = None  # the previous sub-layer's output, added to the stream in the next norm's pass
@@ -94,7 +93,7 @@ class FusedT5Encoder:
                 # (1, heads, length, length), by the layer's own bucketing and table.
                 bias = (sa if self.bias_per_layer else first).compute_bias(length, length, x.device)
                 # Dense and in the activation dtype: SDPA keeps its fused kernels only for a dense mask.
-                mask = (bias if padding is None else bias + padding).to(x.dtype).contiguous()
+                mask = additive_mask(padding, bias, x.dtype).to(x.dtype).contiguous()
             x, h = rms_norm(x, pending, attn.layer_norm.weight, attn.layer_norm.variance_epsilon)
             qkv = F.linear(h, sa.qkv_weight).view(batch, length, 3, self.heads, self.head_dim)
             q, k, v = (qkv[:, :, j].transpose(1, 2) for j in range(3))

@@ -124,13 +124,13 @@ def test_dense_mask_built_once_per_shared_bias(monkeypatch, name, builds_per_for
     # T5 hands one position bias (and one padding mask) to all its layers: the dense mask is built once per
     # forward and reused. UMT5 has a bias per layer (2 here), so each layer builds its own.
     builds = []
-    combine = text_attention._combined_mask
+    combine = text_attention.additive_mask
 
     def counting(*args):
         builds.append(1)
         return combine(*args)
 
-    monkeypatch.setattr(text_attention, "_combined_mask", counting)
+    monkeypatch.setattr(text_attention, "additive_mask", counting)
     model = build(name)
     expected = warmup_forward(model, with_mask=True)
     apply_to_text_encoder(model)

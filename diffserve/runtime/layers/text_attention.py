@@ -20,9 +20,11 @@ from diffserve.runtime.layers.attention import get_attention_backend, set_attent
 IMPLEMENTATION = "diffserve"
 
 
-def _combined_mask(
+def additive_mask(
     attention_mask: torch.Tensor | None, position_bias: torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor | None:
+    """What SDPA adds to the logits: position_bias + attention_mask, a boolean mask (True: attend) first
+    turned into 0 / dtype's minimum; either may be None (both None: None)."""
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         attention_mask = torch.zeros(
             attention_mask.shape, dtype=dtype, device=attention_mask.device
@@ -63,7 +65,7 @@ def _dense_mask(attention_mask, position_bias, causal: bool, query, key) -> torc
         bias_ref, mask_ref, _, dense = _last_dense
         if _same(bias_ref, position_bias) and _same(mask_ref, attention_mask):
             return dense
-    mask = _combined_mask(attention_mask, position_bias, query.dtype)
+    mask = additive_mask(attention_mask, position_bias, query.dtype)
     if mask is None:
         return None
     if causal:  # a mask and causality together: fold causality into the mask
