@@ -50,7 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffserve.kernels.fused_ops import _use_triton
+from diffserve.kernels.bias_add import add as _add
+from diffserve.kernels.bias_add import upsample_nearest2x
 from diffserve.kernels.group_norm import group_norm
 
 # vae -> (decoder it was checked with, post_quant_conv it was checked with, the modules whose forward the
@@ -182,24 +183,6 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor, fold: bool) -> tuple[torch.Tensor, t
     return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups), conv.bias
 
 
-def _add(a: torch.Tensor, b=None, bias=None, bias2=None) -> torch.Tensor:
-    """a (+ b) (+ bias) (+ bias2), biases (C,) per channel: one vectorised Triton pass on CUDA, in float32
-    with one rounding (PyTorch's broadcast add of a (1, C, 1, 1) bias is a strided loop at ~1/3 of the
-    bandwidth); torch's adds elsewhere (a + b alone is exactly diffusers' residual add)."""
-    if bias is None and bias2 is None:
-        return a if b is None else a + b
-    tensors = [t for t in (a, b, bias, bias2) if t is not None]
-    dense = a.is_contiguous() or a.is_contiguous(memory_format=torch.channels_last)
-    if _use_triton(*tensors) and dense and (b is None or b.stride() == a.stride()):
-        from diffserve.kernels._triton_bias_add import add_bias
-
-        return add_bias(a, b, bias, bias2)
-    out = a if b is None else a + b
-    for v in (bias, bias2):
-        out = out if v is None else out + v.view(-1, *[1] * (a.dim() - 2))
-    return out
-
-
 def _resnet(block: nn.Module, x: torch.Tensor, x_bias: torch.Tensor | None, fold: bool) -> torch.Tensor:
     if x_bias is not None and block.conv_shortcut is not None:
         x, x_bias = _add(x, bias=x_bias), None  # the 1x1 shortcut conv needs x + x_bias itself
@@ -214,16 +197,7 @@ def _resnet(block: nn.Module, x: torch.Tensor, x_bias: torch.Tensor | None, fold
 def _upsample(up: nn.Module, x: torch.Tensor, fold: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     if not fold:
         return up(x), None
-    # Upsample2D.forward: nearest 2x, then its conv.
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and _use_triton(x):
-        from diffserve.kernels._triton_bias_add import upsample_nearest2x_channels_last
-
-        x = upsample_nearest2x_channels_last(x)  # (64-bit indexing: no size limit)
-    else:
-        if x.shape[0] >= 64 or x.numel() * 2 > 2**31:  # diffusers' guards: PyTorch's NHWC kernel fails there
-            x = x.contiguous()
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-    return _conv(up.conv, x, fold)
+    return _conv(up.conv, upsample_nearest2x(x), fold)  # Upsample2D.forward: nearest 2x, then its conv
 
 
 def _cuda_walk(latents: torch.Tensor) -> bool:

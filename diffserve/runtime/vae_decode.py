@@ -31,6 +31,8 @@ import math
 import torch
 from torch import nn
 
+from diffserve.runtime.wan_vae_walk import WanWalk, walk_supported
+
 # diffusers' causal-cache protocol: each causal conv keeps the last CACHE_T frames of its input.
 CACHE_T = 2
 
@@ -86,6 +88,28 @@ def _back(decoder, x: torch.Tensor, cache: list, first: bool) -> torch.Tensor:
     return _causal_conv(decoder.conv_out, x, cache, idx)
 
 
+class _ModuleStream:
+    """One stream of chunks through diffusers' own modules, with their feat_cache protocol."""
+
+    def __init__(self, decoder: nn.Module):
+        self.decoder, self.cache, self.first = decoder, _cache_for(decoder), True
+
+    def front(self, z: torch.Tensor) -> torch.Tensor:
+        return _front(self.decoder, z, self.cache)
+
+    def back(self, x: torch.Tensor) -> torch.Tensor:
+        out = _back(self.decoder, x, self.cache, self.first)
+        self.first = False
+        return out
+
+
+def _walk_on(latents: torch.Tensor) -> bool:
+    """Whether the decode takes wan_vae_walk (CUDA: channels last, fused norms) rather than the modules.
+    CUDA only: on the CPU the result stays bit-identical to vae.decode. (A function so that the CPU tests
+    can run the walk.)"""
+    return latents.is_cuda
+
+
 def strips(width: int, tiles: int, halo: int) -> list[tuple[int, int, int, int]]:
     """(core start, core end, padded start, padded end) latent columns of `tiles` strips."""
     bounds = [round(i * width / tiles) for i in range(tiles + 1)]
@@ -110,17 +134,26 @@ def decode_wan_latents(vae, latents: torch.Tensor, tiles: int = 1, halo: int | N
     batch, _, frames, h, w = latents.shape
     halo = receptive_halo(decoder) if halo is None else halo
     spans = strips(w, max(1, min(tiles, w)), halo)
+    if _walk_on(latents) and walk_supported(decoder):
+        weights: dict = {}  # the walks of one decode share their channels-last weights
+
+        def stream():
+            return WanWalk(decoder, weights)
+    else:
+
+        def stream():
+            return _ModuleStream(decoder)
+
     out = None
     for b in range(batch):  # one video at a time, as diffusers' sliced decoding: the caches are per video
         z = vae.post_quant_conv(latents[b : b + 1])
-        front_cache = _cache_for(decoder)
-        back_caches = [_cache_for(decoder) for _ in spans]
+        front = stream()
+        backs = [stream() for _ in spans]
         t = 0
         for f in range(frames):
-            first = f == 0
-            feat = _front(decoder, z[:, :, f : f + 1], front_cache)
-            for (a, e, lo, hi), cache in zip(spans, back_caches, strict=True):
-                chunk = _back(decoder, feat[..., lo:hi], cache, first)
+            feat = front.front(z[:, :, f : f + 1])
+            for (a, e, lo, hi), back in zip(spans, backs, strict=True):
+                chunk = back.back(feat[..., lo:hi])
                 scale = chunk.shape[-1] // (hi - lo)
                 if out is None:
                     total = chunk.shape[2] + (frames - 1) * _frames_per_chunk(vae)

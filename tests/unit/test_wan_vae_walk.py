@@ -1,0 +1,186 @@
+"""The CUDA walk of the Wan VAE decoder (runtime/wan_vae_walk.py) and its fused channel RMS norm
+(kernels/channel_rms_norm.py), against AutoencoderKLWan.decode and WanRMS_norm."""
+
+from __future__ import annotations
+
+import diffusers
+import pytest
+import torch
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+from torch import nn
+
+from diffserve.kernels.channel_rms_norm import channel_rms_norm, channel_rms_norm_reference
+from diffserve.runtime import vae_decode, wan_vae_walk
+from diffserve.runtime.vae_decode import decode_wan_latents
+from tests.unit.gpu_helpers import needs_cuda_triton, rel_err
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _random_vae(**kw) -> diffusers.AutoencoderKLWan:
+    torch.manual_seed(0)
+    model = diffusers.AutoencoderKLWan(
+        base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, **kw
+    ).eval()
+    with torch.no_grad():  # every weight random (gains near one), so each layer and bias matters
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if p.ndim > 1 else 0.5) + (1.0 if p.ndim == 1 else 0.0))
+    return model
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return _random_vae()
+
+
+@pytest.fixture(scope="module")
+def latents():
+    # 3 latent frames: the first chunk (1 frame, the temporal upsamplers skipped), the second (their
+    # history starts from zeros) and a third (history from real frames); batch 2: a fresh history each.
+    return torch.randn(2, 4, 3, 4, 24, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def expected(vae, latents):
+    with torch.no_grad():
+        return vae.decode(latents, return_dict=False)[0]
+
+
+def _force_walk(monkeypatch, calls: list | None = None):
+    monkeypatch.setattr(vae_decode, "_walk_on", lambda latents: True)
+    if calls is not None:
+        original = wan_vae_walk.WanWalk.back
+
+        def counting(self, x):
+            calls.append(x.shape)
+            return original(self, x)
+
+        monkeypatch.setattr(wan_vae_walk.WanWalk, "back", counting)
+
+
+@pytest.mark.parametrize("tiles", [1, 2])
+def test_walk_equals_vae_decode_in_float32(vae, latents, expected, monkeypatch, tiles):
+    calls: list = []
+    _force_walk(monkeypatch, calls)
+    got = decode_wan_latents(vae, latents, tiles=tiles)
+    assert len(calls) == 2 * 3 * tiles  # the walk ran: per video, latent frame and strip
+    assert got.shape == expected.shape == (2, 3, 9, 32, 192)
+    assert rel_err(got, expected) < 1e-5  # summation order only
+    assert got.abs().max() <= 1.0
+
+
+def test_cpu_default_is_the_modules_bit_for_bit(vae, latents, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(wan_vae_walk.WanWalk, "back", lambda self, x: calls.append(1))
+    one = latents[:1]  # (vae.decode convolves a batch at once, we one video at a time: batch 1 is exact)
+    with torch.no_grad():
+        assert torch.equal(decode_wan_latents(vae, one), vae.decode(one, return_dict=False)[0])
+    assert calls == []
+
+
+def test_walk_in_bf16_is_as_close_to_float32_as_diffusers(vae, latents, expected, monkeypatch):
+    half = _random_vae().to(torch.bfloat16)
+    with torch.no_grad():
+        theirs = half.decode(latents.bfloat16(), return_dict=False)[0]
+    _force_walk(monkeypatch)
+    ours = decode_wan_latents(half, latents.bfloat16())
+    assert ours.dtype == torch.bfloat16
+    # Both round the same chain in bf16; what differs is where the biases are added (one rounding).
+    assert rel_err(ours.float(), expected) < 1.5 * rel_err(theirs.float(), expected)
+    assert rel_err(ours.float(), theirs.float()) < 3e-2
+
+
+def test_unsupported_decoders_take_the_modules(vae):
+    assert wan_vae_walk.walk_supported(vae.decoder)
+    assert not wan_vae_walk.walk_supported(_random_vae(is_residual=True).decoder)  # Wan2.2's up blocks
+    other = _random_vae()
+    other.decoder.up_blocks[1].resnets[0].nonlinearity = nn.GELU()
+    assert not wan_vae_walk.walk_supported(other.decoder)
+    hooked = _random_vae()
+    hooked.decoder.up_blocks[0].resnets[0].conv1.register_forward_hook(lambda *a: None)
+    assert not wan_vae_walk.walk_supported(hooked.decoder)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channel_rms_norm_reference_is_wan_rms_norm_then_silu(dtype):
+    torch.manual_seed(2)
+    norm = WanRMS_norm(6, images=False).to(dtype)
+    with torch.no_grad():
+        norm.gamma.copy_(torch.randn_like(norm.gamma))
+    x = torch.randn(2, 6, 3, 4, 5, dtype=dtype)
+    bias = torch.randn(6, dtype=dtype)
+    got = channel_rms_norm(x, norm.gamma, norm.scale, silu=True, input_bias=bias)
+    assert torch.equal(got, nn.functional.silu(norm(x + bias.view(-1, 1, 1, 1))))
+    out = torch.empty_like(x)
+    assert channel_rms_norm(x, norm.gamma, norm.scale, out=out) is out
+    assert torch.equal(out, norm(x))
+
+
+# ------------------------------------------------------------------------------------------- on the GPU
+
+
+@needs_cuda_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels", [96, 192, 384, 3])
+def test_triton_channel_rms_norm_matches_the_reference(dtype, channels):
+    torch.manual_seed(3)
+    x = torch.randn(1, channels, 5, 12, 20, device="cuda", dtype=dtype).contiguous(
+        memory_format=torch.channels_last_3d
+    )
+    gamma, bias, in_bias = (torch.randn(channels, device="cuda", dtype=dtype) for _ in range(3))
+    scale = channels**0.5
+    want = channel_rms_norm_reference(x, gamma, scale, bias, True, in_bias)
+    # Written into the tail frames of a larger buffer, as the walk does.
+    buf = torch.zeros(1, channels, 7, 12, 20, device="cuda", dtype=dtype).contiguous(
+        memory_format=torch.channels_last_3d
+    )
+    got = channel_rms_norm(x, gamma, scale, bias, True, in_bias, out=buf[:, :, 2:])
+    assert got.data_ptr() == buf[:, :, 2:].data_ptr()
+    assert (buf[:, :, :2] == 0).all()
+    if dtype == torch.float32:
+        assert rel_err(got, want) < 1e-5
+    else:  # the same rounding chain: only float32 summation order may move a rounding
+        differ = (got != want).float().mean().item()
+        assert differ < 0.02 and rel_err(got.float(), want.float()) < 2e-3
+
+
+@needs_cuda_triton
+def test_triton_channel_rms_norm_refuses_nothing_it_cannot_read():
+    # A contiguous (not channels-last) x takes the reference path and is still right.
+    x = torch.randn(1, 8, 2, 3, 4, device="cuda")
+    gamma = torch.randn(8, device="cuda")
+    assert (
+        rel_err(
+            channel_rms_norm(x, gamma, 2.0, silu=True), channel_rms_norm_reference(x, gamma, 2.0, None, True)
+        )
+        < 1e-6
+    )
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_decode_takes_the_walk_and_matches_vae_decode(latents, dtype, monkeypatch):
+    vae = _random_vae().to("cuda")
+    z = latents.to("cuda")
+    with torch.no_grad():
+        reference = vae.decode(z, return_dict=False)[0]  # float32
+    vae = vae.to(dtype)
+    with torch.no_grad():
+        theirs = vae.decode(z.to(dtype), return_dict=False)[0]
+    calls: list = []
+    original = wan_vae_walk.WanWalk.back
+    monkeypatch.setattr(wan_vae_walk.WanWalk, "back", lambda self, x: calls.append(1) or original(self, x))
+    old_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # float32 convolutions in float32 on both sides
+    try:
+        ours = decode_wan_latents(vae, z.to(dtype))
+        if dtype == torch.float32:
+            with torch.no_grad():
+                reference = vae.decode(z, return_dict=False)[0]
+    finally:
+        torch.backends.cudnn.allow_tf32 = old_tf32
+    assert len(calls) == 2 * 3
+    if dtype == torch.float32:
+        assert rel_err(ours, reference) < 1e-5
+    else:
+        assert rel_err(ours.float(), reference) < 1.5 * rel_err(theirs.float(), reference)
