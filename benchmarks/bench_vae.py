@@ -18,6 +18,7 @@ the Python frames that made them) to --out-dir, to show what the peak is made of
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -145,6 +146,11 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--memory-report", action="store_true", help="what diffusers' peak is made of (GPU)")
     p.add_argument("--profile", action="store_true", help="kernel table of ours with the first --tiles")
+    p.add_argument(
+        "--fp32-reference",
+        action="store_true",
+        help="also hold every output to diffusers' decode with a float32 copy of the VAE",
+    )
     p.add_argument("--out-dir", type=Path, default=Path("."))
     p.add_argument("--no-record", dest="record", action="store_false")
     p.add_argument("--results", type=Path, default=None)
@@ -193,12 +199,26 @@ def main(argv=None) -> int:
             ms, peak, out = timed(lambda t=tiles: ours(t), device, args.iters)
             err = rel_err(out, reference)
             impl = f"ours-tiles{tiles}" if args.family == "wan" else "ours"
-            rows.append(dict(impl=impl, ms=ms, peak_gb=peak, rel_err=err))
+            rows.append(
+                dict(impl=impl, ms=ms, peak_gb=peak, rel_err=err, out=out if args.fp32_reference else None)
+            )
             print(
                 f"  {impl:16s} {ms:9.1f} ms  peak {peak or 0:6.2f} GB  rel err {err:.2e}",
                 flush=True,
             )
             del out
+        rows[0]["out"] = reference if args.fp32_reference else None
+        del reference
+        for r in rows:
+            r["rel_err_fp32"] = None
+        if args.fp32_reference:  # how far each bf16 result is from the float32 decode
+            vae32 = copy.deepcopy(vae).float()
+            exact = vae32.decode(latents.float(), return_dict=False)[0]
+            del vae32
+            for r in rows:
+                r["rel_err_fp32"] = rel_err(r.pop("out"), exact)
+                print(f"  {r['impl']:16s} rel err vs float32 {r['rel_err_fp32']:.2e}", flush=True)
+            del exact
         if args.memory_report and device.type == "cuda":
             memory_report(
                 lambda: vae.decode(latents, return_dict=False)[0], args.out_dir / "vae_memory_diffusers.txt"
@@ -216,10 +236,14 @@ def main(argv=None) -> int:
                 title=f"{spec['label']} ours tiles={args.tiles[0]}",
                 iters=1,
             )
-    lines = ["| impl | ms | peak GB | rel err vs diffusers |", "|---|---:|---:|---:|"]
+    lines = [
+        "| impl | ms | peak GB | rel err vs diffusers | rel err vs float32 |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
         peak = "-" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
-        lines.append(f"| {r['impl']} | {r['ms']:.1f} | {peak} | {r['rel_err']:.2e} |")
+        fp32 = "-" if r.get("rel_err_fp32") is None else f"{r['rel_err_fp32']:.2e}"
+        lines.append(f"| {r['impl']} | {r['ms']:.1f} | {peak} | {r['rel_err']:.2e} | {fp32} |")
         if args.record:
             record(
                 f"vae_decode_{'tiny_' if args.tiny else ''}{BENCHMARK[args.family]}",
@@ -229,6 +253,7 @@ def main(argv=None) -> int:
                 dtype=args.dtype,
                 peak_gb=None if r["peak_gb"] is None else round(r["peak_gb"], 2),
                 rel_err_vs_diffusers=r["rel_err"],
+                rel_err_vs_float32=r.get("rel_err_fp32"),
                 latents=list(spec["latents"]),
                 torch=torch.__version__,
             )

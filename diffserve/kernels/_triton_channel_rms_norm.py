@@ -31,18 +31,24 @@ def _channel_rms_kernel(
         if ROUND:
             x = x.to(Y.dtype.element_ty).to(tl.float32)
         x = tl.where(inside, x, 0.0)
-    norm = tl.sqrt(tl.sum(x * x, axis=1))
-    y = x / tl.maximum(norm, eps)[:, None]  # F.normalize
+    norm = tl.sqrt_rn(tl.sum(x * x, axis=1))
+    y = tl.div_rn(x, tl.maximum(norm, eps)[:, None])  # F.normalize, IEEE-rounded as torch's
     if ROUND:
         y = y.to(Y.dtype.element_ty).to(tl.float32)
     y = y * scale
     if ROUND:
         y = y.to(Y.dtype.element_ty).to(tl.float32)
-    y = y * tl.load(GAMMA + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    gamma = tl.load(GAMMA + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
+        # As explicit FMAs: written as y * gamma, round, + bias, the compiler contracts the multiply and
+        # the add into one FMA across the rounding (measured on an H100: 23% of bf16 results off by one
+        # ulp from torch's two rounded ops).
+        y = tl.fma(y, gamma, 0.0)
         if ROUND:
             y = y.to(Y.dtype.element_ty).to(tl.float32)
-        y += tl.load(BIAS + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        y = tl.fma(y, 1.0, tl.load(BIAS + c, mask=c_ok, other=0.0).to(tl.float32)[None, :])
+    else:
+        y = y * gamma
     if SILU:
         if ROUND:
             y = y.to(Y.dtype.element_ty).to(tl.float32)
