@@ -55,6 +55,12 @@ def _add_kernel(
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=inside)
 
 
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b (one shape) lay their elements out alike: equal strides where a dimension has more
+    than one element (a size-1 dimension's stride is arbitrary, e.g. the batch of a transposed view)."""
+    return all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride(), strict=True) if n > 1)
+
+
 def add_bias(
     a: torch.Tensor,
     b: torch.Tensor | None = None,
@@ -68,7 +74,7 @@ def add_bias(
     pixels = a.numel() // max(1, n * channels)
     channels_last = not a.is_contiguous()
     if (channels_last and not (a.dim() >= 3 and a.movedim(1, -1).is_contiguous())) or (
-        b is not None and (b.shape != a.shape or b.stride() != a.stride())
+        b is not None and (b.shape != a.shape or not same_layout(a, b))
     ):
         raise ValueError("add_bias: a and b must be one dense layout, contiguous or channels last")
     rows, cols = (n * pixels, channels) if channels_last else (n * channels, pixels)

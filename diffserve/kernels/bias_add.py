@@ -27,10 +27,11 @@ def add(a: torch.Tensor, b=None, bias=None, bias2=None) -> torch.Tensor:
     if bias is None and bias2 is None:
         return a if b is None else a + b
     tensors = [t for t in (a, b, bias, bias2) if t is not None]
-    if _use_triton(*tensors) and _dense(a) and (b is None or b.stride() == a.stride()):
-        from diffserve.kernels._triton_bias_add import add_bias
+    if _use_triton(*tensors) and _dense(a):
+        from diffserve.kernels._triton_bias_add import add_bias, same_layout
 
-        return add_bias(a, b, bias, bias2)
+        if b is None or same_layout(a, b):
+            return add_bias(a, b, bias, bias2)
     out = a if b is None else a + b
     for v in (bias, bias2):
         out = out if v is None else out + v.view(-1, *[1] * (a.dim() - 2))

@@ -9,13 +9,17 @@ pass: each pixel's channels are one row, read once, normalised and written once.
 Which path runs is decided as for the other fused ops (fused_ops.py): the Triton kernel when every tensor
 is on CUDA, Triton imports and x is dense with channels innermost (channels_last / channels_last_3d);
 otherwise the reference, which is WanRMS_norm's own sequence of torch ops (so the CPU result is
-diffusers' bit for bit). The kernel rounds to the activation dtype after each step as that sequence
-does, so in bf16 the two differ only where float32 summation order moves a rounding.
+diffusers' bit for bit).
+
+Numerics: the kernel computes in float32 and rounds once; the reference rounds to the activation dtype
+after each of its ops. In bf16 the two differ by about one bf16 rounding per element, and a whole decode
+is as far from the float32 decode as diffusers' bf16 one (benchmarks/RESULTS.md, "Wan VAE decode").
 
 input_bias: the norm of x + input_bias, for a convolution run without its bias (a separate broadcast pass
 on CUDA): the bias is added here, in the pass that reads the output anyway.
-out: where to write (a dense channels-last tensor of x's shape, e.g. frames of a causal convolution's
-input buffer, so that no copy follows).
+out: where to write, e.g. frames of a causal convolution's input buffer, so that no copy follows. It may
+have more channels than x (a convolution whose input channels are padded to a size cuDNN runs faster):
+those are written as zeros.
 """
 
 from __future__ import annotations
@@ -62,30 +66,38 @@ def channel_rms_norm(
     out: torch.Tensor | None = None,
     eps: float = 1e-12,
 ) -> torch.Tensor:
-    """F.normalize(x + input_bias, dim=1) * scale * gamma + bias, then SiLU if `silu`, rounded as
-    WanRMS_norm rounds; x (N, C, *spatial); gamma, bias, input_bias (C,) or None. Written to `out` (x's
-    shape and dtype) when given, else to a new tensor in x's memory format."""
+    """F.normalize(x + input_bias, dim=1) * scale * gamma + bias, then SiLU if `silu`; x (N, C, *spatial);
+    gamma, bias, input_bias (C,) or None. Written to `out` when given ((N, C' >= C, *spatial) in x's dtype,
+    channels C.. C' set to zero), else to a new tensor in x's memory format."""
     vectors = [t for t in (gamma, bias, input_bias) if t is not None]
-    dense_out = out is None or (_channels_innermost(out) and out.shape == x.shape and out.dtype == x.dtype)
+    if out is not None and (
+        out.dtype != x.dtype
+        or out.shape[0] != x.shape[0]
+        or out.shape[2:] != x.shape[2:]
+        or out.shape[1] < x.shape[1]
+    ):
+        raise ValueError(
+            f"channel_rms_norm: out {tuple(out.shape)} {out.dtype} cannot hold x {tuple(x.shape)} {x.dtype}"
+        )
     if (
         _use_triton(x, *vectors)
         and x.dtype in _KERNEL_DTYPES
         and _channels_innermost(x)
-        and dense_out
+        and (out is None or _channels_innermost(out))
         and all(v.numel() == x.shape[1] for v in vectors)
     ):
         from diffserve.kernels._triton_channel_rms_norm import channel_rms_norm_triton
 
         y = torch.empty_like(x) if out is None else out
-        channels = x.shape[1]
         # (N, C, *spatial) with channels innermost is (pixels, C) row-major in memory.
-        rows_in = x.movedim(1, -1).reshape(-1, channels)
-        rows_out = y.movedim(1, -1).reshape(-1, channels)
+        rows_in = x.movedim(1, -1).reshape(-1, x.shape[1])
+        rows_out = y.movedim(1, -1).reshape(-1, y.shape[1])
         vec = [None if v is None else v.reshape(-1).contiguous() for v in (gamma, bias, input_bias)]
         channel_rms_norm_triton(rows_in, vec[0], scale, vec[1], silu, vec[2], rows_out, eps)
         return y
     y = channel_rms_norm_reference(x, gamma.reshape(-1), scale, bias, silu, input_bias, eps)
     if out is None:
         return y
-    out.copy_(y)
+    out[:, : x.shape[1]].copy_(y)
+    out[:, x.shape[1] :].zero_()
     return out
