@@ -164,7 +164,8 @@ def test_triton_channel_rms_norm_matches_the_reference(dtype, channels):
         assert rel_err(got, exact) < 1e-5
     else:  # float32 inside, one rounding: as close to float32 as torch's chain of rounded ops, or closer
         assert rel_err(got.float(), exact) <= rel_err(torch_chain.float(), exact) + 1e-4
-        assert rel_err(got.float(), torch_chain.float()) < 4e-3
+        # and apart from that chain by about its roundings (bf16 has 8 bits, fp16 11)
+        assert rel_err(got.float(), torch_chain.float()) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
 
 
 @needs_cuda_triton
