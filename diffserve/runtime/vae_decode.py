@@ -1,4 +1,4 @@
-"""Wan VAE decoding that streams: the same numbers as AutoencoderKLWan.decode, optionally in strips.
+"""Wan VAE decoding that streams: what AutoencoderKLWan.decode computes, optionally in strips.
 
 diffusers' decode runs the causal decoder one latent frame at a time (each yields 4 video frames; the
 first yields 1), keeping the last two input frames of every causal convolution in a cache, and grows the
@@ -14,11 +14,12 @@ output with torch.cat at every frame (81 frames: 21 ever-longer copies). Here:
     whole frame would: the result equals vae.decode up to floating-point summation order (the
     convolution kernels see other shapes), not a blended approximation like diffusers' tiled decoding.
 
+On CUDA each chunk goes through wan_vae_walk (the decoder walked with its own weights: channels last,
+fused RMS norm + SiLU, no cat/pad copies); elsewhere through diffusers' own modules, bit for bit.
 Measured on an H100 (benchmarks/RESULTS.md, "Wan VAE decode"; Wan2.1, 81 frames of 480x832, bf16): whole
-frames (tiles=1, the default) take the time diffusers takes (2,069 vs 2,071 ms) with a bit-identical
-output and a 4.8 GB peak (diffusers: 4.6 GB); tiles=2 saves only 0.3 GB, costs 26% more time and, in
-bf16 on the GPU, differs from whole frames by 1.6e-2 (exact in float32 on the CPU; likely other cuDNN
-kernels for the other shapes, compounded in bf16) — it is for frames far larger than 480p, not for these.
+frames (tiles=1, the default) 773 ms against diffusers' 2,071, peak 4.2 GB (diffusers: 4.6 GB), and closer
+to a float32 decode than diffusers' bf16 one (1.4e-2 vs 2.0e-2). Strips are for frames far larger than
+480p: at 480p tiles=2 saves no memory and costs 25% more time.
 
 The Wan pipeline calls `decode_wan_latents(vae, latents)` where it called `vae.decode(latents).sample`.
 Decoders this does not cover (Wan2.2's residual decoder, patchified VAEs) fall back to vae.decode.
