@@ -111,6 +111,11 @@ def _walk_on(latents: torch.Tensor) -> bool:
     return latents.is_cuda
 
 
+def chunks(frames: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) latent frames per decoder call: the first frame alone, then `size` at a time."""
+    return [(0, 1)] + [(f, min(f + size, frames)) for f in range(1, frames, size)]
+
+
 def strips(width: int, tiles: int, halo: int) -> list[tuple[int, int, int, int]]:
     """(core start, core end, padded start, padded end) latent columns of `tiles` strips."""
     bounds = [round(i * width / tiles) for i in range(tiles + 1)]
@@ -122,12 +127,16 @@ def strips(width: int, tiles: int, halo: int) -> list[tuple[int, int, int, int]]
 
 
 @torch.inference_mode()
-def decode_wan_latents(vae, latents: torch.Tensor, tiles: int = 1, halo: int | None = None) -> torch.Tensor:
+def decode_wan_latents(
+    vae, latents: torch.Tensor, tiles: int = 1, halo: int | None = None, frames_at_once: int = 1
+) -> torch.Tensor:
     """latents (batch, z_dim, frames, h, w), un-normalised as vae.decode takes them -> video
     (batch, 3, 1 + 4 * (frames - 1), 8h, 8w) in [-1, 1], in vae's dtype: vae.decode(latents).sample.
 
     tiles: vertical strips for the high-resolution part (1: whole frames). halo: latent columns added to
-    each side of a strip (default: the decoder's receptive field, which makes strips exact)."""
+    each side of a strip (default: the decoder's receptive field, which makes strips exact). frames_at_once:
+    latent frames per decoder call after the first (which the decoder always takes alone); the causal
+    convolutions give the same result for any split, up to summation order (1: as diffusers)."""
     if not _supported(vae):
         return vae.decode(latents, return_dict=False)[0]
     decoder = vae.decoder
@@ -151,13 +160,13 @@ def decode_wan_latents(vae, latents: torch.Tensor, tiles: int = 1, halo: int | N
         front = stream()
         backs = [stream() for _ in spans]
         t = 0
-        for f in range(frames):
-            feat = front.front(z[:, :, f : f + 1])
+        for f, g in chunks(frames, max(1, frames_at_once)):
+            feat = front.front(z[:, :, f:g])
             for (a, e, lo, hi), back in zip(spans, backs, strict=True):
                 chunk = back.back(feat[..., lo:hi])
                 scale = chunk.shape[-1] // (hi - lo)
-                if out is None:
-                    total = chunk.shape[2] + (frames - 1) * _frames_per_chunk(vae)
+                if out is None:  # (the first chunk is one latent frame: one video frame)
+                    total = 1 + (frames - 1) * _frames_per_chunk(vae)
                     out = chunk.new_empty(batch, chunk.shape[1], total, chunk.shape[3], w * scale)
                 n = chunk.shape[2]
                 core = chunk[..., (a - lo) * scale : (e - lo) * scale]

@@ -69,6 +69,17 @@ def test_walk_equals_vae_decode_in_float32(vae, latents, expected, monkeypatch, 
     assert got.abs().max() <= 1.0
 
 
+@pytest.mark.parametrize("walk", [True, False])
+def test_several_latent_frames_at_once_equal_vae_decode(vae, monkeypatch, walk):
+    z = torch.randn(1, 4, 4, 4, 24, generator=torch.Generator().manual_seed(4))  # chunks [0], [1, 2], [3]
+    with torch.no_grad():
+        want = vae.decode(z, return_dict=False)[0]
+    if walk:
+        _force_walk(monkeypatch)
+    assert vae_decode.chunks(4, 2) == [(0, 1), (1, 3), (3, 4)]
+    assert rel_err(decode_wan_latents(vae, z, frames_at_once=2), want) < 1e-5
+
+
 def test_cpu_default_is_the_modules_bit_for_bit(vae, latents, monkeypatch):
     calls: list = []
     monkeypatch.setattr(wan_vae_walk.WanWalk, "back", lambda self, x: calls.append(1))
