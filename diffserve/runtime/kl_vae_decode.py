@@ -53,6 +53,7 @@ from torch import nn
 from diffserve.kernels.bias_add import add as _add
 from diffserve.kernels.bias_add import upsample_nearest2x
 from diffserve.kernels.group_norm import group_norm
+from diffserve.runtime.models.base import has_hooks
 
 # vae -> (decoder it was checked with, post_quant_conv it was checked with, the modules whose forward the
 # walk replaces — None when the VAE is not supported). Weak keys: a VAE that goes away drops its entry.
@@ -136,17 +137,6 @@ def _replaced_modules(vae) -> list[nn.Module] | None:
     return replaced
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    # torch hooks, accelerate's (offloading, device maps) and diffusers' (group offloading, caches): a
-    # module we step around would not get them.
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or hasattr(module, "_hf_hook")
-        or hasattr(module, "_diffusers_hook")
-    )
-
-
 def _plan(vae) -> list[nn.Module] | None:
     """The replaced modules if the walk may decode this VAE now, else None."""
     decoder, post_quant_conv = getattr(vae, "decoder", None), getattr(vae, "post_quant_conv", None)
@@ -155,9 +145,9 @@ def _plan(vae) -> list[nn.Module] | None:
         cached = (decoder, post_quant_conv, _replaced_modules(vae))
         _plans[vae] = cached
     replaced = cached[2]
-    if replaced is None or vae.use_slicing or vae.use_tiling or _has_hooks(vae):
+    if replaced is None or vae.use_slicing or vae.use_tiling or has_hooks(vae):
         return None
-    if any(_has_hooks(m) for m in replaced):
+    if any(has_hooks(m) for m in replaced):
         return None
     return replaced
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from diffserve.kernels.t5_ops import gelu_gate, rms_norm
 from diffserve.runtime.layers.text_attention import additive_mask
-from diffserve.runtime.models.base import fuse_linears
+from diffserve.runtime.models.base import fuse_linears, has_hooks
 
 
 def why_not_fused(model) -> str | None:
@@ -41,10 +41,7 @@ def why_not_fused(model) -> str | None:
     dtypes = {p.dtype for p in model.parameters()}
     if len(dtypes) != 1 or dtypes.pop() not in (torch.bfloat16, torch.float32):
         return "weights are not all bfloat16 or all float32"
-    if any(
-        getattr(m, "_hf_hook", None) is not None or m._forward_hooks or m._forward_pre_hooks
-        for m in model.modules()
-    ):
+    if any(has_hooks(m) for m in model.modules()):
         return "the module has hooks (offloading, adapters)"
     if model.training:
         return "training mode (dropout)"

@@ -38,6 +38,7 @@ from torch import nn
 
 from diffserve.kernels.bias_add import add, upsample_nearest2x
 from diffserve.kernels.channel_rms_norm import channel_rms_norm
+from diffserve.runtime.models.base import has_hooks
 
 _CL3 = torch.channels_last_3d
 
@@ -53,15 +54,6 @@ def padded_channels(conv: nn.Module) -> int:
     """The input channels the walk gives a norm-fed conv: its own, or rounded up to CHANNEL_MULTIPLE."""
     c, m = conv.in_channels, CHANNEL_MULTIPLE
     return -(-c // m) * m if c % m and conv.out_channels >= m else c
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or hasattr(module, "_hf_hook")
-        or hasattr(module, "_diffusers_hook")
-    )
 
 
 def walk_supported(decoder: nn.Module) -> bool:
@@ -86,7 +78,7 @@ def walk_supported(decoder: nn.Module) -> bool:
             if up.mode not in ("upsample2d", "upsample3d"):
                 return False
     # The attention blocks are called as modules; everything else is stepped around.
-    return not any(_has_hooks(m) for m in decoder.modules() if type(m) is not wan.WanAttentionBlock)
+    return not any(has_hooks(m) for m in decoder.modules() if type(m) is not wan.WanAttentionBlock)
 
 
 class WanWalk:

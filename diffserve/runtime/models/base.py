@@ -145,6 +145,17 @@ class NativeDiT(nn.Module):
         return self
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether a module carries hooks that code stepping around its forward would skip: torch's, accelerate's
+    (offloading, device maps) or diffusers' (group offloading, caches)."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or getattr(module, "_hf_hook", None) is not None
+        or getattr(module, "_diffusers_hook", None) is not None
+    )
+
+
 def fuse_linears(owner: nn.Module, names: tuple[str, ...], fused: str) -> None:
     """Concatenate the nn.Linear layers owner.<name> (dotted paths, all reading the same input) into one
     weight and one bias (None when none of the layers has one), kept as non-persistent buffers
