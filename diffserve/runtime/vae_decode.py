@@ -32,6 +32,7 @@ import math
 import torch
 from torch import nn
 
+from diffserve.platforms import get_current_platform
 from diffserve.runtime.wan_vae_walk import WanWalk, walk_supported
 
 # diffusers' causal-cache protocol: each causal conv keeps the last CACHE_T frames of its input.
@@ -105,10 +106,11 @@ class _ModuleStream:
 
 
 def _walk_on(latents: torch.Tensor) -> bool:
-    """Whether the decode takes wan_vae_walk (CUDA: channels last, fused norms) rather than the modules.
-    CUDA only: on the CPU the result stays bit-identical to vae.decode. (A function so that the CPU tests
-    can run the walk.)"""
-    return latents.is_cuda
+    """Whether the decode takes wan_vae_walk (channels last, fused norms) rather than the modules: on
+    NVIDIA GPUs. On the CPU the result stays bit-identical to vae.decode; on AMD GPUs (ROCm builds also
+    report "cuda" tensors) the walk's channels-last 3D convolutions were never measured, so they keep
+    diffusers' modules. (A function so that the CPU tests can run the walk.)"""
+    return latents.is_cuda and get_current_platform().name == "cuda"
 
 
 def chunks(frames: int, size: int) -> list[tuple[int, int]]:

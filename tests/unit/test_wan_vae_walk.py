@@ -119,6 +119,22 @@ def test_walk_in_bf16_is_as_close_to_float32_as_diffusers(vae, latents, expected
     assert rel_err(ours.float(), theirs.float()) < 3e-2
 
 
+@pytest.mark.parametrize(
+    ("platform", "on_gpu", "walk"), [("cuda", True, True), ("rocm", True, False), ("cpu", False, False)]
+)
+def test_the_walk_runs_on_nvidia_gpus_only(monkeypatch, platform, on_gpu, walk):
+    from diffserve import platforms
+
+    monkeypatch.setenv("DIFFSERVE_PLATFORM", platform)
+    platforms.reset_current_platform()
+    try:
+        latents = type("Latents", (), {"is_cuda": on_gpu})()  # (a ROCm build's tensors report is_cuda too)
+        assert vae_decode._walk_on(latents) is walk
+    finally:
+        monkeypatch.delenv("DIFFSERVE_PLATFORM")
+        platforms.reset_current_platform()
+
+
 def test_unsupported_decoders_take_the_modules(vae):
     assert wan_vae_walk.walk_supported(vae.decoder)
     assert not wan_vae_walk.walk_supported(_random_vae(is_residual=True).decoder)  # Wan2.2's up blocks
