@@ -83,7 +83,7 @@ def walk_supported(decoder: nn.Module) -> bool:
 
 class WanWalk:
     """One stream of chunks (a video, or one strip of it) through the decoder; holds each causal conv's
-    last input frames between chunks. front() runs conv_in + the middle block on a latent frame, back()
+    last input frames between chunks. front() runs conv_in + the middle block on latent frames, back()
     the up blocks and the head, as vae_decode splits the decoder."""
 
     def __init__(self, decoder: nn.Module, weights: dict | None = None):
@@ -152,12 +152,11 @@ class WanWalk:
     def _upsample(self, up: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if up.mode == "upsample3d":
             tconv = up.time_conv
-            if tconv not in self.history and tconv._padding[4]:
+            if tconv not in self.history:
                 # First chunk: diffusers marks the cache "Rep" and leaves the frames as they are; the
                 # conv's history then starts from zeros.
-                self.history[tconv] = x.new_zeros(*x.shape[:2], tconv._padding[4], *x.shape[3:]).contiguous(
-                    memory_format=_CL3
-                )
+                shape = (*x.shape[:2], tconv._padding[4], *x.shape[3:])
+                self.history[tconv] = x.new_zeros(shape).contiguous(memory_format=_CL3)
             else:
                 y = add(
                     self._causal(tconv, x.shape[2], x.shape[3:], lambda out: out.copy_(x)), bias=tconv.bias
@@ -173,7 +172,7 @@ class WanWalk:
         return y.transpose(0, 1).unsqueeze(0), conv.bias
 
     def front(self, z: torch.Tensor) -> torch.Tensor:
-        """conv_in and the middle block on one latent frame (1, z_dim, 1, h, w)."""
+        """conv_in and the middle block on latent frames (1, z_dim, n, h, w)."""
         d = self.decoder
         x = self._causal(d.conv_in, z.shape[2], z.shape[3:], lambda out: out.copy_(z))
         mid = d.mid_block
