@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from diffserve.kernels.fused_ops import channels_innermost
+
 _TILE = 4096  # elements per program (rows x columns)
 _MAX_BLOCK_C = 256  # channels per upsampling tile
 _MAX_BLOCK_COL = 1024
@@ -73,7 +75,7 @@ def add_bias(
     n, channels = a.shape[0], a.shape[1]
     pixels = a.numel() // max(1, n * channels)
     channels_last = not a.is_contiguous()
-    if (channels_last and not (a.dim() >= 3 and a.movedim(1, -1).is_contiguous())) or (
+    if (channels_last and not channels_innermost(a)) or (
         b is not None and (b.shape != a.shape or not same_layout(a, b))
     ):
         raise ValueError("add_bias: a and b must be one dense layout, contiguous or channels last")

@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diffserve.kernels.fused_ops import _use_triton
+from diffserve.kernels.fused_ops import _use_triton, channels_innermost
 
 
 def _dense(t: torch.Tensor) -> bool:
     """Contiguous, or dense with the channels innermost (channels_last, channels_last_3d)."""
-    return t.is_contiguous() or (t.dim() >= 3 and t.movedim(1, -1).is_contiguous())
+    return t.is_contiguous() or channels_innermost(t)
 
 
 def add(a: torch.Tensor, b=None, bias=None, bias2=None) -> torch.Tensor:

@@ -27,13 +27,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diffserve.kernels.fused_ops import _use_triton
+from diffserve.kernels.fused_ops import _use_triton, channels_innermost
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _channels_innermost(t: torch.Tensor) -> bool:
-    return t.dim() >= 2 and t.movedim(1, -1).is_contiguous()
 
 
 def channel_rms_norm_reference(
@@ -82,8 +78,8 @@ def channel_rms_norm(
     if (
         _use_triton(x, *vectors)
         and x.dtype in _KERNEL_DTYPES
-        and _channels_innermost(x)
-        and (out is None or _channels_innermost(out))
+        and channels_innermost(x)
+        and (out is None or channels_innermost(out))
         and all(v.numel() == x.shape[1] for v in vectors)
     ):
         from diffserve.kernels._triton_channel_rms_norm import channel_rms_norm_triton

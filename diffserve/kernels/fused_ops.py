@@ -75,6 +75,13 @@ def _use_triton(*tensors: torch.Tensor, in_compile: bool = False) -> bool:
     return _use_fused(*tensors, in_compile=in_compile) and triton_available()
 
 
+def channels_innermost(t: torch.Tensor) -> bool:
+    """Whether t (N, C, *spatial) is dense with its channels innermost in memory (channels_last,
+    channels_last_3d; a contiguous (N, C) too), i.e. rows of C channels, one per pixel: the layout the
+    VAE kernels read natively."""
+    return t.dim() >= 2 and t.movedim(1, -1).is_contiguous()
+
+
 # ---------------------------------------------------------------- adaLN: residual + norm + modulation
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diffserve.kernels.fused_ops import _use_triton
+from diffserve.kernels.fused_ops import _use_triton, channels_innermost
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -68,7 +68,7 @@ def _kernel_fits(x: torch.Tensor, num_groups: int, weight, bias, input_bias=None
 
 def _channels_last(x: torch.Tensor) -> bool:
     """Whether x is dense with its channels innermost (and not also contiguous, as when spatial is 1)."""
-    return x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+    return not x.is_contiguous() and channels_innermost(x)
 
 
 def group_norm(
