@@ -27,6 +27,7 @@ Decoders this does not cover (Wan2.2's residual decoder, patchified VAEs) fall b
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -147,14 +148,9 @@ def decode_wan_latents(
     halo = receptive_halo(decoder) if halo is None else halo
     spans = strips(w, max(1, min(tiles, w)), halo)
     if _walk_on(latents) and walk_supported(decoder):
-        weights: dict = {}  # the walks of one decode share their channels-last weights
-
-        def stream():
-            return WanWalk(decoder, weights)
+        stream = functools.partial(WanWalk, decoder, {})  # (the walks of one decode share their weights)
     else:
-
-        def stream():
-            return _ModuleStream(decoder)
+        stream = functools.partial(_ModuleStream, decoder)
 
     out = None
     for b in range(batch):  # one video at a time, as diffusers' sliced decoding: the caches are per video
