@@ -14,14 +14,20 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.fixture(scope="module")
-def vae():
+def random_wan_vae(**config) -> diffusers.AutoencoderKLWan:
+    """A tiny AutoencoderKLWan (also for test_wan_vae_walk) with every weight random and the gains near
+    one, so that each layer and bias matters."""
     torch.manual_seed(0)
-    model = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1).eval()
-    with torch.no_grad():  # every weight random (some start at zero or one), so each layer matters
+    model = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, **config)
+    with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * (0.3 if p.ndim > 1 else 0.5) + (1.0 if p.ndim == 1 else 0.0))
-    return model
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return random_wan_vae()
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import diffusers
 import pytest
 import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
@@ -13,24 +12,14 @@ from diffserve.kernels.channel_rms_norm import channel_rms_norm, channel_rms_nor
 from diffserve.runtime import vae_decode, wan_vae_walk
 from diffserve.runtime.vae_decode import decode_wan_latents
 from tests.unit.gpu_helpers import needs_cuda_triton, rel_err
+from tests.unit.test_vae_decode import random_wan_vae
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _random_vae(**kw) -> diffusers.AutoencoderKLWan:
-    torch.manual_seed(0)
-    model = diffusers.AutoencoderKLWan(
-        base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, **kw
-    ).eval()
-    with torch.no_grad():  # every weight random (gains near one), so each layer and bias matters
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * (0.3 if p.ndim > 1 else 0.5) + (1.0 if p.ndim == 1 else 0.0))
-    return model
-
-
 @pytest.fixture(scope="module")
 def vae():
-    return _random_vae()
+    return random_wan_vae()
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +97,7 @@ def test_padded_channels_walk_equals_vae_decode(vae, latents, expected, monkeypa
 
 
 def test_walk_in_bf16_is_as_close_to_float32_as_diffusers(vae, latents, expected, monkeypatch):
-    half = _random_vae().to(torch.bfloat16)
+    half = random_wan_vae().to(torch.bfloat16)
     with torch.no_grad():
         theirs = half.decode(latents.bfloat16(), return_dict=False)[0]
     _force_walk(monkeypatch)
@@ -137,11 +126,11 @@ def test_the_walk_runs_on_nvidia_gpus_only(monkeypatch, platform, on_gpu, walk):
 
 def test_unsupported_decoders_take_the_modules(vae):
     assert wan_vae_walk.walk_supported(vae.decoder)
-    assert not wan_vae_walk.walk_supported(_random_vae(is_residual=True).decoder)  # Wan2.2's up blocks
-    other = _random_vae()
+    assert not wan_vae_walk.walk_supported(random_wan_vae(is_residual=True).decoder)  # Wan2.2's up blocks
+    other = random_wan_vae()
     other.decoder.up_blocks[1].resnets[0].nonlinearity = nn.GELU()
     assert not wan_vae_walk.walk_supported(other.decoder)
-    hooked = _random_vae()
+    hooked = random_wan_vae()
     hooked.decoder.up_blocks[0].resnets[0].conv1.register_forward_hook(lambda *a: None)
     assert not wan_vae_walk.walk_supported(hooked.decoder)
 
@@ -211,7 +200,7 @@ def test_triton_channel_rms_norm_refuses_nothing_it_cannot_read():
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_decode_takes_the_walk_and_matches_vae_decode(latents, dtype, monkeypatch):
-    vae = _random_vae().to("cuda")
+    vae = random_wan_vae().to("cuda")
     z = latents.to("cuda")
     with torch.no_grad():
         reference = vae.decode(z, return_dict=False)[0]  # float32
