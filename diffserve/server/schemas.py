@@ -15,7 +15,9 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from diffserve.server.config import ServerConfig
 from diffserve.server.errors import APIError
 
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+# Up to 9 digits a side: a well-formed but huge size (100000x100000) gets the limits in its error, not a
+# format complaint; longer digit strings are not sizes.
+_SIZE = re.compile(r"^(\d{1,9})x(\d{1,9})$")
 
 _MAX_SEED = 2**63 - 1
 

@@ -66,6 +66,15 @@ def test_bad_generation_fields(flux_server, body, code, param):
         assert_openai_error(http.post(GEN, json=body), 400, code, param)
 
 
+@pytest.mark.parametrize("size", ["100000x100000", "64x999999999"])
+def test_oversized_size_names_the_limits(flux_server, size):
+    with flux_server.http() as http:
+        err = assert_openai_error(
+            http.post(GEN, json={"prompt": "x", "size": size}), 400, "invalid_size", "size"
+        )
+    assert "between 16 and" in err["message"], err
+
+
 def test_two_megabyte_prompt(flux_server):
     # This server's body limit (two 1 MB uploads and some form text) refuses it before parsing; with the
     # default 20 MB uploads it would reach the prompt-length check below.
