@@ -102,7 +102,14 @@ def _check_image(data: bytes, cfg: ServerConfig, param: str) -> tuple[int, int]:
             im.load()  # a truncated or corrupt file fails here, not later in the worker
     except APIError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # Pillow refuses the canvas before our own bound can see its size
+        raise APIError(
+            400,
+            f"'{param}' is too large; at most {cfg.max_input_side} pixels a side.",
+            "image_too_large",
+            param,
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise APIError(400, f"'{param}' is not a readable image.", "invalid_image", param) from None
     return w, h
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import httpx
 import openai
@@ -16,6 +18,16 @@ def png(w=64, h=64) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (w, h), (10, 200, 10)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def png_header(w: int, h: int) -> bytes:
+    """A PNG that is only its signature, an IHDR claiming w x h (1-bit grey) and IEND: no pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
 def assert_openai_error(r: httpx.Response, status: int, code: str | None = None, param: str | None = None):
@@ -165,6 +177,13 @@ def test_image_upload_limits(flux_server):
     # a small file that claims a huge canvas is refused before it is decoded
     assert_openai_error(
         edit(flux_server, {"image": ("wide.png", png(5000, 16), "image/png")}),
+        400,
+        "image_too_large",
+        "image",
+    )
+    # a header claiming 30000x30000 (Pillow's own decompression-bomb guard refuses it at open) is "too large"
+    assert_openai_error(
+        edit(flux_server, {"image": ("bomb.png", png_header(30000, 30000), "image/png")}),
         400,
         "image_too_large",
         "image",
