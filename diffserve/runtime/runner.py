@@ -103,6 +103,7 @@ def load_runner(
     from diffserve.runtime.cuda_graphs import configure_blas_workspace
     from diffserve.runtime.layers.attention import set_attention_backend
     from diffserve.runtime.pipelines import pipeline_class
+    from diffserve.runtime.pipelines.stages import fit_defaults
 
     spec = inspect_model(model)
     device = check_device(device or default_device())
@@ -115,6 +116,7 @@ def load_runner(
             raise ModelLoadError(str(e)) from None
     start = time.perf_counter()
     pipeline = pipeline_class(spec.family).load(spec, device, torch_dtype, attention_backend)
+    pipeline.defaults = fit_defaults(pipeline.defaults, pipeline.rules)
     logger.info(
         "loaded %s (%s, %s) on %s in %s in %.1f s",
         spec.model_id,

@@ -249,14 +249,40 @@ def test_warmup(flux):
 
 def test_wan_runner_facts(wan):
     assert (wan.family, wan.task, wan.accepts_image) == ("wan", "video", False)
+    # diffusers' 832x480 would not fit the tiny DiT's RoPE table (512 a side): scaled down, aspect kept.
     assert wan.defaults == {
-        "width": 832,
-        "height": 480,
+        "width": 512,
+        "height": 288,
         "num_frames": 81,
         "num_inference_steps": 50,
         "guidance_scale": 5.0,
         "fps": 16,
     }
+    assert wan.pipeline.defaults == wan.defaults  # what a request without a size gets
+
+
+def test_wan_warmup_at_the_default_size(wan):
+    wan.warmup()  # before the defaults were fitted: "width must be ... between 16 and 512 ..., got 832"
+
+
+def test_fit_defaults():
+    from diffserve.runtime.pipelines.stages import Rules, fit_defaults
+
+    wan_like = {"width": 832, "height": 480, "num_frames": 81, "fps": 16}
+    rules = Rules(multiple=16, max_side=8192, frame_step=4, max_frames=1025)
+    assert fit_defaults(wan_like, rules) == wan_like  # fits: unchanged
+    small = Rules(multiple=16, max_side=256, frame_step=4, max_frames=33)
+    assert fit_defaults(wan_like, small) == {"width": 256, "height": 144, "num_frames": 33, "fps": 16}
+    # tall, and a frame limit that is not on the 4k+1 grid
+    odd = Rules(multiple=16, max_side=100, frame_step=4, max_frames=31)
+    tall = fit_defaults({"width": 480, "height": 832, "num_frames": 81}, odd)
+    assert tall == {"width": 48, "height": 96, "num_frames": 29}
+    # never below one multiple
+    assert fit_defaults({"width": 4000, "height": 16}, Rules(multiple=16, max_side=64)) == {
+        "width": 64,
+        "height": 16,
+    }
+    assert wan_like["width"] == 832  # the input is not modified
 
 
 def test_wan_text_to_video_matches_diffusers(wan, tiny_wan_dir):

@@ -65,6 +65,24 @@ class Rules:
     label: str = ""
 
 
+def fit_defaults(defaults: dict[str, Any], rules: Rules) -> dict[str, Any]:
+    """`defaults` with the default size and frame count brought inside `rules`. A model can allow less than
+    its family's usual defaults (a Wan DiT with a small RoPE table, say), and then a request without a size,
+    and the warm-up, would fail. The size is scaled down with its aspect kept, to multiples of
+    rules.multiple; the frame count drops to the longest allowed. Defaults that fit are returned unchanged."""
+    out = dict(defaults)
+    w, h = out.get("width"), out.get("height")
+    if isinstance(w, int) and isinstance(h, int) and max(w, h) > rules.max_side:
+        side = max(w, h)
+        out["width"], out["height"] = (
+            max(rules.multiple, v * rules.max_side // side // rules.multiple * rules.multiple) for v in (w, h)
+        )
+    frames = out.get("num_frames")
+    if rules.frame_step and isinstance(frames, int) and frames > rules.max_frames:
+        out["num_frames"] = (rules.max_frames - 1) // rules.frame_step * rules.frame_step + 1
+    return out
+
+
 def plan_request(
     req: GenerationRequest,
     defaults: dict[str, Any],
