@@ -10,13 +10,14 @@ one pass:
   linear_gelu(...)    x @ W^T + b followed by GELU(tanh), the GELU done in cuBLASLt's epilogue
   scale_rows(w, g)    a per-sample copy of a weight with each output row scaled by a gate (Wan's folded gates)
 
-Which path runs: the kernels when the tensors are on CUDA, Triton imports and the ops are enabled
-(DIFFSERVE_FUSED_OPS=0 or set_fused_ops(False) turns them off). Everywhere else (the CPU, CI, ROCm without
-Triton) the reference runs: it is the exact formula the blocks used before, so parity with diffusers on
-the CPU is unchanged. Inside torch.compile, qk_norm_rope and linear_gelu stay our kernels (registered as
-torch custom ops, opaque to Inductor: measured faster than what Inductor generates for the same code,
-and Inductor cannot put a GELU into a cuBLAS epilogue), while adaln goes back to the reference formula,
-which Inductor fuses with its neighbours. set_kernels_in_compile(False) hands all of them to Inductor.
+Which path runs: the kernels when the tensors are on CUDA, the platform runs our Triton kernels
+(Platform.supports_triton_kernels: NVIDIA and AMD GPUs; see set_platform_query), Triton imports and the ops
+are enabled (DIFFSERVE_FUSED_OPS=0 or set_fused_ops(False) turns them off). Everywhere else (the CPU, CI,
+ROCm without Triton) the reference runs: it is the exact formula the blocks used before, so parity with
+diffusers on the CPU is unchanged. Inside torch.compile, qk_norm_rope and linear_gelu stay our kernels
+(registered as torch custom ops, opaque to Inductor: measured faster than what Inductor generates for the
+same code, and Inductor cannot put a GELU into a cuBLAS epilogue), while adaln goes back to the reference
+formula, which Inductor fuses with its neighbours. set_kernels_in_compile(False) hands all of them to Inductor.
 
 Numerics: the kernels compute in float32 and round once at the end; the reference rounds after some
 intermediate ops in the activation dtype. In bf16 the two differ by bf16 rounding (~4e-3 relative per
@@ -26,7 +27,7 @@ element), which is the tolerance the GPU parity tests use.
 from __future__ import annotations
 
 import functools
-import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,29 @@ import torch.nn.functional as F
 ENV_VAR = "DIFFSERVE_FUSED_OPS"
 _enabled: bool | None = None
 _in_compile = True
+
+
+def _no_platform_said() -> bool:
+    return True
+
+
+# Whether the current platform runs our Triton kernels (Platform.supports_triton_kernels). kernels never
+# import platforms (imports point platforms -> kernels): platforms/interface.py installs the question here
+# when it is imported. Until then (a script calling these ops with no platform loaded) CUDA tensors decide.
+_platform_runs_triton: Callable[[], bool] = _no_platform_said
+
+
+def set_platform_query(query: Callable[[], bool]) -> None:
+    """Install the platform's answer to "do our Triton kernels run here?", asked at each dispatch."""
+    global _platform_runs_triton
+    _platform_runs_triton = query
+
+
+@torch.compiler.assume_constant_result
+def _platform_allows_triton() -> bool:
+    # A constant to torch.compile: Dynamo calls the query once while tracing instead of tracing through
+    # it (the platform's first detection imports modules, which Dynamo refuses to trace).
+    return _platform_runs_triton()
 
 
 def set_fused_ops(enabled: bool | None) -> None:
@@ -51,7 +75,9 @@ def set_kernels_in_compile(enabled: bool) -> None:
 def fused_ops_enabled() -> bool:
     if _enabled is not None:
         return _enabled
-    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "off", "no")
+    from diffserve import envs
+
+    return envs.get(ENV_VAR)
 
 
 @functools.cache
@@ -72,7 +98,7 @@ def _use_fused(*tensors: torch.Tensor, in_compile: bool = False) -> bool:
 
 
 def _use_triton(*tensors: torch.Tensor, in_compile: bool = False) -> bool:
-    return _use_fused(*tensors, in_compile=in_compile) and triton_available()
+    return _use_fused(*tensors, in_compile=in_compile) and _platform_allows_triton() and triton_available()
 
 
 def channels_innermost(t: torch.Tensor) -> bool:

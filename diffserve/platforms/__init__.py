@@ -5,13 +5,17 @@ DIFFSERVE_PLATFORM=cuda|rocm|xpu|cpu overrides detection (e.g. to force the CPU 
 
 from __future__ import annotations
 
-import os
+from typing import TYPE_CHECKING
 
-from diffserve.platforms.interface import (  # noqa: F401  (re-exported)
-    AttentionBackendEnum,
-    AttentionBackendUnavailable,
-    Platform,
-)
+from diffserve import envs
+from diffserve.platforms.backends import AttentionBackendEnum  # noqa: F401  (re-exported; no torch)
+
+if TYPE_CHECKING:
+    from diffserve.platforms.interface import Platform
+
+# Imported from interface.py (which imports torch) on first use, so that the server process can validate
+# backend names through this package without importing torch.
+_FROM_INTERFACE = ("AttentionBackendUnavailable", "Platform")
 
 PLATFORM_CLASSES = {
     "cuda": "diffserve.platforms.cuda.CudaPlatform",
@@ -24,10 +28,8 @@ _current: type[Platform] | None = None
 
 
 def detect_platform_name() -> str:
-    forced = os.environ.get("DIFFSERVE_PLATFORM", "").strip().lower()
+    forced = envs.DIFFSERVE_PLATFORM  # validated by envs: one of PLATFORM_CLASSES, or None
     if forced:
-        if forced not in PLATFORM_CLASSES:
-            raise ValueError(f"DIFFSERVE_PLATFORM={forced!r}: choose one of {', '.join(PLATFORM_CLASSES)}")
         return forced
     import torch
 
@@ -62,4 +64,8 @@ def reset_current_platform() -> None:
 def __getattr__(name: str):
     if name == "current_platform":
         return get_current_platform()
+    if name in _FROM_INTERFACE:
+        from diffserve.platforms import interface
+
+        return getattr(interface, name)
     raise AttributeError(name)

@@ -11,6 +11,9 @@ class CpuPlatform(Platform):
     name = "cpu"
     device_type = "cpu"
     attn_priority = (AttentionBackendEnum.TORCH_SDPA,)
+    # The reference formulas and diffusers' modules: CPU results stay bit-identical to diffusers'.
+    triton_kernels = False
+    wan_vae_walk = False
 
     @classmethod
     def platform_rejection(cls, backend: AttentionBackendEnum) -> str | None:

@@ -11,6 +11,8 @@ class CudaPlatform(Platform):
     name = "cuda"
     device_type = "cuda"
     attn_priority = (AttentionBackendEnum.FA3, AttentionBackendEnum.FA2, AttentionBackendEnum.TORCH_SDPA)
+    triton_kernels = True
+    wan_vae_walk = True
 
     @classmethod
     def get_attn_backend_cls_str(cls, selected_backend, head_size: int, dtype: torch.dtype) -> str:

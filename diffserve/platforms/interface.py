@@ -1,56 +1,24 @@
 """The platform interface and the ONE attention-selection mechanism.
 
-Each platform file (cuda.py, rocm.py, xpu.py, cpu.py) is a thin subclass: its priority list as data, its
-own rules in `platform_rejection`, and a `get_attn_backend_cls_str` that calls `select_attn_backend`.
+Each platform file (cuda.py, rocm.py, xpu.py, cpu.py) is a thin subclass: its priority list and its
+capability flags (which fast paths run on it: `supports_triton_kernels`, `supports_wan_vae_walk`) as data,
+its own rules in `platform_rejection`, and a `get_attn_backend_cls_str` that calls `select_attn_backend`.
 Nothing here touches hardware at import time; every probe happens when a backend is asked for.
 """
 
 from __future__ import annotations
 
-import enum
 import importlib
 import logging
 from typing import ClassVar
 
 import torch
 
+from diffserve.kernels import fused_ops
+from diffserve.platforms.backends import AttentionBackendEnum
+
 logger = logging.getLogger("diffserve.attention")
 
-
-class AttentionBackendEnum(str, enum.Enum):
-    FA3 = "fa3"
-    FA2 = "fa2"
-    TORCH_SDPA = "torch_sdpa"
-
-    @classmethod
-    def parse(cls, value: str | AttentionBackendEnum | None) -> AttentionBackendEnum | None:
-        """User input ('fa3', 'FA3', 'flash_attention_3', 'sdpa', 'auto', None) -> a member, or None for auto."""
-        if value is None or isinstance(value, cls):
-            return value
-        key = value.strip().lower().replace("-", "_")
-        if key in ("", "auto", "default"):
-            return None
-        key = _ALIASES.get(key, key)
-        try:
-            return cls(key)
-        except ValueError:
-            choices = ", ".join(m.value for m in cls)
-            raise ValueError(
-                f"unknown attention backend {value!r} (choose one of: auto, {choices})"
-            ) from None
-
-
-_ALIASES = {
-    "flash_attention_3": "fa3",
-    "flash_attn_3": "fa3",
-    "flash3": "fa3",
-    "flash_attention_2": "fa2",
-    "flash_attn_2": "fa2",
-    "flash_attn": "fa2",
-    "flash2": "fa2",
-    "sdpa": "torch_sdpa",
-    "torch": "torch_sdpa",
-}
 
 BACKEND_CLASS_PATHS: dict[AttentionBackendEnum, str] = {
     AttentionBackendEnum.FA3: "diffserve.kernels.flash_attention_v3.FlashAttention3Backend",
@@ -80,10 +48,22 @@ class Platform:
     device_type: ClassVar[str] = "cpu"
     # Tried in this order when the user chose nothing. SDPA is always the terminal fallback.
     attn_priority: ClassVar[tuple[AttentionBackendEnum, ...]] = (AttentionBackendEnum.TORCH_SDPA,)
+    # Capabilities, as data: which fast paths run on this platform's GPU tensors. Callers ask through the
+    # classmethods below; tensors on the CPU never take these paths, whatever the platform says.
+    triton_kernels: ClassVar[bool] = False
+    wan_vae_walk: ClassVar[bool] = False
 
     @classmethod
-    def default_dtype(cls) -> torch.dtype:
-        return torch.float32 if cls.device_type == "cpu" else torch.bfloat16
+    def supports_triton_kernels(cls) -> bool:
+        """Whether our Triton kernels (diffserve/kernels/_triton_*.py: the fused DiT ops, the VAE norms and
+        adds) run here, and with them kl_vae_decode's channels-last form that folds conv biases into them."""
+        return cls.triton_kernels
+
+    @classmethod
+    def supports_wan_vae_walk(cls) -> bool:
+        """Whether Wan VAE decodes take wan_vae_walk (channels-last 3D convolutions, fused norms) rather
+        than diffusers' modules."""
+        return cls.wan_vae_walk
 
     @classmethod
     def platform_rejection(cls, backend: AttentionBackendEnum) -> str | None:
@@ -165,3 +145,15 @@ class Platform:
                 "attention: %s [%s, head size %d, %s]", backend.value, cls.name, head_size, _dtype_name(dtype)
             )
         return BACKEND_CLASS_PATHS[backend]
+
+
+def _current_platform_supports_triton_kernels() -> bool:
+    from diffserve.platforms import get_current_platform
+
+    return get_current_platform().supports_triton_kernels()
+
+
+# kernels never import platforms (imports point platforms -> kernels): the platform layer hands the fused
+# ops its answer to "do our Triton kernels run here?", asked at each dispatch so a re-detected platform
+# (tests) is followed.
+fused_ops.set_platform_query(_current_platform_supports_triton_kernels)

@@ -12,6 +12,9 @@ class RocmPlatform(Platform):
     device_type = "cuda"  # ROCm builds of torch expose AMD GPUs as "cuda" devices
     # FA2 through the ROCm build of flash_attn (CK kernels on MI200/MI300) when it imports, else SDPA.
     attn_priority = (AttentionBackendEnum.FA2, AttentionBackendEnum.TORCH_SDPA)
+    triton_kernels = True  # Triton's ROCm backend compiles the same kernels
+    # The walk's channels-last 3D convolutions were never measured on MIOpen: diffusers' modules decode.
+    wan_vae_walk = False
 
     @classmethod
     def platform_rejection(cls, backend: AttentionBackendEnum) -> str | None:

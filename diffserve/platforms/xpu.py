@@ -12,6 +12,9 @@ class XpuPlatform(Platform):
     name = "xpu"
     device_type = "xpu"
     attn_priority = (AttentionBackendEnum.TORCH_SDPA,)
+    # Neither fast path was ever run on Intel GPUs (the Triton kernels launch on CUDA/ROCm tensors only).
+    triton_kernels = False
+    wan_vae_walk = False
 
     @classmethod
     def platform_rejection(cls, backend: AttentionBackendEnum) -> str | None:

@@ -55,3 +55,6 @@ class GenerationResult:
     width: int = 0
     height: int = 0
     timings: dict[str, float] = field(default_factory=dict)  # stage name -> seconds
+    # DiT forwards of the denoising loop, one per branch (a CFG step counts 2): {"computed": n, "cached": m},
+    # "cached" being those the step cache (runtime/step_cache.py) reused. Empty when not counted.
+    dit_forwards: dict[str, int] = field(default_factory=dict)

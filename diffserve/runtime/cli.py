@@ -3,59 +3,45 @@
     diffserve generate --model black-forest-labs/FLUX.1-dev --prompt "a red fox" -o fox.png
     diffserve generate --model ./Wan2.1-T2V-1.3B-Diffusers --prompt "waves" --frames 33 -o waves.mp4
 
-Anything the user can fix (bad model directory, unsupported size, wrong file extension) ends with one line
-on stderr and exit status 2, never a traceback.
+Anything the user can fix (bad model directory, unsupported size, wrong file extension, an unwritable
+output, an attention backend that cannot run here) ends with one line on stderr and exit status 2, never a
+traceback. What does not need the model (the output file, the request's limits) is checked before it loads.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from diffserve.runtime.distributed.config import add_parallel_arguments
+from diffserve.runtime.config import RuntimeConfig, add_runtime_arguments, runtime_config_from_args
+from diffserve.runtime.limits import LimitError, Limits, check_request, parse_size, rules_of
 
 
-def parse_size(text: str) -> tuple[int, int]:
+def _size(text: str) -> tuple[int, int]:
     try:
-        w, h = (int(v) for v in text.lower().replace("*", "x").split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"size must look like WIDTHxHEIGHT (e.g. 1024x768), got {text!r}"
-        ) from None
-    if w <= 0 or h <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
-    return w, h
+        return parse_size(text, "--size")
+    except LimitError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        help="diffusers model directory or Hugging Face id in the local cache "
-        "(default: the bundled small FLUX-architecture model)",
-    )
+    add_runtime_arguments(parser)  # --model, --device, --dtype, --attention-backend, --compile, parallel
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt")
-    parser.add_argument("--size", type=parse_size, metavar="WxH", help="output size (default: the model's)")
-    parser.add_argument("--frames", type=int, metavar="N", help="video frames (video models)")
+    parser.add_argument("--size", type=_size, metavar="WxH", help="output size (default: the model's)")
+    parser.add_argument("--frames", type=int, metavar="N", help="video frames (video models; default: the model's)")
     parser.add_argument("--steps", type=int, metavar="N", help="denoising steps (default: the model's)")
     parser.add_argument("--guidance", type=float, metavar="G", help="guidance scale (default: the model's)")
     parser.add_argument("--seed", type=int, metavar="S", help="random seed (default: random, printed)")
     parser.add_argument("--image", type=Path, metavar="PATH", help="input image for image-to-image")
-    parser.add_argument("--strength", type=float, help="image-to-image strength in (0, 1] (default 0.6)")
-    parser.add_argument("--num-outputs", type=int, default=1, metavar="N")
+    parser.add_argument("--strength", type=float, help="image-to-image strength in (0, 1] (default: the model's)")
+    parser.add_argument("--num-outputs", type=int, default=1, metavar="N", help="outputs (default 1)")
     parser.add_argument("--fps", type=int, help="video frame rate (default: the model's)")
-    parser.add_argument("--attention-backend", metavar="B", help="auto (default), fa3, fa2 or torch_sdpa")
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the DiT blocks (compiled kernels cached in ~/.cache/diffserve or $DIFFSERVE_CACHE_DIR)",
-    )
-    parser.add_argument("--device", metavar="D", help="cpu, cuda, cuda:N, xpu (default: first GPU, else cpu)")
-    parser.add_argument(
-        "--dtype", metavar="T", help="bf16, fp16 or fp32 (default: bf16 on GPUs, fp32 on CPU)"
-    )
     parser.add_argument(
         "-o",
         "--output",
@@ -65,7 +51,6 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         help="output file: .png, .jpg, .webp (images) or .mp4 (videos)",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    add_parallel_arguments(parser)  # --ulysses-degree, --cfg-parallel (multi-GPU; also under torchrun)
 
 
 def _quiet_libraries() -> None:
@@ -83,21 +68,24 @@ def _fail(message: str) -> int:
     return 2
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    from diffserve.runtime.api import GenerationCancelled, GenerationRequest, InvalidRequest
-    from diffserve.runtime.distributed.launch import load_parallel_runner
-    from diffserve.runtime.loader import ModelLoadError
-    from diffserve.runtime.outputs import VIDEO_FORMATS, output_format, save_result
-    from diffserve.runtime.runner import OutOfMemory
+def check_writable(path: Path) -> None:
+    """Raise OSError (with the reason) unless a file can be written at `path`: checked before the model
+    loads, so that a typo in -o costs nothing. Creates missing parent directories, as writing would."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=parent):
+        pass
+    if path.exists() and not os.access(path, os.W_OK):
+        raise PermissionError(f"{path} is not writable")
 
-    try:
-        fmt = output_format(args.output)
-        image = args.image.read_bytes() if args.image is not None else None
-    except (ValueError, OSError) as e:
-        return _fail(str(e))
-    _quiet_libraries()
+
+def generation_request(args: argparse.Namespace, image: bytes | None):
+    from diffserve.runtime.api import GenerationRequest
+
     width, height = args.size or (None, None)
-    req = GenerationRequest(
+    return GenerationRequest(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
         width=width,
@@ -111,24 +99,52 @@ def run_generate(args: argparse.Namespace) -> int:
         strength=args.strength,
         fps=args.fps,
     )
-    bar = None
-    if args.compile:
-        from diffserve.runtime.compile import request_compile
 
-        request_compile()
+
+def run_generate(args: argparse.Namespace) -> int:
+    from diffserve.runtime.outputs import VIDEO_FORMATS, output_format
+
+    limits = Limits()  # the server's defaults: the same input gets the same verdict from both
     try:
-        runner = load_parallel_runner(
-            args.model,
-            args.device,
-            args.dtype,
-            args.attention_backend,
-            ulysses_degree=args.ulysses_degree,
-            cfg_parallel=args.cfg_parallel,
-        )
+        config = runtime_config_from_args(args)
+        fmt = output_format(args.output)
         wants = "video" if fmt in VIDEO_FORMATS else "image"
+    except ValueError as e:  # a bad dtype, backend name, parallel layout or file extension
+        return _fail(str(e))
+    try:
+        check_writable(args.output)
+    except OSError as e:
+        return _fail(f"cannot write {args.output}: {e.strerror or e}")
+    try:
+        image = args.image.read_bytes() if args.image is not None else None
+    except OSError as e:
+        return _fail(f"cannot read --image {args.image}: {e.strerror or e}")
+    req = generation_request(args, image)
+    try:
+        # What needs no model, before it loads; the size and frame count wait for the model's own rules (its
+        # multiple, largest side, frame step), so that the message is the one the server gives.
+        unsized = dataclasses.replace(req, width=None, height=None, num_frames=None)
+        check_request(unsized, limits.for_model(None), wants)
+    except LimitError as e:
+        return _fail(str(e))
+    return _generate(args, config, req, limits, wants)
+
+
+def _generate(args, config: RuntimeConfig, req, limits: Limits, wants: str) -> int:
+    from diffserve.runtime.api import GenerationCancelled, InvalidRequest
+    from diffserve.runtime.distributed.launch import load_parallel_runner
+    from diffserve.runtime.loader import ModelLoadError
+    from diffserve.runtime.outputs import save_result
+    from diffserve.runtime.runner import OutOfMemory
+
+    _quiet_libraries()
+    bar = None
+    try:
+        runner = load_parallel_runner(config)
         if wants != runner.task:
             suffix = ".mp4" if runner.task == "video" else ".png, .jpg or .webp"
             return _fail(f"{runner.model_id} makes {runner.task}s: use an output file ending in {suffix}")
+        check_request(req, limits.for_model(rules_of(runner)), runner.task)
 
         def on_step(done: int, total: int) -> None:
             nonlocal bar
@@ -152,7 +168,7 @@ def run_generate(args: argparse.Namespace) -> int:
             bar.close()
     try:
         paths = save_result(result, args.output)
-    except (OSError, ValueError) as e:  # disk full, directory not writable, ...
+    except (OSError, ValueError) as e:  # disk full, ...
         return _fail(f"could not write {args.output}: {e}")
     took = time.perf_counter() - start
     for path in paths:

@@ -14,13 +14,16 @@ compile: 81.5 s), and everything Inductor can fuse lies inside a block anyway.
 Measured (benchmarks/RESULTS.md, issue 5): with the FA3 graph break gone (0 breaks), compiling still
 gains nothing over our eager path, which already has the fused kernels (H100, FLUX.1-dev 1024^2, one run:
 compiled 126.6 ms, eager 124.4, eager as a CUDA graph 122.6). So eager + CUDA graphs is the default and
-compilation is opt-in: `--compile` on generate/serve (DIFFSERVE_COMPILE=1), applied by loader.load_dit.
+compilation is opt-in: `--compile` on generate/serve (RuntimeConfig.compile), applied by loader.load_dit.
 
 The cache: Inductor's FX-graph cache and autotuning cache are on-disk and keyed by graph and environment;
-pointing TORCHINDUCTOR_CACHE_DIR at a directory that survives restarts (default ~/.cache/diffserve/inductor,
-or $DIFFSERVE_CACHE_DIR/inductor) makes the second start reuse the compiled kernels. The directory must be
-set before the first compilation in the process, so configure_compile_cache() runs first thing in
-optimize_dit().
+pointing TORCHINDUCTOR_CACHE_DIR at a directory that survives restarts makes the second start reuse the
+compiled kernels. Which directory (compile_cache_dir): $DIFFSERVE_CACHE_DIR/inductor when that is set; else
+the user's own TORCHINDUCTOR_CACHE_DIR; else ~/.cache/diffserve/inductor. torch itself writes its default
+(/tmp/torchinductor_$USER) into TORCHINDUCTOR_CACHE_DIR the first time anything asks Inductor for its cache
+directory (importing torch._inductor.config does in torch 2.13), so a value equal to torch's default is
+torch's, not the user's. The directory must be set before the first compilation in the process, so
+configure_compile_cache() runs first thing in optimize_dit().
 """
 
 from __future__ import annotations
@@ -30,39 +33,37 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from diffserve import envs
+
 if TYPE_CHECKING:  # torch is imported where it is used: the server imports the switch below without it
     from torch import nn
 
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "DIFFSERVE_CACHE_DIR"
-COMPILE_ENV = "DIFFSERVE_COMPILE"  # "1": the loader compiles the DiT blocks (`--compile` on generate/serve)
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def compile_requested() -> bool:
-    """DIFFSERVE_COMPILE, set by `--compile` on `diffserve generate` / `serve` (an environment variable, so
-    that the server's spawned worker and every distributed rank see the same choice)."""
-    return os.environ.get(COMPILE_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+def compile_cache_dir() -> Path:
+    """Where compiled kernels go (see the module docstring for the order)."""
+    root = envs.get(CACHE_ENV)
+    if root:
+        return Path(root).expanduser() / "inductor"
+    theirs = envs.TORCHINDUCTOR_CACHE_DIR
+    if theirs:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default
 
-
-def request_compile() -> None:
-    os.environ[COMPILE_ENV] = "1"
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "diffserve")
-    return Path(root) / "inductor"
+        if os.path.abspath(theirs) != os.path.abspath(torch_default()):
+            return Path(theirs)
+    return Path.home() / ".cache" / "diffserve" / "inductor"
 
 
 def configure_compile_cache(cache_dir: str | Path | None = None) -> Path:
-    """Point Inductor's on-disk caches at `cache_dir` (default: default_cache_dir()) unless the user already
-    set TORCHINDUCTOR_CACHE_DIR, and turn the local FX-graph and autotune caches on. Returns the directory."""
-    if cache_dir is None and os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        path = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
-    else:
-        path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    """Point Inductor's on-disk caches at `cache_dir` (default: compile_cache_dir()) and turn the local
+    FX-graph and autotune caches on. Returns the directory."""
+    path = Path(cache_dir) if cache_dir is not None else compile_cache_dir()
+    # A write that configures torch: Inductor reads its cache directory from this variable at every use.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     path.mkdir(parents=True, exist_ok=True)
     import torch._inductor.config as inductor_config
 

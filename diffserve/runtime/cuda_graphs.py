@@ -61,26 +61,29 @@ from typing import Any
 
 import torch
 
+from diffserve import envs
+
 logger = logging.getLogger(__name__)
 
-GRAPHS_ENV = "DIFFSERVE_CUDA_GRAPHS"  # "0" turns graphs off (default on)
+GRAPHS_ENV = "DIFFSERVE_CUDA_GRAPHS"  # "0" turns graphs off (default on); declared in diffserve/envs.py
 CHECK_SYNC_ENV = "DIFFSERVE_CHECK_SYNC"  # "1" raises on any host synchronisation in the denoising loop
-_FALSE = ("0", "false", "no", "off")
 
 
 def graphs_enabled() -> bool:
     """DIFFSERVE_CUDA_GRAPHS, read at every call so that it can be switched off without a restart."""
-    return os.environ.get(GRAPHS_ENV, "1").strip().lower() not in _FALSE
+    return envs.get(GRAPHS_ENV)
 
 
 BLAS_WORKSPACE_ENV = "DIFFSERVE_BLAS_WORKSPACE"  # "default" leaves cuBLAS's workspaces as torch sizes them
 _NO_BLAS_WORKSPACE = {"CUBLAS_WORKSPACE_CONFIG": ":0:0", "CUBLASLT_WORKSPACE_SIZE": "0"}
 
 
-def configure_blas_workspace(device) -> bool:
+def configure_blas_workspace(device, eager: bool = False) -> bool:
     """Run this process's cuBLAS and cuBLASLt GEMMs without a workspace, when `device` is a CUDA device and
     graphs are on; unless DIFFSERVE_BLAS_WORKSPACE=default or the user set either variable. Returns
-    whether it set them.
+    whether it set them. eager=True (the ranks of a parallel group, which run without graphs) leaves
+    cuBLAS as it is: eagerly its workspace is faster (FLUX.1 forward 125.7 vs 133.4 ms without,
+    benchmarks/RESULTS.md session 5).
 
     Why: with a workspace, cuBLAS (CUDA 13) runs most large bf16 GEMMs on Hopper as kernels with a dynamic
     tile scheduler, and clears part of the workspace with a memset before each of them. In a CUDA graph
@@ -92,15 +95,15 @@ def configure_blas_workspace(device) -> bool:
 
     torch reads both variables once, when it first sets up cuBLAS in the process, so this must run before
     the process's first GEMM (load_runner calls it before loading anything)."""
-    if torch.device(device).type != "cuda" or not graphs_enabled():
+    if eager or torch.device(device).type != "cuda" or not graphs_enabled():
         return False
-    if os.environ.get(BLAS_WORKSPACE_ENV, "").strip().lower() == "default":
+    if envs.get(BLAS_WORKSPACE_ENV) == "default":
         return False
-    if any(name in os.environ for name in _NO_BLAS_WORKSPACE):
+    if any(envs.is_set(name) for name in _NO_BLAS_WORKSPACE):
         return False  # the user's sizes (e.g. CUBLAS_WORKSPACE_CONFIG=:4096:8 for deterministic runs)
     if torch.are_deterministic_algorithms_enabled():
         return False  # torch then insists on one of its deterministic workspace configs (:4096:8, :16:8)
-    os.environ.update(_NO_BLAS_WORKSPACE)
+    os.environ.update(_NO_BLAS_WORKSPACE)  # a write that configures cuBLAS (read by torch at its first GEMM)
     logger.info(
         "cuBLAS runs without a workspace (no memset before each GEMM in the CUDA graphs); "
         "%s=default keeps cuBLAS's own",
@@ -183,7 +186,7 @@ def sync_allowed():
 
 
 def check_sync_enabled() -> bool:
-    return os.environ.get(CHECK_SYNC_ENV, "0").strip().lower() not in (*_FALSE, "")
+    return envs.get(CHECK_SYNC_ENV)
 
 
 @contextlib.contextmanager

@@ -53,6 +53,7 @@ from torch import nn
 from diffserve.kernels.bias_add import add as _add
 from diffserve.kernels.bias_add import upsample_nearest2x
 from diffserve.kernels.group_norm import group_norm
+from diffserve.platforms import get_current_platform
 from diffserve.runtime.models.base import has_hooks
 
 # vae -> (decoder it was checked with, post_quant_conv it was checked with, the modules whose forward the
@@ -191,10 +192,12 @@ def _upsample(up: nn.Module, x: torch.Tensor, fold: bool) -> tuple[torch.Tensor,
 
 
 def _cuda_walk(latents: torch.Tensor) -> bool:
-    """The CUDA form of the walk: channels_last throughout, conv biases folded into the next pass. CUDA
-    only: on the CPU the result must stay bit-identical to vae.decode, and oneDNN's channels_last
-    convolutions may round differently. (A function so that the CPU tests can run the CUDA form.)"""
-    return latents.is_cuda
+    """The CUDA form of the walk: channels_last throughout, conv biases folded into the next pass (the
+    Triton group norms and adds). On the GPUs of a platform that runs our Triton kernels
+    (Platform.supports_triton_kernels: NVIDIA's and AMD's) only: on the CPU the result must stay
+    bit-identical to vae.decode, and oneDNN's channels_last convolutions may round differently. (A function
+    so that the CPU tests can run the CUDA form.)"""
+    return latents.is_cuda and get_current_platform().supports_triton_kernels()
 
 
 @torch.inference_mode()

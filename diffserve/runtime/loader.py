@@ -25,16 +25,6 @@ FAMILY_BY_PIPELINE = {
     "FluxImg2ImgPipeline": "flux",
     "WanPipeline": "wan",
 }
-DTYPES = {
-    "bf16": "bfloat16",
-    "bfloat16": "bfloat16",
-    "fp16": "float16",
-    "float16": "float16",
-    "half": "float16",
-    "fp32": "float32",
-    "float32": "float32",
-    "float": "float32",
-}
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # Only what a diffusers-format snapshot needs: FLUX repos also hold 20+ GB single-file checkpoints at the root.
 _SNAPSHOT_PATTERNS = [
@@ -115,12 +105,14 @@ def parse_dtype(dtype: str | None, device: str):
     """'bf16' | 'fp16' | 'fp32' (and their long names) -> torch.dtype; None -> bf16 on GPUs, fp32 on CPU."""
     import torch
 
+    from diffserve.runtime.config import canonical_dtype
+
     if dtype is None:
         return torch.float32 if device_type(device) == "cpu" else torch.bfloat16
-    name = DTYPES.get(str(dtype).lower().replace("torch.", ""))
-    if name is None:
-        raise ModelLoadError(f"unknown dtype {dtype!r}: use one of bf16, fp16, fp32")
-    return getattr(torch, name)
+    try:
+        return getattr(torch, canonical_dtype(str(dtype)))
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def default_device() -> str:
@@ -166,18 +158,16 @@ def resolve_model(model: str | os.PathLike | None) -> tuple[Path, str]:
 def _from_hf_cache(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
-    online = os.environ.get("DIFFSERVE_ALLOW_DOWNLOAD") == "1" and os.environ.get("HF_HUB_OFFLINE") not in (
-        "1",
-        "true",
-        "True",
-    )
+    from diffserve import envs
+
+    online = envs.DIFFSERVE_ALLOW_DOWNLOAD and not envs.HF_HUB_OFFLINE
     try:
         return Path(
             snapshot_download(repo_id, allow_patterns=_SNAPSHOT_PATTERNS, local_files_only=not online)
         )
     except Exception as e:  # LocalEntryNotFoundError, RepositoryNotFoundError, network errors
         hint = (
-            f"download it first (huggingface-cli download {repo_id}) or set DIFFSERVE_ALLOW_DOWNLOAD=1"
+            f"download it first (hf download {repo_id}) or set DIFFSERVE_ALLOW_DOWNLOAD=1"
             if not online
             else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         )
@@ -357,15 +347,14 @@ def dit_class(family: str):
     raise ModelLoadError(f"no native DiT for family {family!r}")
 
 
-def load_dit(folder: Path, family: str, device: str, dtype):
+def load_dit(folder: Path, family: str, device: str, dtype, compile: bool = False):
     """The native DiT on its device, projections fused (q|k|v as one GEMM: measured 177 -> 126 ms per FLUX.1-dev
     forward on an H100 together with the fused Triton ops, benchmarks/RESULTS.md). Fusing after the move to
-    the device keeps one copy of the weights. With DIFFSERVE_COMPILE=1 (`--compile`) its blocks are also
+    the device keeps one copy of the weights. With compile=True (`--compile`) its blocks are also
     torch.compiled under the persistent cache (runtime/compile.py): compilation happens in the warm-up."""
-    from diffserve.runtime.compile import compile_requested, optimize_dit
+    from diffserve.runtime.compile import optimize_dit
 
     model = dit_class(family).from_pretrained(folder, device, dtype).eval()
-    compile = compile_requested()
     if compile:
         # Resolve the attention kernel now, eagerly: the platform probe (imports) must stay out of the
         # traced blocks (compile_dit's rule), and the first forward is compiled.
@@ -375,7 +364,9 @@ def load_dit(folder: Path, family: str, device: str, dtype):
     return optimize_dit(model, compile=compile)
 
 
-def load_components(spec: ModelSpec, device: str, dtype, attention_backend: str | None = None) -> dict:
+def load_components(
+    spec: ModelSpec, device: str, dtype, attention_backend: str | None = None, compile: bool = False
+) -> dict:
     """Every component of a flux/wan model: DiTs native, the rest through transformers/diffusers."""
     out = {}
     for name, (library, cls) in spec.components().items():
@@ -389,7 +380,7 @@ def load_components(spec: ModelSpec, device: str, dtype, attention_backend: str 
             elif kind == "processor":
                 continue  # image encoders for IP-adapters: not used by our pipelines
             elif name.startswith("transformer"):
-                out[name] = load_dit(folder, spec.family, device, dtype)
+                out[name] = load_dit(folder, spec.family, device, dtype, compile)
             elif library == "transformers":
                 out[name] = load_text_encoder(folder, cls, device, dtype, attention_backend)
             else:

@@ -11,13 +11,6 @@ from pathlib import Path
 
 IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 VIDEO_FORMATS = {"mp4"}
-MEDIA_TYPES = {
-    "png": "image/png",
-    "jpeg": "image/jpeg",
-    "jpg": "image/jpeg",
-    "webp": "image/webp",
-    "mp4": "video/mp4",
-}
 
 
 def encode_image(image, fmt: str = "png", quality: int | None = None) -> bytes:

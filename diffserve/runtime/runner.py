@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from diffserve.runtime.api import CancelCheck, GenerationRequest, GenerationResult, StepCallback
+from diffserve.runtime.config import RuntimeConfig
 from diffserve.runtime.loader import ModelLoadError, default_device, inspect_model, parse_dtype
 
 logger = logging.getLogger(__name__)
@@ -51,24 +52,60 @@ class Runner:
                 "lower the size, frame count or number of outputs, or use a larger GPU"
             ) from None
 
-    def warmup(self, resolutions: list[tuple[int, int]] | None = None) -> None:
-        """One one-step generation per (width, height): compiles/selects kernels for the text encoders, the DiT
-        and the VAE before the first real request."""
+    def warmup(self, resolutions: list[tuple[int, int]] | None = None, max_batch: int = 1) -> None:
+        """One one-step generation per (width, height) and batch size: compiles/selects kernels for the text
+        encoders, the DiT and the VAE, and captures the DiT's CUDA graphs (one per input shape), before the
+        first real request.
+
+        Batch sizes: 1, 2, 4, ... (powers of two) below `max_batch`, and `max_batch` itself; for videos 1
+        only (video requests are never merged). Not every size up to max_batch: each warmed shape costs a
+        generation at start and a graph pool (GPU memory) for as long as it is cached, and the DiT keeps
+        only a few graphs (GraphedForward.max_graphs, least recently used out). Powers of two cover the
+        n=2 request and a full batch (the usual shape under load, when the queue fills batches) at a cost
+        that grows with log2(max_batch); a size in between (3, 5..7) pays its capture once, on first use.
+        A batch size that runs out of memory here is reported, not fatal: the server starts, and larger
+        batches at that size are skipped (a request that large would fail with out_of_memory)."""
         sizes = resolutions or [(self.defaults["width"], self.defaults["height"])]
         frame_step = getattr(getattr(self.pipeline, "rules", None), "frame_step", None)
-        for width, height in sizes:
-            start = time.perf_counter()
-            req = GenerationRequest(
-                prompt="warmup",
-                width=width,
-                height=height,
-                num_inference_steps=1,
-                seed=0,
-                num_frames=(frame_step + 1) if self.task == "video" else None,
-                is_warmup=True,
+        top = 1 if self.task == "video" else max(1, int(max_batch))
+        batches = sorted({1 << i for i in range(top.bit_length()) if 1 << i < top} | {top})
+        cap = getattr(getattr(self.pipeline, "dit", None), "max_graphs", None)
+        if isinstance(cap, int) and len(sizes) * len(batches) > cap:
+            logger.warning(
+                "warmup: %d shapes (%d sizes x batch %s) exceed the DiT's %d cached CUDA graphs: the first "
+                "ones warmed will be captured again on first use",
+                len(sizes) * len(batches),
+                len(sizes),
+                batches,
+                cap,
             )
-            self.generate(req)
-            logger.info("warmup %dx%d: %.2f s", width, height, time.perf_counter() - start)
+        for width, height in sizes:
+            for n in batches:
+                start = time.perf_counter()
+                req = GenerationRequest(
+                    prompt="warmup",
+                    width=width,
+                    height=height,
+                    num_inference_steps=1,
+                    seed=0,
+                    num_outputs=n,
+                    num_frames=(frame_step + 1) if self.task == "video" else None,
+                    is_warmup=True,
+                )
+                try:
+                    self.generate(req)
+                except OutOfMemory as e:
+                    if n == 1:
+                        raise
+                    logger.warning(
+                        "warmup %dx%d: a batch of %d does not fit (%s); lower --max-batch",
+                        width,
+                        height,
+                        n,
+                        e,
+                    )
+                    break
+                logger.info("warmup %dx%d batch %d: %.2f s", width, height, n, time.perf_counter() - start)
 
 
 def check_device(device: str) -> str:
@@ -92,30 +129,36 @@ def check_device(device: str) -> str:
 
 
 def load_runner(
-    model: str | None = None,
+    model: str | RuntimeConfig | None = None,
     device: str | None = None,
     dtype: str | None = None,
     attention_backend: str | None = None,
+    *,
+    compile: bool = False,
 ) -> Runner:
     """Load `model` (a diffusers directory or a cached Hugging Face id; None -> the bundled default model)
     onto `device` (default: the first accelerator, else the CPU) in `dtype` (default bf16 on GPUs, fp32 on
-    the CPU). Raises ModelLoadError with a one-line message for anything the user can fix."""
+    the CPU). `model` may instead be a whole RuntimeConfig (what the CLI and the server's worker pass).
+    Raises ModelLoadError with a one-line message for anything the user can fix."""
     from diffserve.runtime.cuda_graphs import configure_blas_workspace
-    from diffserve.runtime.layers.attention import set_attention_backend
     from diffserve.runtime.pipelines import pipeline_class
     from diffserve.runtime.pipelines.stages import fit_defaults
 
-    spec = inspect_model(model)
-    device = check_device(device or default_device())
-    configure_blas_workspace(device)  # before the first GEMM of the process (see its docstring)
-    torch_dtype = parse_dtype(dtype, device)
-    if attention_backend is not None:
+    if isinstance(model, RuntimeConfig):
+        config = model
+    else:
         try:
-            set_attention_backend(attention_backend)
+            config = RuntimeConfig(model, device, dtype, attention_backend, compile)
         except ValueError as e:
             raise ModelLoadError(str(e)) from None
+    spec = inspect_model(config.model)
+    device = check_device(config.device or default_device())
+    # before the first GEMM of the process (see its docstring); ranks of a parallel group run eagerly
+    configure_blas_workspace(device, eager=config.parallel.enabled)
+    torch_dtype = parse_dtype(config.dtype, device)
+    check_attention_backend(config.attention_backend, spec, device, torch_dtype)
     start = time.perf_counter()
-    pipeline = pipeline_class(spec.family).load(spec, device, torch_dtype, attention_backend)
+    pipeline = pipeline_class(spec.family).load(spec, device, torch_dtype, config)
     pipeline.defaults = fit_defaults(pipeline.defaults, pipeline.rules)
     logger.info(
         "loaded %s (%s, %s) on %s in %s in %.1f s",
@@ -127,6 +170,25 @@ def load_runner(
         time.perf_counter() - start,
     )
     return Runner(pipeline, spec.model_id, spec.path, device, torch_dtype)
+
+
+def check_attention_backend(name: str | None, spec, device: str, dtype) -> None:
+    """Choose the attention backend for this process and resolve it now for the DiT's head size, so that an
+    explicit choice that cannot run here (fa3 without FA3) fails before any weight loads, with one line."""
+    from diffserve.platforms import AttentionBackendUnavailable
+    from diffserve.runtime.layers.attention import get_attention_backend, set_attention_backend
+    from diffserve.runtime.loader import device_type
+
+    if name is not None:
+        set_attention_backend(name)  # already validated by RuntimeConfig
+    try:
+        head_size = int(spec.config("transformer").get("attention_head_dim") or 128)
+    except (ModelLoadError, KeyError, TypeError, ValueError, OSError):
+        head_size = 128  # a generic pipeline without a transformer/ folder: the common head size
+    try:
+        get_attention_backend(head_size, dtype, device_type(device))
+    except (AttentionBackendUnavailable, ValueError) as e:
+        raise ModelLoadError(str(e).strip().splitlines()[0]) from None
 
 
 _cached: tuple[tuple, Runner] | None = None

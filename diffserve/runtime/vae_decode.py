@@ -14,8 +14,9 @@ output with torch.cat at every frame (81 frames: 21 ever-longer copies). Here:
     whole frame would: the result equals vae.decode up to floating-point summation order (the
     convolution kernels see other shapes), not a blended approximation like diffusers' tiled decoding.
 
-On CUDA each chunk goes through wan_vae_walk (the decoder walked with its own weights: channels last,
-fused RMS norm + SiLU, no cat/pad copies); elsewhere through diffusers' own modules, bit for bit.
+On NVIDIA GPUs (Platform.supports_wan_vae_walk) each chunk goes through wan_vae_walk (the decoder walked
+with its own weights: channels last, fused RMS norm + SiLU, no cat/pad copies); elsewhere through
+diffusers' own modules, bit for bit.
 Measured on an H100 (benchmarks/RESULTS.md, "Wan VAE decode"; Wan2.1, 81 frames of 480x832, bf16): whole
 frames (tiles=1, the default) 773 ms against diffusers' 2,071, peak 4.2 GB (diffusers: 4.6 GB), and closer
 to a float32 decode than diffusers' bf16 one (1.4e-2 vs 2.0e-2). Strips are for frames far larger than
@@ -107,11 +108,12 @@ class _ModuleStream:
 
 
 def _walk_on(latents: torch.Tensor) -> bool:
-    """Whether the decode takes wan_vae_walk (channels last, fused norms) rather than the modules: on
-    NVIDIA GPUs. On the CPU the result stays bit-identical to vae.decode; on AMD GPUs (ROCm builds also
-    report "cuda" tensors) the walk's channels-last 3D convolutions were never measured, so they keep
-    diffusers' modules. (A function so that the CPU tests can run the walk.)"""
-    return latents.is_cuda and get_current_platform().name == "cuda"
+    """Whether the decode takes wan_vae_walk (channels last, fused norms) rather than the modules: on the
+    GPUs of a platform that supports the walk (Platform.supports_wan_vae_walk: NVIDIA's; on AMD GPUs, whose
+    ROCm builds also report "cuda" tensors, the walk's channels-last 3D convolutions were never measured).
+    On the CPU the result stays bit-identical to vae.decode. (A function so that the CPU tests can run the
+    walk.)"""
+    return latents.is_cuda and get_current_platform().supports_wan_vae_walk()
 
 
 def chunks(frames: int, size: int) -> list[tuple[int, int]]:

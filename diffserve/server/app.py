@@ -20,6 +20,7 @@ from diffserve.server.jobs import JobStore, VideoJobs
 from diffserve.server.metrics import Metrics
 from diffserve.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware, LatencyMiddleware
 from diffserve.server.routes import images, system, videos
+from diffserve.server.routes.docs import install_docs
 
 log = logging.getLogger("diffserve.server")
 
@@ -68,13 +69,15 @@ def create_app(cfg: ServerConfig, shutdown_clock: ShutdownClock | None = None, o
             await engine.close()
             store.close()
 
-    app = FastAPI(title="diffserve", version=__version__, lifespan=lifespan)
+    # FastAPI's own /docs and /redoc load their scripts from a CDN (a blank page offline): ours serves them.
+    app = FastAPI(title="diffserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.cfg = cfg
     app.state.metrics = metrics
     app.state.started = int(time.time())
     install_error_handlers(app)
     for module in (images, videos, system):
         app.include_router(module.router)
+    install_docs(app, api_key=bool(cfg.api_key))
     # add_middleware wraps what is there, so the last added runs first: latency sees every answer (401s
     # included), CORS answers preflights before the key check, the body limit applies to authorised calls.
     app.add_middleware(BodyLimitMiddleware, limit=cfg.max_body_bytes, metrics=metrics)

@@ -1,9 +1,25 @@
 """The engine, API side: a bounded admission queue in front of ONE worker process (spawned; it owns torch).
 
 Everything here runs on the event loop, except one reader thread per worker that moves the worker's
-messages onto the loop. The queue lives in this process, and the worker holds at most one batch at a time,
-so that cancelling a queued request is a list removal, a timeout needs no cooperation, and a crash can
-only lose the batch in flight: those requests fail with a clear error, the others wait for the new worker.
+messages onto the loop. The queue lives in this process, so that cancelling a queued request is a list
+removal, a timeout needs no cooperation, and a crash can only lose the batch in flight.
+
+The worker is a pipeline (see worker.py): while it generates one batch, earlier ones are being encoded
+by its encoder threads, and the engine keeps at most one more batch waiting in the worker's request
+queue (`_ahead`), so that the accelerator never waits for the round trip: the next batch is sent when the
+worker reports that it started the previous one (BatchStarted), not when that one's result comes back.
+Every ticket the worker holds, whatever its stage, is in `_current` until the worker answers it.
+
+  * A crash or a kill fails the requests the worker had started (generating or encoding); those it had
+    not started (the batch ahead) go back to the front of the queue, once (a request that crashes the
+    worker before its start is reported fails the second time, it cannot loop).
+  * A cancel reaches the worker through its cancel queue whatever the ticket's stage; a batch whose
+    requests have all ended (cancelled, timed out) and that the worker has started must be let go within
+    --kill-grace, or the worker is killed (a batch still waiting in the worker is not the worker's fault:
+    its clock starts when it starts).
+  * Batching: the queue's head goes with the queued requests that merge_key says may share its runner
+    call, up to --max-batch outputs. A head that could have company (merge_key is not None) and has not
+    filled the batch waits up to --batch-wait-ms after its admission for more; any other head goes at once.
 """
 
 from __future__ import annotations
@@ -20,9 +36,26 @@ from collections import deque
 from typing import Any
 
 from diffserve.server.config import ServerConfig
+from diffserve.server.messages import (
+    Batch,
+    BatchFailed,
+    BatchProgress,
+    BatchStarted,
+    Cancel,
+    Completed,
+    Errored,
+    Fatal,
+    Loaded,
+    Output,
+    Ready,
+    Started,
+    Stop,
+    WorkerMessage,
+    WorkItem,
+)
 from diffserve.server.metrics import Metrics
-from diffserve.server.tickets import EngineError, Ticket, merge_key
-from diffserve.server.worker import WorkItem, worker_main
+from diffserve.server.tickets import EngineError, Ticket, batch_for, merge_key
+from diffserve.server.worker import worker_main
 
 log = logging.getLogger("diffserve.engine")
 
@@ -58,7 +91,9 @@ class Engine:
         self.ready = False
         self.last_error: str | None = None
         self._queue: deque[Ticket] = deque()
-        self._current: dict[str, Ticket] = {}  # the batch the worker holds
+        self._current: dict[str, Ticket] = {}  # what the worker holds: queued there, generating or encoding
+        self._ahead: frozenset[str] | None = None  # the batch sent to the worker that it has not started yet
+        self._wait_timer: asyncio.TimerHandle | None = None  # --batch-wait-ms: when the head may go alone
         self._worker: _Worker | None = None
         self._gens = itertools.count(1)
         self._failures = 0  # consecutive worker exits before becoming ready
@@ -140,10 +175,24 @@ class Engine:
             "worker_crashed",
             f"the worker process exited (exit code {code}) while running this request; it is being restarted",
         )
+        requeue = []
         for t in list(self._current.values()):
-            self._finish(t, error=crashed)
+            if t.done:
+                continue
+            if t.started is None and not t.requeued:
+                requeue.append(t)  # it was only waiting in the worker's queue: the next worker runs it
+            else:
+                self._finish(t, error=crashed)
         self._current.clear()
+        self._ahead = None
+        for t in reversed(requeue):  # ahead of later arrivals, in their own order
+            t.state, t.dispatched, t.batch, t.requeued = "queued", None, (), True
+            self._queue.appendleft(t)
+        if requeue:
+            log.warning("%d request(s) the worker had not started go back to the queue", len(requeue))
+        self.metrics.queue_depth.set(len(self._queue))
         self.metrics.running.set(0)
+        self._check_idle()
         if self._stopping or not self._accepting:
             # Shutting down: no new worker; what waits for one fails now rather than at the drain timeout.
             gone = EngineError("shutting_down", "the worker exited while the server was shutting down")
@@ -162,56 +211,72 @@ class Engine:
         self._restart = self._loop.call_later(delay, self._spawn)
 
     # ---- worker messages -------------------------------------------------------------------------
-    def _on_message(self, w: _Worker, msg: tuple) -> None:
+    def _on_message(self, w: _Worker, msg: WorkerMessage) -> None:
         if w is not self._worker:
             return
-        kind = msg[0]
-        if kind == "loaded":
-            self.meta = msg[1]
-        elif kind == "ready":
+        if isinstance(msg, Loaded):
+            self.meta = msg.meta
+        elif isinstance(msg, Ready):
             self.ready = not w.dead
             self._ever_ready = True
             self._failures = 0
             self.last_error = None
             self.metrics.worker_ready.set(1 if self.ready else 0)
             log.info(
-                "worker %d ready: %s warmed up in %.1f s", w.gen, (self.meta or {}).get("model_id"), msg[1]
+                "worker %d ready: %s warmed up in %.1f s",
+                w.gen,
+                (self.meta or {}).get("model_id"),
+                msg.seconds,
             )
             self._kick()
-        elif kind == "fatal":
-            self.last_error = msg[1]  # the worker has logged it; /health and on_fatal report it
+        elif isinstance(msg, Fatal):
+            self.last_error = msg.message  # the worker has logged it; /health and on_fatal report it
             w.fatal = True
-        elif kind == "started":
-            for t in self._tickets(msg[1]):
-                t.events.put_nowait(("started",))
-        elif kind == "progress":
-            _, ids, done, total, step = msg
-            if step is not None:
-                self.metrics.step.observe(step)
-            for t in self._tickets(ids):
-                t.events.put_nowait(("progress", done, total))
-        elif kind == "result":
-            t = self._current.pop(msg[1], None)
+        elif isinstance(msg, BatchStarted):
+            now = time.monotonic()
+            if self._ahead is not None and not self._ahead.isdisjoint(msg.ids):
+                self._ahead = None  # the worker took it: time to send the next one
+            for i in msg.ids:
+                t = self._current.get(i)
+                if t is None:
+                    continue
+                t.started = now
+                if not t.done:
+                    t.state = "running"
+                    self.metrics.queue_wait.labels(task=t.item.kind).observe(now - t.created)
+                    t.events.put_nowait(Started())
+            self._update_running()
+            self._watch_abandoned(msg.ids)  # all of it ended while it waited in the worker
+            self._kick()
+        elif isinstance(msg, BatchProgress):
+            if msg.step_seconds is not None:
+                self.metrics.step.observe(msg.step_seconds)
+            for t in self._tickets(msg.ids):
+                t.events.put_nowait(msg.progress)
+        elif isinstance(msg, Output):
+            t = self._current.pop(msg.ticket_id, None)
             if t is not None:
-                self._record_success(t, msg[2])
-                self._finish(t, payload=msg[2])
-            self._after_item()
-        elif kind == "error":
-            _, ids, ekind, message = msg
-            log.debug("worker: %s %s", ids, ekind)
-            if ekind == "cancelled":
-                self.metrics.worker_cancelled.inc(len(ids))
-            for i in ids:
+                self._record_success(t, msg.payload)
+                self._finish(t, payload=msg.payload)
+            self._after_answer()
+        elif isinstance(msg, BatchFailed):
+            log.debug("worker: %s %s", msg.ids, msg.kind)
+            if msg.kind == "cancelled":
+                self.metrics.worker_cancelled.inc(len(msg.ids))
+            for i in msg.ids:
                 t = self._current.pop(i, None)
                 if t is not None:
-                    self._finish(t, error=EngineError(ekind, message))
-            self._after_item()
+                    self._finish(t, error=EngineError(msg.kind, msg.message))
+            self._after_answer()
+        else:
+            log.error("worker %d sent an unknown message: %r", w.gen, msg)
 
     def _tickets(self, ids) -> list[Ticket]:
         return [t for i in ids if (t := self._current.get(i)) is not None and not t.done]
 
     def _record_success(self, t: Ticket, payload: dict[str, Any]) -> None:
-        seconds = time.monotonic() - (t.dispatched or t.created)
+        # From the start of its generation: a batch sent ahead waits in the worker for the previous one.
+        seconds = time.monotonic() - (t.started or t.dispatched or t.created)
         self.metrics.generation.labels(task=t.item.kind).observe(seconds)
         self._ewma_seconds = (
             seconds if self._ewma_seconds is None else 0.8 * self._ewma_seconds + 0.2 * seconds
@@ -219,11 +284,15 @@ class Engine:
         for stage, s in payload.get("timings", {}).items():
             self.metrics.stage.labels(stage=stage).observe(s)
 
-    def _after_item(self) -> None:
-        if not self._current:
-            self.metrics.running.set(0)
-            self._kick()
-            self._check_idle()
+    def _after_answer(self) -> None:
+        if self._ahead is not None and self._ahead.isdisjoint(self._current):
+            self._ahead = None  # answered without a start: all of it was cancelled before the worker took it
+        self._update_running()
+        self._kick()
+        self._check_idle()
+
+    def _update_running(self) -> None:
+        self.metrics.running.set(sum(1 for t in self._current.values() if t.state == "running"))
 
     # ---- admission and dispatch ------------------------------------------------------------------
     def submit(self, item: WorkItem) -> Ticket:
@@ -247,29 +316,38 @@ class Engine:
         return int(min(60, max(1, math.ceil(per_request * (len(self._queue) + 1)))))
 
     def _kick(self) -> None:
+        """Send the next batch if the worker has none waiting; see the module docstring for the rules."""
         w = self._worker
-        if not self.ready or w is None or w.dead or self._current or not self._queue:
+        if not self.ready or w is None or w.dead or self._ahead is not None or not self._queue:
             return
-        batch = [self._queue.popleft()]
-        key = merge_key(batch[0].item)
-        if key is not None:
-            outputs = batch[0].item.request.num_outputs
-            for t in list(self._queue):
-                n = t.item.request.num_outputs
-                if outputs + n <= self.cfg.max_batch and merge_key(t.item) == key:
-                    self._queue.remove(t)
-                    batch.append(t)
-                    outputs += n
+        head = self._queue[0]
+        batch, outputs = batch_for(self._queue, self.cfg.max_batch)
+        wait = head.created + self.cfg.batch_wait_ms / 1000 - time.monotonic()
+        if wait > 0 and outputs < self.cfg.max_batch and merge_key(head.item) is not None:
+            if self._wait_timer is None:
+                self._wait_timer = self._loop.call_later(wait, self._wait_over)
+            return
+        self._dispatch(w, batch)
+
+    def _wait_over(self) -> None:
+        self._wait_timer = None
+        self._kick()
+
+    def _dispatch(self, w: _Worker, batch: list[Ticket]) -> None:
+        if self._wait_timer is not None:
+            self._wait_timer.cancel()
+            self._wait_timer = None
         now = time.monotonic()
+        ids = tuple(t.id for t in batch)
         for t in batch:
-            t.state, t.dispatched = "running", now
+            self._queue.remove(t)
+            t.state, t.dispatched, t.batch = "dispatched", now, ids
             self._current[t.id] = t
-            self.metrics.queue_wait.labels(task=t.item.kind).observe(now - t.created)
+        self._ahead = frozenset(ids)
         self.metrics.queue_depth.set(len(self._queue))
-        self.metrics.running.set(len(batch))
         self.metrics.batch_size.observe(len(batch))
-        log.debug("dispatch %s", [t.id for t in batch])
-        w.req_q.put(("batch", [t.item for t in batch]))
+        log.debug("dispatch %s", ids)
+        w.req_q.put(Batch(tuple(t.item for t in batch)))
 
     # ---- ending requests -------------------------------------------------------------------------
     def _finish(
@@ -281,7 +359,7 @@ class Engine:
             t.timer.cancel()
         t.state = "done"
         t.future.set_result((payload, error))
-        t.events.put_nowait(("result", payload) if error is None else ("error", error))
+        t.events.put_nowait(Completed(payload) if error is None else Errored(error))
         self.metrics.finished.labels(
             task=t.item.kind, outcome="completed" if error is None else error.kind
         ).inc()
@@ -317,12 +395,20 @@ class Engine:
         w = self._worker
         if w is not None and not w.dead:
             try:
-                w.cancel_q.put(t.id)
+                w.cancel_q.put(Cancel(t.id))
             except ValueError:  # queue closed: the worker is going away anyway
                 pass
-        if self._current and all(x.done for x in self._current.values()):
-            # Nobody waits for this batch any more; if the worker does not let go, kill it.
-            self._loop.call_later(self.cfg.kill_grace, self._kill_if_stuck, w, frozenset(self._current))
+        self._update_running()
+        self._watch_abandoned(t.batch)
+
+    def _watch_abandoned(self, ids) -> None:
+        """Nobody waits for this started batch any more: if the worker does not let go of it within
+        --kill-grace, kill it (a worker stuck in a runner that ignores cancels would hold every later
+        request). A batch still waiting in the worker is watched from its start (BatchStarted calls this)."""
+        held = [t for i in ids if (t := self._current.get(i)) is not None]
+        if held and all(t.done for t in held) and any(t.started is not None for t in held):
+            watched = frozenset(t.id for t in held)
+            self._loop.call_later(self.cfg.kill_grace, self._kill_if_stuck, self._worker, watched)
 
     def _kill_if_stuck(self, w: _Worker | None, ids: frozenset) -> None:
         if w is not None and w is self._worker and not w.dead and ids & set(self._current):
@@ -358,7 +444,7 @@ class Engine:
         self._accepting = False
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             log.warning(
                 "drain timeout (%.0f s): failing %d queued and %d running requests",
                 timeout,
@@ -372,12 +458,14 @@ class Engine:
         self._stopping = True
         if self._restart is not None:
             self._restart.cancel()
+        if self._wait_timer is not None:
+            self._wait_timer.cancel()
         w = self._worker
         if w is None:
             return
         if not w.dead:
             try:
-                w.req_q.put(None)
+                w.req_q.put(Stop())
             except ValueError:
                 pass
         loop = asyncio.get_running_loop()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from diffserve.server.files import OutputFiles, write_atomic
+from diffserve.server.messages import Completed, Errored, Progress, Started
 from diffserve.server.tickets import EngineError, Ticket
 
 log = logging.getLogger("diffserve.jobs")
@@ -174,20 +175,20 @@ class VideoJobs:
         try:
             last = -1
             async for event in ticket.stream():
-                if event[0] == "started":
+                if isinstance(event, Started):
                     self.store.update(job_id, only_if_in_flight=True, status="in_progress")
-                elif event[0] == "progress":
+                elif isinstance(event, Progress):
                     # Denoising is most of the work; decoding and encoding follow, so 100 waits for the file.
-                    progress = min(99, int(100 * event[1] / max(1, event[2])))
+                    progress = event.percent(ceiling=99)
                     if progress != last:
                         self.store.update(
                             job_id, only_if_in_flight=True, status="in_progress", progress=progress
                         )
                         last = progress
-                elif event[0] == "result":
-                    await self._complete(job_id, event[1])
-                else:
-                    self._fail(job_id, event[1])
+                elif isinstance(event, Completed):
+                    await self._complete(job_id, event.payload)
+                elif isinstance(event, Errored):
+                    self._fail(job_id, event.error)
         except Exception:  # never leave a job in flight forever
             log.exception("video job %s failed in the server", job_id)
             self._fail(job_id, EngineError("internal_error", "the server failed to store this video"))

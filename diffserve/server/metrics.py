@@ -17,7 +17,9 @@ class Metrics:
         self.queue_depth = Gauge(
             "diffserve_queue_depth", "Requests admitted and waiting for the worker", registry=r
         )
-        self.running = Gauge("diffserve_running_requests", "Requests the worker is running now", registry=r)
+        self.running = Gauge(
+            "diffserve_running_requests", "Requests the worker has started and not answered yet", registry=r
+        )
         self.worker_ready = Gauge("diffserve_worker_ready", "1 when the worker is warm and alive", registry=r)
         self.worker_restarts = Counter(
             "diffserve_worker_restarts", "Worker processes restarted after exit", registry=r
@@ -31,14 +33,14 @@ class Metrics:
         )
         self.queue_wait = Histogram(
             "diffserve_queue_wait_seconds",
-            "Admission to dispatch to the worker",
+            "Admission to the start of the request's generation in the worker",
             ["task"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.generation = Histogram(
             "diffserve_generation_seconds",
-            "Dispatch to encoded result",
+            "Start of the generation to encoded result",
             ["task"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
@@ -66,7 +68,7 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "diffserve_batch_requests",
-            "Requests merged into one runner call",
+            "Requests per batch sent to the worker (merged into one runner call)",
             buckets=(1, 2, 3, 4, 6, 8, 16),
             registry=r,
         )

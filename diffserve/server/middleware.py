@@ -10,9 +10,16 @@ import time
 from diffserve.server.errors import APIError, error_body
 from diffserve.server.metrics import Metrics
 
-# Paths that never need the key: probes and metrics (for load balancers and Prometheus), and image URLs
-# (their random names are the credential, as with OpenAI's).
-_OPEN_PREFIXES = ("/health", "/liveness", "/metrics", "/v1/files/images/")
+# Paths that never need the key: probes and metrics (for load balancers and Prometheus), image URLs (their
+# random names are the credential, as with OpenAI's), and the API's documentation (the Swagger UI page, its
+# static files and the OpenAPI schema: they describe the API, they serve nothing).
+_OPEN_PATHS = frozenset({"/docs", "/openapi.json"})
+_OPEN_PREFIXES = ("/health", "/liveness", "/metrics", "/v1/files/images/", "/docs/static/")
+
+
+def is_public(path: str) -> bool:
+    """Whether `path` is answered without the API key."""
+    return path in _OPEN_PATHS or path.startswith(_OPEN_PREFIXES)
 
 
 async def _send_error(send, status: int, message: str, code: str, headers: list | None = None) -> None:
@@ -57,11 +64,7 @@ class ApiKeyMiddleware:
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope, receive, send):
-        if (
-            scope["type"] != "http"
-            or scope["method"] == "OPTIONS"
-            or scope["path"].startswith(_OPEN_PREFIXES)
-        ):
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or is_public(scope["path"]):
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
         # Constant time: the comparison must not reveal how many leading bytes of a guess were right.

@@ -4,14 +4,14 @@ with, and which requests may share one runner call."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from diffserve.server.worker import WorkItem
-
-TERMINAL = ("result", "error")
+from diffserve.server.messages import TERMINAL, Idle, TicketEvent, WorkItem
 
 
 class EngineError(Exception):
@@ -23,16 +23,22 @@ class EngineError(Exception):
         self.kind = kind
         self.message = message
 
+    def __reduce__(self):  # Exception pickles only its args (the message); an Errored event carries a kind
+        return type(self), (self.kind, self.message)
+
 
 @dataclass(eq=False)
 class Ticket:
     item: WorkItem
     created: float = field(default_factory=time.monotonic)
-    state: str = "queued"  # queued -> running -> done
-    dispatched: float | None = None
+    state: str = "queued"  # queued -> dispatched (in the worker's queue) -> running -> done
+    dispatched: float | None = None  # sent to the worker
+    started: float | None = None  # the worker reported its start (BatchStarted)
+    batch: tuple[str, ...] = ()  # the ids of the batch it was sent in
+    requeued: bool = False  # a dead worker had it queued, unstarted: it went back to the queue once
     timer: Any = None
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue[TicketEvent] = field(default_factory=asyncio.Queue)
 
     @property
     def id(self) -> str:
@@ -50,24 +56,31 @@ class Ticket:
             raise error
         return payload
 
-    async def stream(self, idle: float | None = None):
-        """Events until the terminal one: ("started",), ("progress", done, total), ("result", payload),
-        ("error", EngineError); with `idle`, also ("idle",) after every `idle` seconds without one."""
+    async def stream(self, idle: float | None = None) -> AsyncIterator[TicketEvent]:
+        """Events until the terminal one: Started, Progress (after each step), then Completed or Errored;
+        with `idle`, also Idle after every `idle` seconds without one."""
         while True:
             try:
                 event = await asyncio.wait_for(self.events.get(), idle)
-            except TimeoutError:  # the queue keeps its events: a timed-out get takes none
-                yield ("idle",)
+            # asyncio's own TimeoutError (not the builtin before Python 3.11). The queue keeps its events: a
+            # timed-out get takes none.
+            except asyncio.TimeoutError:
+                yield Idle()
                 continue
             yield event
-            if event[0] in TERMINAL:
+            if isinstance(event, TERMINAL):
                 return
 
 
 def merge_key(item: WorkItem):
-    """Requests with equal keys may share one runner call (num_outputs = the sum of their n). Only unseeded
-    image requests without an input image: a seed fixes one request's noise, which a shared call would not
-    reproduce."""
+    """Requests with equal keys may share one runner call (num_outputs = the sum of their n); None: never
+    merged. The engine's one batching rule (and --batch-wait-ms waits only for a head that has a key).
+
+    Today: identical unseeded image requests without an input image, because the runtime takes one request
+    per call (the worker merges them by summing num_outputs) and a seed fixes one request's noise, which a
+    shared call would not reproduce. Widening it to different prompts and seeds needs a runtime call that
+    takes a list of requests, each keeping its own seed; then this key becomes (model settings, size,
+    steps, scheduler, adapters) and the worker's merge in run_batch changes with it."""
     r = item.request
     if item.kind != "image" or r.seed is not None or r.image is not None or r.mask is not None:
         return None
@@ -81,6 +94,22 @@ def merge_key(item: WorkItem):
         r.strength,
         repr(sorted(r.extra.items())),
     )
+
+
+def batch_for(queue, max_batch: int) -> tuple[list[Ticket], int]:
+    """The queue's head and the queued requests that may share its runner call (merge_key, the one rule),
+    oldest first, up to max_batch outputs in all; and that number of outputs."""
+    head = queue[0]
+    batch, outputs = [head], head.item.request.num_outputs
+    key = merge_key(head.item)
+    if key is None:
+        return batch, outputs
+    for t in itertools.islice(queue, 1, None):
+        n = t.item.request.num_outputs
+        if outputs + n <= max_batch and merge_key(t.item) == key:
+            batch.append(t)
+            outputs += n
+    return batch, outputs
 
 
 def new_ticket_id(prefix: str) -> str:

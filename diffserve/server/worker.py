@@ -3,38 +3,54 @@
 It is started with multiprocessing's "spawn" method, so torch and CUDA are initialised only here, never in
 the API process (this module imports no torch at the top either: the engine imports it to name the target).
 
-Messages, as plain tuples (picklable, no torch objects cross the pipe):
-  engine -> worker (requests):  ("batch", [WorkItem, ...])   or None to stop
-  engine -> worker (cancels):   ticket id (str)
-  worker -> engine (results):   ("loaded", meta) ("ready", seconds) ("fatal", message)
-                                ("started", ids) ("progress", ids, done, total, step_seconds | None)
-                                ("result", id, payload) ("error", ids, kind, message)
+Messages (requests, cancels, results) are the dataclasses of diffserve.server.messages; no torch object
+crosses a queue.
+
+A pipeline, so that the accelerator never waits for the CPU: the main thread runs one batch on the runner,
+hands the finished images/frames to a small pool of encoder threads (PNG/JPEG/WebP/MP4; Pillow and PyAV
+release the GIL while they compress) and takes the next batch at once, which the engine has already put
+in the request queue (it keeps one batch queued beyond the running one). The encoder threads send each
+request's Output (or its own BatchFailed) through the same result queue; multiprocessing queues are
+thread-safe. Memory stays bounded: at most `encode_backlog` results wait for an encoder thread, and when
+they are all taken the main thread waits before it takes another batch.
+
+    main thread:    [generate B1][generate B2][generate B3] ...
+    encoder thread:              [encode B1  ][encode B2  ] ...
 """
 
 from __future__ import annotations
 
+import collections
 import importlib
+import inspect
 import logging
 import os
 import queue
 import signal
+import threading
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
-from diffserve.runtime.api import GenerationCancelled, GenerationRequest, InvalidRequest
+from diffserve.runtime.api import GenerationCancelled, InvalidRequest
 from diffserve.server.config import WorkerConfig
+from diffserve.server.messages import (
+    Batch,
+    BatchFailed,
+    BatchProgress,
+    BatchStarted,
+    Cancel,
+    Fatal,
+    Loaded,
+    Output,
+    Progress,
+    Ready,
+    Stop,
+    WorkItem,
+)
 
 log = logging.getLogger("diffserve.worker")
-
-
-@dataclass
-class WorkItem:
-    ticket_id: str
-    request: GenerationRequest
-    kind: str  # "image" | "video"
-    image_format: str = "png"  # images only
 
 
 def resolve_factory(spec: str):
@@ -77,74 +93,170 @@ def classify(exc: BaseException) -> tuple[str, str]:
 
 
 class _Cancels:
-    """Cancel requests arrive on their own queue; the runner polls them between denoising steps."""
+    """Cancel requests arrive on their own queue; the runner polls them between denoising steps and the
+    encoder threads before each output. Shared by the main thread and the encoder threads (one lock).
+
+    With a pipelined worker several batches are in the worker at once (one generating, one waiting in the
+    request queue, some encoding), and a cancel may arrive before its batch does, so the set cannot be
+    cleared after a batch. A ticket's id leaves it when the ticket's last message is sent (`answered`); a
+    cancel that arrives after that (it raced the result) is recognised by the ids answered recently and
+    never stored, so the set holds at most the tickets the worker has or is about to get."""
+
+    RECENT = 4096  # answered ids remembered; far more than can be in flight (max_queue + a few batches)
 
     def __init__(self, cancel_q, parent: int):
         self._q = cancel_q
         self._parent = parent
+        self._lock = threading.Lock()
         self.ids: set[str] = set()
+        self._recent: collections.deque[str] = collections.deque()
+        self._recent_set: set[str] = set()
 
     def drain(self) -> None:
-        while True:
-            try:
-                self.ids.add(self._q.get_nowait())
-            except queue.Empty:
-                return
+        with self._lock:
+            while True:
+                try:
+                    msg: Cancel = self._q.get_nowait()
+                except queue.Empty:
+                    return
+                if msg.ticket_id not in self._recent_set:
+                    self.ids.add(msg.ticket_id)
+
+    def answered(self, ids) -> None:
+        """These tickets' last messages are sent: their cancels, present or still to come, are moot."""
+        with self._lock:
+            for i in ids:
+                self.ids.discard(i)
+                if i in self._recent_set:
+                    continue
+                if len(self._recent) >= self.RECENT:
+                    self._recent_set.discard(self._recent.popleft())
+                self._recent.append(i)
+                self._recent_set.add(i)
 
     def orphaned(self) -> bool:
         return os.getppid() != self._parent  # the API process died without stopping us
 
-    def all_cancelled(self, ids: list[str]) -> bool:
+    def cancelled(self, ticket_id: str) -> bool:
+        self.drain()
+        return ticket_id in self.ids
+
+    def all_cancelled(self, ids: list[str] | tuple[str, ...]) -> bool:
         self.drain()
         return self.orphaned() or all(i in self.ids for i in ids)
 
 
-def _encode(items: list[WorkItem], counts: list[int], result) -> list[dict[str, Any]]:
-    from diffserve.runtime.outputs import encode_image, encode_video
-
-    payloads, offset = [], 0
-    for item, n in zip(items, counts, strict=True):
-        base = {
-            "width": result.width,
-            "height": result.height,
-            "fps": result.fps,
-            "timings": dict(result.timings),
-            # The seed reproduces a request that ran alone; a share of a merged call has none of its own.
-            "seed": result.seed if len(items) == 1 else None,
-        }
-        if item.kind == "video":
-            fps = result.fps or item.request.fps or 16
-            base["videos"] = [encode_video(v, fps) for v in result.videos[offset : offset + n]]
-        else:
-            base["images"] = [
-                encode_image(im, item.image_format) for im in result.images[offset : offset + n]
-            ]
-        payloads.append(base)
-        offset += n
-    return payloads
+def _send(res_q, cancels: _Cancels, msg: Output | BatchFailed) -> None:
+    """A ticket's last message (an Output, or a BatchFailed for its ids)."""
+    res_q.put(msg)
+    cancels.answered((msg.ticket_id,) if isinstance(msg, Output) else msg.ids)
 
 
-def run_batch(runner, items: list[WorkItem], cancels: _Cancels, res_q) -> None:
-    """One runner call for the batch. The engine only groups items that may share a call (identical
-    unseeded image requests), so their outputs are simply concatenated and split back by count."""
-    try:
-        _run_batch(runner, items, cancels, res_q)
-    finally:
-        # The engine sends the next batch only once this one's outcome has reached it, so every cancel seen
-        # so far is for this batch or an earlier one (a cancel can race its request's result): none is of
-        # use any more, and keeping them would grow the set for as long as the worker lives.
-        cancels.ids.clear()
+def _encode_one(item: WorkItem, outputs: list, result, shared: bool, encode_image, encode_video) -> dict:
+    start = time.perf_counter()
+    payload: dict[str, Any] = {
+        "width": result.width,
+        "height": result.height,
+        "fps": result.fps,
+        # The seed reproduces a request that ran alone; a share of a merged call has none of its own.
+        "seed": None if shared else result.seed,
+    }
+    if item.kind == "video":
+        fps = result.fps or item.request.fps or 16
+        payload["videos"] = [encode_video(v, fps) for v in outputs]
+    else:
+        payload["images"] = [encode_image(im, item.image_format) for im in outputs]
+    payload["timings"] = {**result.timings, "encode_output": time.perf_counter() - start}
+    return payload
 
 
-def _run_batch(runner, items: list[WorkItem], cancels: _Cancels, res_q) -> None:
+class Encoder:
+    """A bounded pool of encoder threads. `submit` hands over one generated batch and returns at once,
+    unless `backlog` batches already wait for a thread: then it blocks until one is taken, which is what
+    bounds the worker's memory (at most threads + backlog results held, plus the one being generated).
+
+    Each request of a batch is encoded and answered on its own: a failed encode fails only its request.
+    threads=0: no threads, `submit` encodes in the caller's thread (the unpipelined worker, for comparison)."""
+
+    def __init__(
+        self,
+        res_q,
+        cancels: _Cancels,
+        threads: int = 2,
+        backlog: int = 2,
+        encode_image=None,
+        encode_video=None,
+    ):
+        if encode_image is None or encode_video is None:
+            from diffserve.runtime import outputs
+
+            encode_image = encode_image or outputs.encode_image
+            encode_video = encode_video or outputs.encode_video
+        self._encode_image, self._encode_video = encode_image, encode_video
+        self._res_q, self._cancels = res_q, cancels
+        self._jobs: queue.Queue = queue.Queue(maxsize=backlog)
+        # Daemon threads: an orphaned worker returns without waiting for them (see serve).
+        self._threads = [
+            threading.Thread(target=self._run, name=f"diffserve-encode-{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, items: list[WorkItem], counts: list[int], result) -> None:
+        if not self._threads:
+            self._encode(items, counts, result)
+            return
+        self._jobs.put((items, counts, result))
+
+    def close(self) -> None:
+        """Encode and send everything submitted, then stop the threads."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            t.join()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            self._encode(*job)
+            del job  # free the batch's images before waiting for the next
+
+    def _encode(self, items: list[WorkItem], counts: list[int], result) -> None:
+        offset, shared = 0, len(items) > 1
+        for item, n in zip(items, counts, strict=True):
+            start, offset = offset, offset + n
+            try:
+                if self._cancels.cancelled(item.ticket_id):  # nobody waits for it: spare the CPU
+                    msg = BatchFailed((item.ticket_id,), "cancelled", "the request was cancelled")
+                else:
+                    outputs = (result.videos if item.kind == "video" else result.images)[start:offset]
+                    payload = _encode_one(
+                        item, outputs, result, shared, self._encode_image, self._encode_video
+                    )
+                    msg = Output(item.ticket_id, payload)
+            except Exception as exc:  # one bad output must not take the others (or the thread) down
+                fmt = "mp4" if item.kind == "video" else item.image_format
+                log.error("encoding %s as %s failed:\n%s", item.ticket_id, fmt, traceback.format_exc())
+                message = f"encoding the output as {fmt} failed: {type(exc).__name__}: {exc}"
+                msg = BatchFailed((item.ticket_id,), "generation_failed", message)
+            _send(self._res_q, self._cancels, msg)
+
+
+def run_batch(
+    runner, items: list[WorkItem], cancels: _Cancels, res_q, encoder: Encoder | None = None
+) -> None:
+    """One runner call for the batch, then its outputs to the encoder (None: encoded here, before this
+    returns). The engine only groups items that may share a call (tickets.merge_key), so their outputs are
+    simply concatenated and split back by count. Every item gets exactly one last message: an Output, or a
+    BatchFailed naming it."""
     cancels.drain()
     live = [it for it in items if it.ticket_id not in cancels.ids]
-    gone = [it.ticket_id for it in items if it.ticket_id in cancels.ids]
+    gone = tuple(it.ticket_id for it in items if it.ticket_id in cancels.ids)
     if gone:
-        res_q.put(("error", gone, "cancelled", "the request was cancelled"))
+        _send(res_q, cancels, BatchFailed(gone, "cancelled", "the request was cancelled"))
     if not live:
         return
-    ids = [it.ticket_id for it in live]
+    ids = tuple(it.ticket_id for it in live)
     counts = [it.request.num_outputs for it in live]
     request = live[0].request if len(live) == 1 else replace(live[0].request, num_outputs=sum(counts))
     last = [time.perf_counter()]
@@ -154,20 +266,49 @@ def _run_batch(runner, items: list[WorkItem], cancels: _Cancels, res_q) -> None:
         # The first interval also holds text encoding and latent setup: not a denoising step time.
         step = now - last[0] if done > 1 else None
         last[0] = now
-        res_q.put(("progress", ids, done, total, step))
+        res_q.put(BatchProgress(ids, Progress(done, total), step))
 
-    res_q.put(("started", ids))
+    res_q.put(BatchStarted(ids))
     try:
         result = runner.generate(request, on_step=on_step, should_cancel=lambda: cancels.all_cancelled(ids))
-        payloads = _encode(live, counts, result)
     except Exception as exc:  # the worker must outlive any one bad request
         kind, message = classify(exc)
         if kind == "generation_failed":
             log.error("generation failed:\n%s", traceback.format_exc())
-        res_q.put(("error", ids, kind, message))
+        _send(res_q, cancels, BatchFailed(ids, kind, message))
         return
-    for item, payload in zip(live, payloads, strict=True):
-        res_q.put(("result", item.ticket_id, payload))
+    if encoder is None:
+        encoder = Encoder(res_q, cancels, threads=0)
+    encoder.submit(live, counts, result)  # waits only while the encoder's backlog is full
+
+
+def serve(runner, req_q, cancels: _Cancels, res_q, encoder: Encoder) -> bool:
+    """Run batches until Stop (True) or until the API process is gone (False)."""
+    while True:
+        try:
+            msg: Batch | Stop | None = req_q.get(timeout=1.0)
+        except queue.Empty:
+            msg = None
+        if isinstance(msg, Stop):
+            encoder.close()  # the batches in hand are answered before the worker exits
+            return True
+        if isinstance(msg, Batch):
+            run_batch(runner, list(msg.items), cancels, res_q, encoder)
+        if cancels.orphaned():
+            return False
+
+
+def warmup(runner, cfg: WorkerConfig) -> None:
+    """The runner's warmup, with the batch sizes up to cfg.warmup_batch where its warmup takes them (a
+    custom or older runner's warmup(resolutions) is still called as before)."""
+    params = inspect.signature(runner.warmup).parameters
+    takes_batch = "max_batch" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    if takes_batch:
+        runner.warmup(cfg.warmup_resolutions, max_batch=cfg.warmup_batch or 1)
+    else:
+        if (cfg.warmup_batch or 1) > 1:
+            log.info("this runner's warmup takes no max_batch: batch shapes above 1 are not warmed up")
+        runner.warmup(cfg.warmup_resolutions)
 
 
 def worker_main(cfg: WorkerConfig, req_q, cancel_q, res_q) -> None:
@@ -179,21 +320,11 @@ def worker_main(cfg: WorkerConfig, req_q, cancel_q, res_q) -> None:
     parent = os.getppid()
     try:
         factory = resolve_factory(cfg.runner_factory)
-        # Parallel arguments only when asked for, so that one-GPU custom factories keep their signature.
-        parallel = {}
-        if cfg.ulysses_degree > 1 or cfg.cfg_parallel:
-            parallel = {"ulysses_degree": cfg.ulysses_degree, "cfg_parallel": cfg.cfg_parallel}
-        runner = factory(
-            model=cfg.model,
-            device=cfg.device,
-            dtype=cfg.dtype,
-            attention_backend=cfg.attention_backend,
-            **parallel,
-        )
-        res_q.put(("loaded", runner_meta(runner)))
+        runner = factory(cfg.runtime)  # every runtime setting travels in this one object
+        res_q.put(Loaded(runner_meta(runner)))
         start = time.perf_counter()
-        runner.warmup(cfg.warmup_resolutions)
-        res_q.put(("ready", time.perf_counter() - start))
+        warmup(runner, cfg)
+        res_q.put(Ready(time.perf_counter() - start))
     except Exception as exc:
         from diffserve.runtime.loader import ModelLoadError
 
@@ -201,24 +332,16 @@ def worker_main(cfg: WorkerConfig, req_q, cancel_q, res_q) -> None:
         log.error(
             "worker failed to start: %s", exc if isinstance(exc, ModelLoadError) else traceback.format_exc()
         )
-        res_q.put(("fatal", f"{type(exc).__name__}: {exc}"))
+        res_q.put(Fatal(f"{type(exc).__name__}: {exc}"))
         res_q.close()
         res_q.join_thread()
         raise SystemExit(1) from None
     cancels = _Cancels(cancel_q, parent)
-    while True:
-        try:
-            msg = req_q.get(timeout=1.0)
-        except queue.Empty:
-            msg = False
-        if msg is None:
-            break
-        if msg:
-            run_batch(runner, msg[1], cancels, res_q)
-        if cancels.orphaned():
-            # Nobody will read what is left; this process holds the pipe's read end itself, so a full pipe
-            # would block the exit forever.
-            res_q.cancel_join_thread()
-            return
+    encoder = Encoder(res_q, cancels, cfg.encode_threads, cfg.encode_backlog)
+    if not serve(runner, req_q, cancels, res_q, encoder):
+        # Orphaned: nobody will read what is left; this process holds the pipe's read end itself, so a full
+        # pipe would block the exit forever (the encoder threads are daemons: they do not hold it either).
+        res_q.cancel_join_thread()
+        return
     res_q.close()
     res_q.join_thread()

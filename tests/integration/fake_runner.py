@@ -45,5 +45,6 @@ class FakeRunner:
         return GenerationResult(images=images, width=w, height=h)
 
 
-def make_runner(model=None, device=None, dtype=None, attention_backend=None) -> FakeRunner:
-    return FakeRunner(model or "")
+def make_runner(config) -> FakeRunner:
+    """A runner factory: called with the worker's RuntimeConfig, as the real one is."""
+    return FakeRunner(config.model or "")

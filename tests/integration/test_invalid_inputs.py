@@ -44,26 +44,27 @@ def assert_openai_error(r: httpx.Response, status: int, code: str | None = None,
 
 
 JSON_CASES = [
-    # (body, code, param)
+    # (body, code, param): a wrong type is pydantic's 'invalid_request'; a value out of the limits that
+    # `diffserve generate` shares (runtime/limits.py) is 'invalid_value' or 'invalid_size'.
     ({"prompt": "x", "size": "big"}, "invalid_size", "size"),
     ({"prompt": "x", "size": "100x100"}, "invalid_size", "size"),  # not a multiple of 16
     ({"prompt": "x", "size": "4096x4096"}, "invalid_size", "size"),  # above the server's limit
     ({"prompt": "x", "size": "0x64"}, "invalid_size", "size"),
-    ({"prompt": "x", "num_inference_steps": -1}, "invalid_request", "num_inference_steps"),
-    ({"prompt": "x", "num_inference_steps": 0}, "invalid_request", "num_inference_steps"),
+    ({"prompt": "x", "num_inference_steps": -1}, "invalid_value", "num_inference_steps"),
+    ({"prompt": "x", "num_inference_steps": 0}, "invalid_value", "num_inference_steps"),
     ({"prompt": "x", "num_inference_steps": 100000}, "invalid_value", "num_inference_steps"),
     ({"prompt": "x", "n": "two"}, "invalid_request", "n"),
-    ({"prompt": "x", "n": 0}, "invalid_request", "n"),
+    ({"prompt": "x", "n": 0}, "invalid_value", "n"),
     ({"prompt": "x", "n": 11}, "invalid_value", "n"),
     ({"prompt": "x", "n": 1.5}, "invalid_request", "n"),
     ({"prompt": 123}, "invalid_request", "prompt"),
     ({"prompt": ["a", "b"]}, "invalid_request", "prompt"),
-    ({"prompt": ""}, "invalid_request", "prompt"),
+    ({"prompt": ""}, "invalid_value", "prompt"),
     ({}, "invalid_request", "prompt"),
     ({"prompt": "x", "guidance_scale": "high"}, "invalid_request", "guidance_scale"),
-    ({"prompt": "x", "guidance_scale": -1}, "invalid_request", "guidance_scale"),
-    ({"prompt": "x", "seed": -5}, "invalid_request", "seed"),
-    ({"prompt": "x", "seed": 2**70}, "invalid_request", "seed"),
+    ({"prompt": "x", "guidance_scale": -1}, "invalid_value", "guidance_scale"),
+    ({"prompt": "x", "seed": -5}, "invalid_value", "seed"),
+    ({"prompt": "x", "seed": 2**70}, "invalid_value", "seed"),
     ({"prompt": "x", "stream": "maybe"}, "invalid_request", "stream"),
     ({"prompt": "x", "response_format": "gif"}, "invalid_request", "response_format"),
     ({"prompt": "x", "output_format": "bmp"}, "invalid_request", "output_format"),

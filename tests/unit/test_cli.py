@@ -161,8 +161,8 @@ def test_cli_uses_bundled_default_model(tiny_flux_dir, tmp_path, monkeypatch, ca
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        (["--size", "100x64"], "width must be a multiple of 16"),
-        (["--frames", "9"], "num_frames is not accepted"),
+        (["--size", "100x64"], "must be multiples of 16"),
+        (["--frames", "9"], "'num_frames' is not accepted"),
         (["--dtype", "int4"], "unknown dtype 'int4'"),
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--attention-backend", "magic"], "unknown attention backend 'magic'"),

@@ -315,7 +315,7 @@ def test_load_runner_sets_the_workspace_before_loading(tiny_flux_dir, monkeypatc
     from diffserve.runtime.pipelines import flux
 
     calls = []
-    monkeypatch.setattr(cuda_graphs, "configure_blas_workspace", lambda device: calls.append(device))
+    monkeypatch.setattr(cuda_graphs, "configure_blas_workspace", lambda device, eager: calls.append(device))
     load = flux.FluxPipeline.load.__func__
     monkeypatch.setattr(
         flux.FluxPipeline, "load", classmethod(lambda cls, *a: (calls.append("load"), load(cls, *a))[1])

@@ -7,11 +7,12 @@ degree does not divide, so the padding path runs; Wan with per-token timesteps t
 generations (FLUX with true CFG and a negative prompt, Wan with CFG), through load_runner on tiny models
 widened to 4 heads so that Ulysses 4 has a head per rank.
 
-Tolerance: fp32, relative 1e-5 (norm of the difference over the norm of the reference). Sharding changes
+Tolerance: fp32, relative 2e-5 (norm of the difference over the norm of the reference). Sharding changes
 how many rows each matmul sees and how many heads each attention call gets, so the CPU kernels block and
 vectorise the sums differently: the results differ by rounding (about 1e-7 per operation), not exactly.
 A real mistake (a token or head out of place, RoPE on the wrong rows, padding attended to) gives O(1).
-(On this CPU, single-threaded, most outputs come out bit-identical; the tolerance is for other BLAS builds.)
+Measured max 1.29e-6 over the forwards and generations (threads 1/2, ATEN_CPU_CAPABILITY avx512/avx2/default,
+MKL_CBWR=COMPATIBLE with oneDNN AVX2/SSE4.1); 2e-5 is 15x that (1e-5 was 7.7x).
 
 Also here: the sharded forward compiled block by block (torch.compile, fullgraph) under ulysses 2; the
 launcher (load_parallel_runner: this process as rank 0 and a spawned follower); `diffserve generate` with
@@ -35,12 +36,13 @@ import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
 from diffserve.runtime.api import GenerationCancelled, GenerationRequest
+from diffserve.runtime.config import RuntimeConfig
 from diffserve.runtime.distributed import group as pg
 from diffserve.runtime.distributed.config import ParallelConfig, ParallelConfigError
 from diffserve.runtime.models.flux import FluxTransformer
 from diffserve.runtime.models.wan import WanTransformer
 
-TOL = 1e-5
+TOL = 2e-5  # see the module docstring: measured max 1.29e-6
 HEADS = 4
 # Token counts: FLUX 5x3 = 15 image tokens, Wan 3x3x5 = 45 video tokens (neither divisible by 2 or 4).
 FLUX_REQ = dict(
@@ -383,13 +385,20 @@ def test_ranks_keep_cublas_workspace(monkeypatch):
     for name in ("CUBLAS_WORKSPACE_CONFIG", "CUBLASLT_WORKSPACE_SIZE", cuda_graphs.BLAS_WORKSPACE_ENV):
         monkeypatch.setenv(name, "")  # recorded, so that teardown also undoes what the code under test sets
         monkeypatch.delenv(name)
-    seen = []
+    class Loaded(Exception):  # raised right after load_runner has set cuBLAS up (by the dtype parse)
+        pass
 
-    def fake_load_runner(model, device, dtype, backend):
-        seen.append(cuda_graphs.configure_blas_workspace(device))
-        return "runner"
+    def stop_after_blas(dtype, device):
+        raise Loaded
 
-    monkeypatch.setattr(runner, "load_runner", fake_load_runner)
-    assert launch._load("m", "cuda:1", None, None, 2) == "runner"
-    assert seen == [False]
+    monkeypatch.setattr(runner, "inspect_model", lambda model: object())
+    monkeypatch.setattr(runner, "check_device", lambda device: device)
+    monkeypatch.setattr(runner, "parse_dtype", stop_after_blas)
+    monkeypatch.setattr(cuda_graphs, "graphs_enabled", lambda: True)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
+    with pytest.raises(Loaded):
+        launch._load(RuntimeConfig("m", ulysses_degree=2), "cuda:1", 2)
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and "CUBLASLT_WORKSPACE_SIZE" not in os.environ
+    with pytest.raises(Loaded):  # the same load as one process (graphs on): no workspace
+        runner.load_runner(RuntimeConfig("m", device="cuda:1"))
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":0:0"

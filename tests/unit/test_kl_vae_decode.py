@@ -174,7 +174,10 @@ def test_cuda_walk_on_the_cpu(vae, monkeypatch):
     seen = _record_convs(monkeypatch)
     got = decode_kl_latents(model, z)
     assert got.is_contiguous() and got.shape == expected.shape
-    assert rel_err(got, expected) < 1e-5
+    # channels_last convs without bias (oneDNN's other blocking of K = 9 x C_in <= 576) and the biases added
+    # in the next pass, over 16 convs and 14 group norms. Measured max 1.8e-6 (1.6e-6 avx512 threads 1/2,
+    # 1.75e-6 default, 1.8e-6 MKL_CBWR + oneDNN AVX2); 2e-5 is 11x that (1e-5 was 5.5x).
+    assert rel_err(got, expected) < 2e-5
     assert len(seen) == _decoder_convs(model)
     assert all(is_cl for is_cl, _ in seen) and all(folded for _, folded in seen)
     assert len(adds) == 6 and all(adds)

@@ -197,7 +197,7 @@ def test_default_dtype_per_device():
 
 
 def test_wrong_dtype():
-    with pytest.raises(ModelLoadError, match="unknown dtype 'int8': use one of bf16, fp16, fp32"):
+    with pytest.raises(ModelLoadError, match=r"unknown dtype 'int8': use bf16\|bfloat16, fp16\|float16 or fp32\|float32"):
         parse_dtype("int8", "cpu")
 
 

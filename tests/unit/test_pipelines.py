@@ -377,7 +377,7 @@ def test_wan_per_token_timesteps_match_diffusers(tiny_wan_dir, tmp_path):
         ({"width": 40}, "width must be a multiple of 16"),
         ({"width": 16 * 40}, "between 16 and 512"),  # the tiny DiT's RoPE table covers 32 latent patches
         ({"image": b"\x89PNG"}, "does not take an input image"),
-        ({"fps": 0}, "fps must be between 1 and 240"),
+        ({"fps": 0}, "fps must be between 1 and 120"),
         ({"extra": {"guidance_scale_2": "high"}}, "guidance_scale_2 must be a number between 0 and 100"),
     ],
 )

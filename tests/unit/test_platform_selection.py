@@ -118,3 +118,42 @@ def test_bad_platform_override(monkeypatch):
     monkeypatch.setenv("DIFFSERVE_PLATFORM", "tpu")
     with pytest.raises(ValueError, match="DIFFSERVE_PLATFORM='tpu'"):
         detect_platform_name()
+
+
+# ---- capability flags: every "does this fast path run here" is asked of the platform
+
+# (platform, Triton kernels, Wan VAE walk)
+CAPABILITIES = [("cuda", True, True), ("rocm", True, False), ("xpu", False, False), ("cpu", False, False)]
+
+
+@pytest.mark.parametrize(("name", "triton", "wan_walk"), CAPABILITIES)
+def test_each_platform_answers_its_capabilities(name, triton, wan_walk):
+    cls = get_platform(name)
+    assert cls.supports_triton_kernels() is triton
+    assert cls.supports_wan_vae_walk() is wan_walk
+
+
+class _GpuTensor:
+    """Stands for a tensor on the simulated GPU (a ROCm build's tensors report is_cuda too)."""
+
+    is_cuda = True
+
+
+@pytest.mark.parametrize(("name", "triton", "wan_walk"), CAPABILITIES)
+def test_fast_paths_follow_the_current_platform(simulate, monkeypatch, name, triton, wan_walk):
+    from diffserve.kernels import fused_ops
+    from diffserve.runtime import kl_vae_decode, vae_decode
+
+    simulate(name, cuda="12.4" if name == "cuda" else None, hip="6.2" if name == "rocm" else None)
+    # Enabled, and Triton "imports": only the platform is left to decide.
+    monkeypatch.setattr(fused_ops, "fused_ops_enabled", lambda: True)
+    monkeypatch.setattr(fused_ops, "triton_available", lambda: True)
+    gpu = _GpuTensor()
+    assert fused_ops._use_triton(gpu) is triton
+    assert kl_vae_decode._cuda_walk(gpu) is triton
+    assert vae_decode._walk_on(gpu) is wan_walk  # on ROCm: diffusers' modules, never the walk
+    # CPU tensors never take a fast path, whatever the platform.
+    cpu = torch.zeros(1)
+    assert not fused_ops._use_triton(cpu)
+    assert not kl_vae_decode._cuda_walk(cpu)
+    assert not vae_decode._walk_on(cpu)

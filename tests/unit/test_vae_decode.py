@@ -44,7 +44,10 @@ def expected(vae, latents):
 def test_whole_frames_equal_vae_decode(vae, latents, expected):
     got = decode_wan_latents(vae, latents)
     assert got.shape == (2, 3, 1 + 4 * 1, 32, 192)
-    assert _rel(got, expected) < 1e-6
+    # One video at a time against vae.decode's batch of 2: the 31 3D convs (K <= 27 x 16 = 432) run with
+    # another batch, so oneDNN blocks their sums differently. Measured max 6.2e-7
+    # (threads 1/2, avx512/avx2/default, oneDNN AVX2/SSE4.1); 1e-5 is 16x that (1e-6 was 1.6x).
+    assert _rel(got, expected) < 1e-5
     assert got.abs().max() <= 1.0 and (got.abs() == 1.0).any()  # clamped, as diffusers clamps
 
 
@@ -52,6 +55,7 @@ def test_whole_frames_equal_vae_decode(vae, latents, expected):
 def test_strips_with_the_receptive_halo_are_exact(vae, latents, expected, tiles):
     # Wan2.1's layout (3 residual blocks per stage) needs 13 columns; this tiny one (2 per stage) 9.
     assert receptive_halo(vae.decoder) == 9
+    # as above, per strip: measured max 6.2e-7, 16x below the bound
     assert _rel(decode_wan_latents(vae, latents, tiles=tiles), expected) < 1e-5
 
 

@@ -96,7 +96,3 @@ def add_parallel_arguments(parser) -> None:
         "GPUs at once (GPUs used: 2 x the Ulysses degree); speeds up guided requests only (Wan with "
         "guidance > 1, FLUX with true CFG)",
     )
-
-
-def parallel_config_from_args(args) -> ParallelConfig:
-    return ParallelConfig(getattr(args, "ulysses_degree", 1), bool(getattr(args, "cfg_parallel", False)))

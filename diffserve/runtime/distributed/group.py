@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -61,10 +60,6 @@ class ParallelState:
         return self.config.ulysses_degree
 
     @property
-    def cfg_size(self) -> int:
-        return self.config.cfg_degree
-
-    @property
     def is_leader(self) -> bool:
         return self.rank == 0
 
@@ -96,10 +91,13 @@ def backend_for(device: torch.device) -> str:
 
 def env_rank() -> tuple[int, int, int] | None:
     """(rank, world_size, local_rank) from torchrun's environment variables, or None outside torchrun."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    from diffserve import envs
+
+    rank, world = envs.RANK, envs.WORLD_SIZE
+    if rank is None or world is None:
         return None
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    return rank, world, int(os.environ.get("LOCAL_RANK", rank))
+    local = envs.LOCAL_RANK
+    return rank, world, rank if local is None else local
 
 
 def init_distributed(

@@ -1,6 +1,6 @@
 """One model over several processes: rank 0 is the runner its caller sees, the other ranks follow it.
 
-    runner = load_parallel_runner(model, device, dtype, attention_backend, ulysses_degree=2, cfg_parallel=True)
+    runner = load_parallel_runner(RuntimeConfig(model, ulysses_degree=2, cfg_parallel=True))
 
 returns, in rank 0, an object with the Runner interface (model_id, family, task, defaults, generate,
 warmup, ...) — so `diffserve generate` and the server's worker use it as they use load_runner's. Two ways
@@ -38,6 +38,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from diffserve.runtime.config import RuntimeConfig
 from diffserve.runtime.distributed import group as pg
 from diffserve.runtime.distributed.config import ParallelConfig, ParallelConfigError
 
@@ -72,18 +73,15 @@ def check_model(config: ParallelConfig, model: str | None) -> None:
         config.check_model(spec.family, int(spec.config(name)["num_attention_heads"]), spec.model_id)
 
 
-def _load(model, device, dtype, attention_backend, world_size: int):
-    """load_runner in one rank of a group (spawned or under torchrun)."""
-    from diffserve.runtime.cuda_graphs import BLAS_WORKSPACE_ENV
+def _load(runtime: RuntimeConfig, device: str, world_size: int):
+    """load_runner in one rank of a group (spawned or under torchrun), on this rank's device. The config
+    says the group is parallel, so load_runner leaves cuBLAS's workspace alone (ranks run eagerly)."""
     from diffserve.runtime.runner import load_runner
 
-    # Ranks of a group run their forwards eagerly (no CUDA graphs with several ranks), and eagerly cuBLAS is
-    # faster with its workspace (FLUX.1 forward 125.7 vs 133.4 ms without, benchmarks/RESULTS.md session 5).
-    os.environ.setdefault(BLAS_WORKSPACE_ENV, "default")
     if torch.device(device).type == "cpu":
         # N processes on the same cores: without this each would start one thread per core.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    return load_runner(model, device, dtype, attention_backend)
+    return load_runner(dataclasses.replace(runtime, device=device))
 
 
 # ---- messages from rank 0 -----------------------------------------------------------------------------
@@ -201,13 +199,11 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="diffserve-parent-watch", daemon=True).start()
 
 
-def _follower_main(
-    rank, config, init_method, model, device, dtype, attention_backend, status, parent
-) -> None:
+def _follower_main(rank, config, init_method, runtime: RuntimeConfig, device, status, parent) -> None:
     _exit_with_parent(parent)
     logging.basicConfig(level=logging.WARNING)
     try:
-        runner = _load(model, device, dtype, attention_backend, config.world_size)
+        runner = _load(runtime, device, config.world_size)
     except Exception as exc:
         status.put(("failed", rank, f"{type(exc).__name__}: {exc}"))
         raise SystemExit(1) from None
@@ -247,7 +243,7 @@ def _wait_ready(status, followers, deadline: float) -> None:
         pending.discard(f"diffserve-rank-{rank}")
 
 
-def _spawn(config: ParallelConfig, model, device, dtype, attention_backend) -> ParallelRunner:
+def _spawn(config: ParallelConfig, runtime: RuntimeConfig, device: str) -> ParallelRunner:
     import multiprocessing as mp
 
     from diffserve.runtime.loader import ModelLoadError
@@ -269,10 +265,8 @@ def _spawn(config: ParallelConfig, model, device, dtype, attention_backend) -> P
                 rank,
                 config,
                 init_method,
-                model,
+                runtime,
                 rank_device(device, rank),
-                dtype,
-                attention_backend,
                 status,
                 os.getpid(),
             ),
@@ -281,7 +275,7 @@ def _spawn(config: ParallelConfig, model, device, dtype, attention_backend) -> P
         p.start()
         followers.append(p)
     try:
-        runner = _load(model, rank_device(device, 0), dtype, attention_backend, config.world_size)
+        runner = _load(runtime, rank_device(device, 0), config.world_size)
         _wait_ready(status, followers, time.monotonic() + READY_TIMEOUT)
         state = pg.init_distributed(
             config, rank_device(device, 0), rank=0, world_size=config.world_size, init_method=init_method
@@ -302,39 +296,47 @@ def _spawn(config: ParallelConfig, model, device, dtype, attention_backend) -> P
 
 
 def load_parallel_runner(
-    model: str | None = None,
+    model: str | RuntimeConfig | None = None,
     device: str | None = None,
     dtype: str | None = None,
     attention_backend: str | None = None,
     *,
     ulysses_degree: int = 1,
     cfg_parallel: bool = False,
+    compile: bool = False,
 ):
     """load_runner over ulysses_degree * (2 if cfg_parallel else 1) processes (see the module docstring).
-    With a world of one it is load_runner itself. Like load_runner, anything the user can fix (a layout
-    the model or the machine cannot take) raises ModelLoadError with a one-line message."""
+    With a world of one it is load_runner itself. `model` may be a whole RuntimeConfig (the server's
+    worker and the CLI pass one; the other arguments are then ignored). Like load_runner, anything the user
+    can fix (a layout the model or the machine cannot take) raises ModelLoadError with a one-line message."""
+    from diffserve import envs
     from diffserve.runtime.loader import ModelLoadError, default_device
     from diffserve.runtime.runner import load_runner
 
     try:
-        config = ParallelConfig(ulysses_degree, cfg_parallel)
+        runtime = (
+            model
+            if isinstance(model, RuntimeConfig)
+            else RuntimeConfig(model, device, dtype, attention_backend, compile, ulysses_degree, cfg_parallel)
+        )
+        config = runtime.parallel
         if config.enabled:
-            check_model(config, model)
-    except ParallelConfigError as e:
+            check_model(config, runtime.model)
+    except ValueError as e:  # ParallelConfigError, a bad dtype or backend name
         raise ModelLoadError(str(e)) from None
     if not config.enabled:
-        return load_runner(model, device, dtype, attention_backend)
-    device = device or default_device()
+        return load_runner(runtime)
+    device = runtime.device or default_device()
     torchrun = pg.env_rank()
     if torchrun is None:
-        return _spawn(config, model, device, dtype, attention_backend)
+        return _spawn(config, runtime, device)
     rank, world, local_rank = torchrun
     try:
         config.check_world_size(world)
     except ParallelConfigError as e:
         raise ModelLoadError(str(e)) from None
     mine = rank_device(device, local_rank)
-    runner = _load(model, mine, dtype, attention_backend, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    runner = _load(runtime, mine, envs.LOCAL_WORLD_SIZE or world)
     state = pg.init_distributed(config, mine, rank=rank, world_size=world)
     if rank == 0:
         return ParallelRunner(runner, state)

@@ -10,10 +10,9 @@ DIFFSERVE_ATTENTION_BACKEND environment variable; unset or "auto" means the plat
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from diffserve import envs
 from diffserve.platforms import AttentionBackendEnum, get_current_platform
 from diffserve.platforms.interface import import_class
 
@@ -36,7 +35,7 @@ def set_attention_backend(name: str | AttentionBackendEnum | None) -> AttentionB
 
 def selected_attention_backend() -> AttentionBackendEnum | None:
     if not _selected_set:
-        set_attention_backend(os.environ.get(ENV_VAR) or None)
+        set_attention_backend(envs.get(ENV_VAR))
     return _selected
 
 

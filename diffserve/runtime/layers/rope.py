@@ -1,5 +1,5 @@
 """Rotary position embeddings: frequency builders for FLUX (3 axes from ids) and Wan (a t/h/w grid), and
-one function that applies them.
+norm_rope, which applies them (with the q/k RMSNorm) to a q or k projection.
 
 Convention (both FLUX and Wan): channel pairs (2i, 2i+1) of a head rotate by angle pos * theta^(-2i/dim).
 cos/sin are kept at half width, (seq, head_dim // 2), float32; the angles are computed in float64 because
@@ -48,12 +48,6 @@ def grid_rope(grid: tuple[int, int, int], axes_dim: tuple[int, int, int], device
         parts_sin.append(sin.view(shape).expand(*grid, d // 2))
     seq = grid[0] * grid[1] * grid[2]
     return torch.cat(parts_cos, dim=-1).reshape(seq, -1), torch.cat(parts_sin, dim=-1).reshape(seq, -1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (batch, seq, heads, head_dim) by cos/sin (seq, head_dim // 2); computed in float32,
-    returned in x.dtype."""
-    return qk_norm_rope(x.flatten(2), None, 0.0, cos, sin, x.shape[-1], per_head=True)
 
 
 def norm_rope(

@@ -24,6 +24,7 @@ from diffserve.runtime.layers.modulation import (
 )
 from diffserve.runtime.layers.rope import axes_rope, norm_rope
 from diffserve.runtime.models.base import DiTConfig, NativeDiT, fuse_linears
+from diffserve.runtime.step_cache import unpadded_rows
 
 _EPS = 1e-6
 _TIME_FREQ_DIM = 256
@@ -348,14 +349,72 @@ class FluxTransformer(NativeDiT):
         diffusers' pipelines expect); img_ids/txt_ids (seq, 3) positions; adaln: this step's row of
         adaln_schedule() (then timestep, guidance and pooled_projections are not read). Extra keyword arguments that
         diffusers' pipelines pass (joint_attention_kwargs, ...) are accepted and ignored."""
+        r = self._start(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+                        guidance, adaln)  # fmt: skip
+        x = self._blocks(r, 0, self.num_blocks, streams=(r.img, r.txt))
+        return self._output(self._finish(r, x[:, r.n_txt - r.keep :]), return_dict)
+
+    # ---- the forward in parts: step caching (runtime/step_cache.py) ----------------------------------
+    # Blocks are numbered 0..num_blocks-1, the dual-stream ones first. A head of `head_blocks` blocks leaves
+    # the residual stream as one [text | image] tensor ("head_state", every deferred residual added);
+    # the tail runs the other blocks from it. The image rows of (tail output - head state) are the residual
+    # a skipped step adds back (the text rows never reach the output).
+    step_state_names = ("head_state",)
+    step_residual_names = ("residual",)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.transformer_blocks) + len(self.single_transformer_blocks)
+
+    def forward_head(self, *, head_blocks: int, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(signal, head_state): the residual stream after the first head_blocks blocks, and the image rows
+        of what they added to it (this rank's real rows only, under sequence parallelism), which the step
+        cache compares from step to step. `inputs`: forward's arguments."""
+        r = self._start(**_forward_inputs(inputs))
+        x = self._blocks(r, 0, self._head_blocks(head_blocks), streams=(r.img, r.txt))
+        return unpadded_rows(r.seq, x[:, r.n_txt :] - r.img, 1), x
+
+    def forward_tail(self, *, head_blocks: int, head_state: torch.Tensor, **inputs):
+        """(output, residual): forward's output (as forward(..., return_dict=False)[0]) computed from
+        forward_head's state, and the image rows of what the remaining blocks added to that state."""
+        r = self._start(**_forward_inputs(inputs), embed=False)
+        start = self._head_blocks(head_blocks)
+        if start < len(self.transformer_blocks):  # the tail starts in the dual-stream blocks
+            streams = (head_state[:, r.n_txt :], head_state[:, : r.n_txt])
+            x = self._blocks(r, start, self.num_blocks, streams=streams)
+        else:
+            x = self._blocks(r, start, self.num_blocks, x=head_state)
+        img = x[:, r.n_txt - r.keep :]
+        return self._finish(r, img), img - head_state[:, r.n_txt :]
+
+    def forward_reuse(self, *, head_blocks: int, head_state: torch.Tensor, residual: torch.Tensor, **inputs):
+        """forward's output with the tail replaced by a residual from an earlier step (forward_tail's)."""
+        self._head_blocks(head_blocks)
+        r = self._start(**_forward_inputs(inputs), embed=False)
+        return self._finish(r, head_state[:, r.n_txt :] + residual)
+
+    def _head_blocks(self, head_blocks: int) -> int:
+        if not 1 <= head_blocks < self.num_blocks:
+            raise ValueError(
+                f"head_blocks must be between 1 and {self.num_blocks - 1} for this FLUX DiT, got {head_blocks}"
+            )
+        return head_blocks
+
+    def _start(
+        self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance,
+        adaln, embed: bool = True,
+    ) -> _FluxRun:  # fmt: skip
+        """What every block reads (conditioning, adaLN projections, RoPE, the sequence layout), and with
+        `embed` the embedded image and text tokens."""
         # Sequence parallelism (a no-op alone): this rank keeps its share of the image tokens; the text
         # tokens stay whole and lead every joint attention.
-        seq = shard_sequence(hidden_states.shape[1], replicated_prefix=encoder_hidden_states.shape[1])
+        n_txt = encoder_hidden_states.shape[1]
+        seq = shard_sequence(hidden_states.shape[1], replicated_prefix=n_txt)
         hidden_states = seq.shard(hidden_states, 1)
-        img = self.x_embedder(hidden_states)
-        batch = img.shape[0]
+        img = self.x_embedder(hidden_states) if embed else None
+        batch, device = hidden_states.shape[0], hidden_states.device
         if adaln is None:
-            cond = self._conditioning(timestep, guidance, pooled_projections, batch, img.device)
+            cond = self._conditioning(timestep, guidance, pooled_projections, batch, device)
             projected = self._projected_adaln(cond)
         else:  # this step's row of adaln_schedule(): the projections are done
             if self.adaln_weight is None or adaln.shape != (batch, self.adaln_weight.shape[0]):
@@ -364,41 +423,83 @@ class FluxTransformer(NativeDiT):
                     f"{None if self.adaln_weight is None else self.adaln_weight.shape[0]}); got {tuple(adaln.shape)}"
                 )
             cond, projected = None, iter(adaln.split(self._adaln_sizes, dim=-1))
-        txt = self.context_embedder(encoder_hidden_states)
+        layers = 2 * len(self.transformer_blocks) + len(self.single_transformer_blocks) + 1
+        projected = [next(projected) for _ in range(layers)]  # in the order the blocks read them
+        txt = self.context_embedder(encoder_hidden_states) if embed else None
 
         # 3-D ids (with a batch dim) are a deprecated diffusers input; all rows are identical.
         txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
         img_ids = seq.shard(img_ids[0] if img_ids.ndim == 3 else img_ids, 0)
         rope = axes_rope(torch.cat([txt_ids, img_ids]), self.config.axes_dims_rope)
-
-        # Each block leaves its last residual for the next block's first pass (see _enter). Not in float16,
-        # where the residual stream is clamped after every block (clip_fp16).
-        defer = img.dtype != torch.float16
-        pending = (None, None)
-        for block in self.transformer_blocks:
-            out = block(
-                img, txt, cond, rope, (next(projected), next(projected)), pending=pending, defer=defer
-            )
-            img, txt, pending = out if defer else (*out, (None, None))
-        if pending[0] is not None:
-            img, txt = gated_residual(img, *pending[0]), gated_residual(txt, *pending[1])
-        # The single-stream blocks see one sequence; keep it joined instead of splitting after each block.
-        x = torch.cat([txt, img], dim=1)
-        last = len(self.single_transformer_blocks) - 1
+        dtype = self.x_embedder.weight.dtype
         # On CUDA and unsharded, the last block computes the image rows only. Sharded, every rank's layout
         # must stay [text | its image shard] for the all-to-alls; on the CPU the full-row GEMMs keep
         # diffusers' exact rounding (a CPU GEMM over fewer rows may block its sums differently).
-        keep = txt.shape[1] if seq is UNSHARDED and x.is_cuda else 0
+        keep = n_txt if seq is UNSHARDED and hidden_states.is_cuda else 0
+        # Each block leaves its last residual for the next block's first pass (see _enter). Not in float16,
+        # where the residual stream is clamped after every block (clip_fp16).
+        return _FluxRun(seq, img, txt, cond, projected, rope, n_txt, keep, defer=dtype != torch.float16)
+
+    def _blocks(self, r: _FluxRun, start: int, stop: int, streams=None, x=None) -> torch.Tensor:
+        """Blocks start..stop-1 over `streams` (image, text: where start is a dual-stream block) or the
+        joint [text | image] `x`; returns the joint residual stream after them, every deferred residual
+        added (only the image rows when the last block is run and r.keep)."""
+        n_dual = len(self.transformer_blocks)
+        if x is None:
+            img, txt = streams
+            pending = (None, None)
+            for i in range(start, min(stop, n_dual)):
+                projected = (r.projected[2 * i], r.projected[2 * i + 1])
+                out = self.transformer_blocks[i](
+                    img, txt, r.cond, r.rope, projected, pending=pending, defer=r.defer
+                )
+                img, txt, pending = out if r.defer else (*out, (None, None))
+            if pending[0] is not None:
+                img, txt = gated_residual(img, *pending[0]), gated_residual(txt, *pending[1])
+            # The single-stream blocks see one sequence; keep it joined instead of splitting after each block.
+            x = torch.cat([txt, img], dim=1)
+        last = self.num_blocks - 1
         pending = None
-        for i, block in enumerate(self.single_transformer_blocks):
+        for i in range(max(start, n_dual), stop):
+            block = self.single_transformer_blocks[i - n_dual]
             out = block(
-                x, cond, rope, next(projected), keep if i == last else 0, pending=pending, defer=defer
-            )
-            x, pending = out if defer else (out, None)
+                x, r.cond, r.rope, r.projected[n_dual + i], r.keep if i == last else 0, pending=pending,
+                defer=r.defer,
+            )  # fmt: skip
+            x, pending = out if r.defer else (out, None)
         if pending is not None:
             x = gated_residual(x, *pending)
-        img = x[:, txt.shape[1] - keep :]
+        return x
 
-        scale, shift = self.norm_out(None if cond is None else cond.to(img.dtype), next(projected))
+    def _finish(self, r: _FluxRun, img: torch.Tensor) -> torch.Tensor:
+        """The final adaLN and projection of the image rows, gathered over the sequence-parallel ranks."""
+        scale, shift = self.norm_out(None if r.cond is None else r.cond.to(img.dtype), r.projected[-1])
         out = self.proj_out(norm_modulate(img, shift, scale, _EPS))
-        return self._output(seq.gather(out, 1), return_dict)
+        return r.seq.gather(out, 1)
+
+
+@dataclasses.dataclass
+class _FluxRun:
+    """What the blocks of one forward (or one part of it) share."""
+
+    seq: object  # ulysses.SequenceShards, or UNSHARDED
+    img: torch.Tensor | None
+    txt: torch.Tensor | None
+    cond: torch.Tensor | None
+    projected: list  # each adaLN layer's projection (None: the layer projects cond itself)
+    rope: tuple[torch.Tensor, torch.Tensor]
+    n_txt: int
+    keep: int
+    defer: bool
+
+
+_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids")
+
+
+def _forward_inputs(inputs: dict) -> dict:
+    """forward's keyword arguments -> _start's (return_dict and unknown extras dropped, as forward drops
+    them)."""
+    missing = [name for name in _INPUTS if name not in inputs]
+    if missing:
+        raise TypeError(f"missing FLUX DiT inputs {missing}")
+    return {name: inputs[name] for name in _INPUTS} | {k: inputs.get(k) for k in ("guidance", "adaln")}

@@ -28,6 +28,7 @@ from diffserve.runtime.layers.modulation import (
 )
 from diffserve.runtime.layers.rope import grid_rope, norm_rope
 from diffserve.runtime.models.base import DiTConfig, NativeDiT, fuse_linears
+from diffserve.runtime.step_cache import unpadded_rows
 
 
 @dataclasses.dataclass
@@ -243,31 +244,125 @@ class WanTransformer(NativeDiT):
         diffusers' pipelines pass (attention_kwargs, ...) are accepted and ignored."""
         if encoder_hidden_states_image is not None:
             raise ValueError("image conditioning (encoder_hidden_states_image) is not supported")
+        r = self._start(hidden_states, timestep, encoder_hidden_states)
+        x, offset = self._blocks(r, r.x, None, 0, len(self.blocks))
+        return self._output(self._finish(r, x, offset), return_dict)
+
+    # ---- the forward in parts: step caching (runtime/step_cache.py) ----------------------------------
+    # A head of `head_blocks` blocks leaves the residual stream as (head_state, head_offset): x and the
+    # float32 per-channel offset the folded blocks carry beside it (None when they run unfolded); the tail
+    # runs the other blocks from there. What the tail adds to each is the residual a skipped step adds back.
+    step_state_names = ("head_state", "head_offset")
+    step_residual_names = ("residual", "residual_offset")
+
+    def forward_head(self, *, head_blocks: int, **inputs) -> tuple[torch.Tensor, ...]:
+        """(signal, head_state[, head_offset]): the residual stream after the first head_blocks blocks,
+        and what they added to it (this rank's real rows only, under sequence parallelism), which the step
+        cache compares from step to step. `inputs`: forward's arguments."""
+        r = self._start(**_forward_inputs(inputs))
+        x_in = r.x.clone()  # the folded blocks add to x in place
+        x, offset = self._blocks(r, r.x, None, 0, self._head_blocks(head_blocks))
+        signal = x - x_in if offset is None else x - x_in + offset.to(x.dtype)
+        signal = unpadded_rows(r.seq, signal, 1)
+        return (signal, x) if offset is None else (signal, x, offset)
+
+    def forward_tail(
+        self, *, head_blocks: int, head_state: torch.Tensor, head_offset: torch.Tensor | None = None, **inputs
+    ) -> tuple[torch.Tensor, ...]:
+        """(output, residual[, residual_offset]): forward's output (as forward(..., return_dict=False)[0])
+        computed from forward_head's state, and what the remaining blocks added to that state."""
+        r = self._start(**_forward_inputs(inputs), embed=False)
+        start = self._head_blocks(head_blocks)
+        x, offset = self._blocks(r, head_state.clone(), head_offset, start, len(self.blocks))
+        out = self._finish(r, x, offset)
+        if offset is None:
+            return out, x - head_state
+        return out, x - head_state, offset - (0 if head_offset is None else head_offset)
+
+    def forward_reuse(
+        self,
+        *,
+        head_blocks: int,
+        head_state: torch.Tensor,
+        residual: torch.Tensor,
+        head_offset: torch.Tensor | None = None,
+        residual_offset: torch.Tensor | None = None,
+        **inputs,
+    ) -> torch.Tensor:
+        """forward's output with the tail replaced by residuals from an earlier step (forward_tail's)."""
+        self._head_blocks(head_blocks)
+        r = self._start(**_forward_inputs(inputs), embed=False)
+        if residual_offset is not None:
+            head_offset = residual_offset if head_offset is None else head_offset + residual_offset
+        return self._finish(r, head_state + residual, head_offset)
+
+    def _head_blocks(self, head_blocks: int) -> int:
+        if not 1 <= head_blocks < len(self.blocks):
+            raise ValueError(
+                f"head_blocks must be between 1 and {len(self.blocks) - 1} for this Wan DiT, got {head_blocks}"
+            )
+        return head_blocks
+
+    def _start(self, hidden_states, timestep, encoder_hidden_states, embed: bool = True) -> _WanRun:
+        """What every block reads (modulation, text context, RoPE, the sequence layout), and with `embed` the
+        patch-embedded tokens (this rank's share)."""
         c = self.config
-        _, _, f, h, w = hidden_states.shape
+        b, _, f, h, w = hidden_states.shape
         grid = (f // c.patch_size[0], h // c.patch_size[1], w // c.patch_size[2])
         if max(grid) > c.rope_max_seq_len:
             raise ValueError(f"latent grid {grid} exceeds rope_max_seq_len {c.rope_max_seq_len}")
-        rope = grid_rope(grid, c.rope_axes, hidden_states.device)
-        x = self._patchify(hidden_states)
+        device = hidden_states.device
+        rope = grid_rope(grid, c.rope_axes, device)
         # Sequence parallelism (a no-op alone): this rank keeps its share of the video tokens and their RoPE.
-        seq = shard_sequence(x.shape[1])
-        x, rope = seq.shard(x, 1), tuple(seq.shard(r, 0) for r in rope)
-        x = x.contiguous()  # the folded blocks accumulate into x in place (a no-op unless sharded, batch > 1)
+        seq = shard_sequence(math.prod(grid))
+        x = None
+        if embed:
+            # contiguous: the folded blocks accumulate into x in place (a no-op unless sharded, batch > 1)
+            x = seq.shard(self._patchify(hidden_states), 1).contiguous()
+        rope = tuple(seq.shard(r, 0) for r in rope)
 
-        batch = x.shape[0]
-        timestep = self._per_sample(timestep, batch, x.device)
+        timestep = self._per_sample(timestep, b, device)
         temb, temb6, context = self.condition_embedder(timestep.flatten(), encoder_hidden_states)
         # One modulation per sample (batch, 1, ...) or per token (batch, seq, ...), broadcast over tokens.
-        temb = temb.reshape(batch, -1, 1, temb.shape[-1])
-        temb6 = temb6.reshape(batch, -1, 6, temb.shape[-1])
+        temb = temb.reshape(b, -1, 1, temb.shape[-1])
+        temb6 = temb6.reshape(b, -1, 6, temb.shape[-1])
         if temb.shape[1] > 1:  # per-token modulation follows its tokens
             temb, temb6 = seq.shard(temb, 1), seq.shard(temb6, 1)
+        return _WanRun(seq, grid, x, rope, temb, temb6, context)
 
-        offset = None
-        for block in self.blocks:
-            x, offset = block(x, context, temb6, rope, offset)
+    def _blocks(self, r: _WanRun, x, offset, start: int, stop: int):
+        """Blocks start..stop-1 from the residual stream (x, offset); returns it after them."""
+        for block in self.blocks[start:stop]:
+            x, offset = block(x, r.context, r.temb6, r.rope, offset)
+        return x, offset
 
-        shift, scale = (self.scale_shift_table + temb).unbind(2)
-        x = self.proj_out(offset_norm_modulate(x, offset, shift, scale, c.eps, upcast=True))
-        return self._output(self._unpatchify(seq.gather(x, 1), grid), return_dict)
+    def _finish(self, r: _WanRun, x: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+        """The final adaLN and projection, gathered over the sequence-parallel ranks, as latents."""
+        shift, scale = (self.scale_shift_table + r.temb).unbind(2)
+        x = self.proj_out(offset_norm_modulate(x, offset, shift, scale, self.config.eps, upcast=True))
+        return self._unpatchify(r.seq.gather(x, 1), r.grid)
+
+
+@dataclasses.dataclass
+class _WanRun:
+    """What the blocks of one forward (or one part of it) share."""
+
+    seq: object  # ulysses.SequenceShards, or UNSHARDED
+    grid: tuple[int, int, int]
+    x: torch.Tensor | None  # the patch-embedded tokens (None when not embedded)
+    rope: tuple[torch.Tensor, torch.Tensor]
+    temb: torch.Tensor
+    temb6: torch.Tensor
+    context: torch.Tensor
+
+
+def _forward_inputs(inputs: dict) -> dict:
+    """forward's keyword arguments -> _start's (return_dict and unknown extras dropped, as forward drops
+    them)."""
+    if inputs.get("encoder_hidden_states_image") is not None:
+        raise ValueError("image conditioning (encoder_hidden_states_image) is not supported")
+    names = ("hidden_states", "timestep", "encoder_hidden_states")
+    missing = [name for name in names if name not in inputs]
+    if missing:
+        raise TypeError(f"missing Wan DiT inputs {missing}")
+    return {name: inputs[name] for name in names}

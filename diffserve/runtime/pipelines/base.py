@@ -36,10 +36,11 @@ class NativePipeline:
         self.setup()
 
     @classmethod
-    def load(cls, spec, device: str, dtype, attention_backend: str | None = None) -> NativePipeline:
+    def load(cls, spec, device: str, dtype, config) -> NativePipeline:
+        """Load `spec` onto `device` in `dtype` (a torch.dtype) with the rest of `config` (RuntimeConfig)."""
         from diffserve.runtime.loader import load_components
 
-        components = load_components(spec, device, dtype, attention_backend)
+        components = load_components(spec, device, dtype, config.attention_backend, config.compile)
         config = {k: v for k, v in spec.index.items() if not isinstance(v, list)}
         pipeline = cls(components, spec.config("transformer"), device, config)
         pipeline.defaults.update(spec.runtime_defaults())

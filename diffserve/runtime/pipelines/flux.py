@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from diffserve.runtime import step_cache
 from diffserve.runtime.api import GenerationRequest, GenerationResult
 from diffserve.runtime.cuda_graphs import GraphedForward
-from diffserve.runtime.distributed.cfg import cfg_pair
 from diffserve.runtime.pipelines import stages, text
 from diffserve.runtime.pipelines.base import NativePipeline
 
@@ -68,6 +68,11 @@ class FluxPipeline(NativePipeline):
         }
         self.image_defaults = {"guidance_scale": 7.0 if self.guidance_embeds else 0.0}  # FluxImg2ImgPipeline
         self.dit = GraphedForward(self.transformer)  # CUDA graphs on a GPU, the plain module elsewhere
+        # Step caching (runtime/step_cache.py): the default policy (None: off; a request's
+        # extra["step_cache_threshold"] overrides the threshold) and the DiT's head/tail/reuse parts.
+        self.step_cache: step_cache.StepCacheConfig | None = None
+        self.dit_parts = step_cache.DiTParts(self.transformer)
+        self.step_cache_graphs = self.dit_parts.graphs  # a list attribute: _drop_cuda_graphs finds them
         self.clip = text.TextEncoder(self.text_encoder, "pooler_output")
         self.t5 = text.TextEncoder(self.text_encoder_2, "last_hidden_state")
 
@@ -123,6 +128,9 @@ class FluxPipeline(NativePipeline):
                 latents = scheduler.scale_noise(clean.expand(n, -1, -1, -1), timesteps[:1].repeat(n), noise)
             latents = pack(latents)
 
+        # Off (the default): every DiT call is self.dit's, as without step caching; only counted.
+        cache = step_cache.StepCache.for_run(step_cache.config_for(p, self.step_cache), len(timesteps))
+
         def predict(x, t, i):
             common = dict(
                 hidden_states=x,
@@ -135,13 +143,20 @@ class FluxPipeline(NativePipeline):
 
             def branch(prompt_states, prompt_pooled, adaln):
                 kwargs = dict(encoder_hidden_states=prompt_states, pooled_projections=prompt_pooled, **common)
-                return self.dit(**kwargs, adaln=None if adaln is None else adaln[i])[0]
+                return dict(kwargs, adaln=None if adaln is None else adaln[i])
 
             if true_cfg <= 1:
-                return branch(states, pooled, schedule)
+                return cache.step(i, self.dit, self.dit_parts, {"cond": branch(states, pooled, schedule)})[
+                    "cond"
+                ]
             # With --cfg-parallel the two branches run on different ranks at once (distributed/cfg.py).
-            out, neg = cfg_pair(
-                lambda: branch(states, pooled, schedule), lambda: branch(neg_states, neg_pooled, neg_schedule)
+            out, neg = step_cache.guided_pair(
+                cache,
+                i,
+                self.dit,
+                self.dit_parts,
+                branch(states, pooled, schedule),
+                branch(neg_states, neg_pooled, neg_schedule),
             )
             return neg + true_cfg * (out - neg)
 
@@ -150,7 +165,9 @@ class FluxPipeline(NativePipeline):
         with timings("decode"):
             latents = unpack(latents, h, w) / self.vae.config.scaling_factor + self.vae.config.shift_factor
             images = stages.decode_images(self.vae, latents)
-        return GenerationResult(images=images, width=p.width, height=p.height, seed=p.seed)
+        return GenerationResult(
+            images=images, width=p.width, height=p.height, seed=p.seed, dit_forwards=cache.counts()
+        )
 
     @staticmethod
     def img2img_timesteps(scheduler, p: stages.Plan) -> torch.Tensor:
@@ -162,4 +179,5 @@ class FluxPipeline(NativePipeline):
     def plan(self, req: GenerationRequest) -> stages.Plan:
         plan = stages.plan_request(req, self.defaults, self.rules, self.image_defaults)
         stages.extra_number(plan, "true_cfg_scale", 1.0, 1.0, 100.0)
+        step_cache.check_request(plan)
         return plan

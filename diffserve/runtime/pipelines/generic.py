@@ -94,7 +94,10 @@ class GenericPipeline:
         )
 
     @classmethod
-    def load(cls, spec, device: str, dtype, attention_backend: str | None = None) -> GenericPipeline:
+    def load(cls, spec, device: str, dtype, config) -> GenericPipeline:
+        """Any diffusers pipeline, loaded by diffusers; `config` (RuntimeConfig) gives the attention backend
+        (--compile applies to native DiTs only)."""
+        attention_backend = config.attention_backend
         from diffusers import DiffusionPipeline
         from diffusers.pipelines.pipeline_utils import SUPPORTED_DEVICE_MAP
         from transformers import PreTrainedModel

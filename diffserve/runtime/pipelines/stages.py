@@ -30,6 +30,9 @@ from diffserve.runtime.api import (
     InvalidRequest,
     StepCallback,
 )
+from diffserve.runtime.limits import MAX_SEED, Limits
+
+MAX_FPS = Limits.max_fps  # the serving limits' bound (runtime/limits.py), so that the CLI and server agree
 
 # ---- validate ----------------------------------------------------------------------------------------
 
@@ -120,8 +123,8 @@ def plan_request(
     if not isinstance(req.num_outputs, int) or req.num_outputs < 1:
         raise InvalidRequest(f"num_outputs must be a positive integer, got {req.num_outputs!r}")
     seed = random.SystemRandom().randrange(2**32) if req.seed is None else _int(req.seed, 0, "seed")
-    if not 0 <= seed < 2**64:
-        raise InvalidRequest(f"seed must be between 0 and 2**64-1, got {seed}")
+    if not 0 <= seed <= MAX_SEED:
+        raise InvalidRequest(f"seed must be between 0 and {MAX_SEED}, got {seed}")
     plan = Plan(
         req.prompt,
         req.negative_prompt,
@@ -144,8 +147,8 @@ def plan_request(
             )
         plan.num_frames = frames
         plan.fps = _int(req.fps, defaults["fps"], "fps")
-        if not 1 <= plan.fps <= 240:
-            raise InvalidRequest(f"fps must be between 1 and 240, got {plan.fps}")
+        if not 1 <= plan.fps <= MAX_FPS:
+            raise InvalidRequest(f"fps must be between 1 and {MAX_FPS}, got {plan.fps}")
     elif req.num_frames not in (None, 1):
         raise InvalidRequest(f"this model ({rules.label}) makes images: num_frames is not accepted")
     if image is not None:
@@ -340,7 +343,12 @@ def denoise(
 
     Nothing in the loop makes the host wait for the work it has just queued (no .item(), no tensor in an
     `if`, no copy to the CPU): the GPU never idles between steps. DIFFSERVE_CHECK_SYNC=1 proves it: the loop
-    then runs under torch.cuda.set_sync_debug_mode("error"), and any synchronising call in it raises."""
+    then runs under torch.cuda.set_sync_debug_mode("error"), and any synchronising call in it raises.
+
+    Two deliberate exceptions, each made under cuda_graphs.sync_allowed() so that the check still covers
+    everything else: StepPacer's wait for the step before last, and, with step caching on, the one read of
+    two floats per step that decides whether the DiT's tail runs (runtime/step_cache.py; none at all when
+    step caching is off)."""
     total = len(timesteps)
     pacer = StepPacer(latents.device, total, on_step)
     with cuda_graphs.no_host_sync(latents.device):

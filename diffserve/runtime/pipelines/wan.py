@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from diffserve.runtime import step_cache
 from diffserve.runtime.api import GenerationRequest, GenerationResult
 from diffserve.runtime.cuda_graphs import GraphedForward
-from diffserve.runtime.distributed.cfg import cfg_pair
 from diffserve.runtime.pipelines import stages, text
 from diffserve.runtime.pipelines.base import NativePipeline
 from diffserve.runtime.schedulers import sync_free_scheduler
@@ -52,6 +52,12 @@ class WanPipeline(NativePipeline):
         self.dits = [GraphedForward(self.transformer)]
         if has_second:
             self.dits.append(GraphedForward(self.transformer_2))
+        # Step caching (runtime/step_cache.py): the default policy (None: off; a request's
+        # extra["step_cache_threshold"] overrides the threshold) and each expert's head/tail/reuse parts
+        # (each expert caches separately).
+        self.step_cache: step_cache.StepCacheConfig | None = None
+        self.dit_parts = [step_cache.DiTParts(dit.fn) for dit in self.dits]
+        self.step_cache_graphs = [graph for parts in self.dit_parts for graph in parts.graphs]
         self.t5 = text.TextEncoder(self.text_encoder, "last_hidden_state")
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
@@ -91,8 +97,14 @@ class WanPipeline(NativePipeline):
             )
             latents = stages.gaussian(shape, stages.cpu_generator(p.seed), self.device, torch.float32)
 
+        # Off (the default): every DiT call is self.dits[...]'s, as without step caching; only counted.
+        cache = step_cache.StepCache.for_run(
+            step_cache.config_for(p, self.step_cache), len(scheduler.timesteps)
+        )
+
         def predict(x, t, i):
             dit, scale = self.dits[expert[i]], (p.guidance, guidance_2)[expert[i]]
+            parts = self.dit_parts[expert[i]]
             x = x.to(dit.fn.dtype)
             if self.expand_timesteps:  # one timestep per latent token (Wan2.2 TI2V)
                 tokens = x.shape[2] * (x.shape[3] // 2) * (x.shape[4] // 2)
@@ -101,15 +113,14 @@ class WanPipeline(NativePipeline):
                 timestep = t.expand(n)
 
             def branch(prompt_states):
-                out = dit(
+                return dict(
                     hidden_states=x, timestep=timestep, encoder_hidden_states=prompt_states, return_dict=False
                 )
-                return out[0]
 
             if not cfg:
-                return branch(cond)
+                return cache.step(i, dit, parts, {"cond": branch(cond)})["cond"]
             # With --cfg-parallel the two branches run on different ranks at once (distributed/cfg.py).
-            out, neg = cfg_pair(lambda: branch(cond), lambda: branch(uncond))
+            out, neg = step_cache.guided_pair(cache, i, dit, parts, branch(cond), branch(uncond))
             return neg + scale * (out - neg)
 
         with timings("denoise"):
@@ -120,10 +131,13 @@ class WanPipeline(NativePipeline):
             mean = torch.tensor(self.vae.config.latents_mean).view(view).to(latents)
             inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(view).to(latents)
             videos = stages.decode_videos(self.vae, latents / inv_std + mean)
-        return GenerationResult(videos=videos, width=p.width, height=p.height, seed=p.seed)
+        return GenerationResult(
+            videos=videos, width=p.width, height=p.height, seed=p.seed, dit_forwards=cache.counts()
+        )
 
     def plan(self, req: GenerationRequest) -> stages.Plan:
         plan = stages.plan_request(req, self.defaults, self.rules)
         # Wan2.2 A14B's guidance for the second expert; the same as guidance_scale unless given.
         stages.extra_number(plan, "guidance_scale_2", plan.guidance, 0.0, 100.0)
+        step_cache.check_request(plan)
         return plan

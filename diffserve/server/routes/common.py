@@ -9,8 +9,8 @@ from starlette.requests import Request
 
 from diffserve.server.engine import Engine
 from diffserve.server.errors import APIError
+from diffserve.server.messages import WorkItem
 from diffserve.server.tickets import EngineError, Ticket
-from diffserve.server.worker import WorkItem
 
 # EngineError.kind -> HTTP status
 _STATUS = {

@@ -20,16 +20,16 @@ from diffserve.server.engine import Engine
 from diffserve.server.errors import APIError, error_body
 from diffserve.server.files import OutputFiles
 from diffserve.server.inputs import read_form, read_image, read_json, refuse_other_files
+from diffserve.server.messages import Completed, Errored, Idle, Progress, WorkItem
 from diffserve.server.routes.common import as_api_error, result_or_cancel, served_model, submit
 from diffserve.server.schemas import (
     ImageEditRequest,
     ImageGenerationRequest,
-    check_common,
-    limits,
+    check_generation,
+    model_limits,
     parse_size,
 )
 from diffserve.server.tickets import Ticket, new_ticket_id
-from diffserve.server.worker import WorkItem
 
 router = APIRouter()
 
@@ -53,10 +53,11 @@ def _generation(body, size: tuple[int, int] | None, **extra: Any) -> GenerationR
 async def generations(request: Request):
     cfg = request.app.state.cfg
     body = ImageGenerationRequest.model_validate(await read_json(request))
-    check_common(body, cfg)
     meta = served_model(request, body.model, "image")
-    size = parse_size(body.size, limits(meta, cfg))
-    return await _run(request, body, _generation(body, size), "image_generation")
+    lim = model_limits(meta, cfg)
+    generation = _generation(body, parse_size(body.size, lim))
+    check_generation(generation, lim, "image")
+    return await _run(request, body, generation, "image_generation")
 
 
 @router.post("/v1/images/edits")
@@ -66,8 +67,11 @@ async def edits(request: Request):
     images, masks = files.pop("image", []), files.pop("mask", [])
     refuse_other_files(files)
     body = ImageEditRequest.model_validate(fields)
-    check_common(body, cfg)
     meta = served_model(request, body.model, "image")
+    lim = model_limits(meta, cfg)
+    # No size: the runtime keeps the input's (to its multiple), as OpenAI's edits do.
+    size = parse_size(body.size, lim)
+    check_generation(_generation(body, size, strength=body.strength), lim, "image")  # before any upload is read
     if not meta["accepts_image"]:
         raise APIError(
             400,
@@ -89,8 +93,6 @@ async def edits(request: Request):
         )
     image = (await read_image(images[0], cfg, "image"))[0]
     mask = (await read_image(masks[0], cfg, "mask"))[0] if masks else None
-    # No size: the runtime keeps the input's (to its multiple), as OpenAI's edits do.
-    size = parse_size(body.size, limits(meta, cfg))
     generation = _generation(body, size, image=image, mask=mask, strength=body.strength)
     return await _run(request, body, generation, "image_edit")
 
@@ -132,22 +134,21 @@ async def _events(engine: Engine, ticket: Ticket, fmt: str, prefix: str, keepali
     try:
         async for event in ticket.stream(idle=keepalive):
             now = int(time.time())
-            if event[0] == "idle":
+            if isinstance(event, Idle):
                 yield b": keep-alive\n\n"  # an SSE comment: clients skip it, proxies see traffic
-            elif event[0] == "progress":
-                done, total = event[1], event[2]
+            elif isinstance(event, Progress):
                 yield _sse(
                     f"{prefix}.progress",
                     {
                         "type": f"{prefix}.progress",
                         "created_at": now,
-                        "step": done,
-                        "total_steps": total,
-                        "progress": int(100 * done / total),
+                        "step": event.done,
+                        "total_steps": event.total,
+                        "progress": event.percent(),
                     },
                 )
-            elif event[0] == "result":
-                payload = event[1]
+            elif isinstance(event, Completed):
+                payload = event.payload
                 for i, data in enumerate(payload["images"]):
                     yield _sse(
                         f"{prefix}.completed",
@@ -162,8 +163,8 @@ async def _events(engine: Engine, ticket: Ticket, fmt: str, prefix: str, keepali
                             "quality": "auto",
                         },
                     )
-            elif event[0] == "error":
-                err = as_api_error(event[1], engine)
+            elif isinstance(event, Errored):
+                err = as_api_error(event.error, engine)
                 yield _sse("error", {"type": "error", **error_body(err.status, err.message, err.code)})
     finally:
         # Reached early only when the client went away (Starlette cancels the response): stop the work.

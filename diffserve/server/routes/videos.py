@@ -7,6 +7,7 @@ deleted: false); on a finished job it deletes the record and its file (deleted: 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 from fastapi import APIRouter, Query, Request, Response
@@ -18,10 +19,16 @@ from diffserve.server.errors import APIError
 from diffserve.server.files import VIDEO_ID, OutputFiles
 from diffserve.server.inputs import decode_data_url, read_body, read_image, refuse_other_files
 from diffserve.server.jobs import IN_FLIGHT, JobStore, VideoJobs, video_object
+from diffserve.server.messages import WorkItem
 from diffserve.server.routes.common import served_model, submit
-from diffserve.server.schemas import VideoCreateRequest, check_common, limits, parse_size, video_frames
+from diffserve.server.schemas import (
+    VideoCreateRequest,
+    check_generation,
+    model_limits,
+    parse_size,
+    video_frames,
+)
 from diffserve.server.tickets import new_ticket_id
-from diffserve.server.worker import WorkItem
 
 router = APIRouter()
 
@@ -35,12 +42,23 @@ async def create_video(request: Request):
     refs = files.pop("input_reference", [])
     refuse_other_files(files)
     body = VideoCreateRequest.model_validate(fields)
-    check_common(body, cfg)
     meta = served_model(request, body.model, "video")
     defaults = meta["defaults"]
-    lim = limits(meta, cfg)
+    lim = model_limits(meta, cfg)
     size = parse_size(body.size, lim)
     width, height = size or (defaults.get("width"), defaults.get("height"))
+    generation = GenerationRequest(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        width=size[0] if size else None,
+        height=size[1] if size else None,
+        num_frames=body.num_frames,
+        num_inference_steps=body.num_inference_steps,
+        guidance_scale=body.guidance_scale,
+        seed=body.seed,
+        fps=body.fps,
+    )
+    check_generation(generation, lim, "video")  # the checks `diffserve generate` runs too
     fps = body.fps or defaults.get("fps") or 16
     frames, seconds = video_frames(body, fps, defaults.get("num_frames"), lim)
 
@@ -71,18 +89,7 @@ async def create_video(request: Request):
             ]
 
     job_id = new_ticket_id("video")
-    generation = GenerationRequest(
-        prompt=body.prompt,
-        negative_prompt=body.negative_prompt,
-        width=size[0] if size else None,
-        height=size[1] if size else None,
-        num_frames=frames,
-        num_inference_steps=body.num_inference_steps,
-        guidance_scale=body.guidance_scale,
-        seed=body.seed,
-        image=image,
-        fps=fps,
-    )
+    generation = dataclasses.replace(generation, num_frames=frames, image=image, fps=fps)
     ticket = submit(request, WorkItem(job_id, generation, "video"))
     store: JobStore = request.app.state.jobs.store
     row = store.create(

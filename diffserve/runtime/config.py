@@ -1,0 +1,106 @@
+"""How to load and run one model: the settings `diffserve generate`, `diffserve serve` (through its worker) and
+the Python API all hand to the runtime, as one dataclass validated here and nowhere else.
+
+    CLI flag -> RuntimeConfig (validated in __post_init__) -> the worker's config -> the runner factory
+
+No torch here: the server process builds it (and ships it to its worker by pickling).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from diffserve.platforms.backends import AttentionBackendEnum
+
+# Every spelling the command line accepts for a dtype -> torch's name for it.
+DTYPES = {
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "half": "float16",
+    "fp32": "float32",
+    "float32": "float32",
+    "float": "float32",
+}
+DTYPE_HELP = "bf16|bfloat16, fp16|float16 or fp32|float32 (default: bf16 on GPUs, fp32 on the CPU)"
+
+
+def canonical_dtype(name: str | None) -> str | None:
+    """'bf16', 'BFloat16', 'torch.bfloat16' -> 'bfloat16'; None -> None (the device's default)."""
+    if name is None:
+        return None
+    canonical = DTYPES.get(str(name).strip().lower().removeprefix("torch."))
+    if canonical is None:
+        raise ValueError(f"unknown dtype {name!r}: use {DTYPE_HELP.split(' (')[0]}")
+    return canonical
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    model: str | None = None  # a diffusers directory or a cached Hugging Face id; None -> the bundled model
+    device: str | None = None  # None -> the first accelerator, else the CPU
+    dtype: str | None = None  # canonical torch name after validation; None -> bf16 on GPUs, fp32 on the CPU
+    attention_backend: str | None = None  # canonical backend name; None -> the platform's priority list
+    compile: bool = False  # torch.compile the DiT blocks (runtime/compile.py)
+    ulysses_degree: int = 1  # every DiT forward split over this many GPUs
+    cfg_parallel: bool = False  # the two guidance branches on two GPU groups
+
+    def __post_init__(self) -> None:
+        # frozen: normalise through object.__setattr__, once, here
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        backend = AttentionBackendEnum.parse(self.attention_backend)
+        object.__setattr__(self, "attention_backend", backend.value if backend else None)
+        if self.model is not None and not str(self.model).strip():
+            raise ValueError("--model must not be empty")
+        from diffserve.runtime.distributed.config import ParallelConfig
+
+        ParallelConfig(self.ulysses_degree, self.cfg_parallel)  # raises ParallelConfigError (a ValueError)
+
+    @property
+    def parallel(self):
+        from diffserve.runtime.distributed.config import ParallelConfig
+
+        return ParallelConfig(self.ulysses_degree, self.cfg_parallel)
+
+
+def add_runtime_arguments(parser) -> None:
+    """The flags that build a RuntimeConfig, the same on `diffserve generate` and `diffserve serve`."""
+    from diffserve.runtime.distributed.config import add_parallel_arguments
+
+    a = parser.add_argument
+    a(
+        "--model",
+        help="diffusers model directory or Hugging Face id in the local cache "
+        "(default: the bundled small FLUX-architecture model)",
+    )
+    a(
+        "--attention-backend",
+        metavar="B",
+        help="auto, fa3, fa2 or torch_sdpa (default: $DIFFSERVE_ATTENTION_BACKEND, else auto: the platform's best)",
+    )
+    a(
+        "--compile",
+        action="store_true",
+        help="torch.compile the DiT blocks during warm-up (kernels cached in $DIFFSERVE_CACHE_DIR/inductor, "
+        "default ~/.cache/diffserve/inductor, so a restart is warm in seconds)",
+    )
+    a("--device", metavar="D", help="cpu, cuda, cuda:N or xpu (default: the first GPU, else cpu)")
+    a("--dtype", metavar="T", help=DTYPE_HELP)
+    add_parallel_arguments(parser)  # --ulysses-degree, --cfg-parallel (multi-GPU; also under torchrun)
+
+
+def runtime_config_from_args(args) -> RuntimeConfig:
+    """The flags of add_runtime_arguments (and the variables that stand in for them) -> RuntimeConfig.
+    Raises ValueError with a one-line message."""
+    from diffserve import envs
+
+    return RuntimeConfig(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        attention_backend=args.attention_backend or envs.DIFFSERVE_ATTENTION_BACKEND,
+        compile=args.compile,
+        ulysses_degree=args.ulysses_degree,
+        cfg_parallel=args.cfg_parallel,
+    )

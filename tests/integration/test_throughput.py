@@ -1,0 +1,94 @@
+"""Throughput under load (issue 23), on a live server of its own with the tiny FLUX model: concurrent
+identical unseeded requests share runner calls (diffserve_batch_requests shows batches > 1), every
+request still gets its own sample, and the worker's encoding is reported as a stage of its own.
+Speed itself is measured by benchmarks/bench_serving.py, never asserted here."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+
+import pytest
+
+from tests.integration.conftest import CLEAN_EXIT, LiveServer
+
+BODY = {"prompt": "share a forward", "size": "64x64", "num_inference_steps": 4}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_flux_dir, tmp_path_factory):
+    server = LiveServer(
+        [
+            "--model",
+            str(tiny_flux_dir),
+            "--warmup-resolutions",
+            "64x64",
+            "--max-batch",
+            "4",
+            # generous, so that a burst from a thread pool on a busy 2-core machine lands in one window
+            "--batch-wait-ms",
+            "500",
+        ],
+        tmp_path_factory.mktemp("throughput-out"),
+    ).start()
+    server.wait_healthy()
+    yield server
+    assert server.stop() in CLEAN_EXIT, server.log_tail()
+
+
+def _post_many(server: LiveServer, bodies: list[dict]) -> list:
+    with server.http() as http, cf.ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(lambda body: http.post("/v1/images/generations", json=body), bodies))
+
+
+def test_concurrent_identical_unseeded_requests_are_batched(server):
+    count = server.metric("diffserve_batch_requests_count")
+    total = server.metric("diffserve_batch_requests_sum")
+    alone = server.metric("diffserve_batch_requests_bucket", le="1.0")
+    results = _post_many(server, [BODY] * 8)
+    assert all(r.status_code == 200 for r in results), [r.text for r in results]
+    assert len({r.json()["data"][0]["b64_json"] for r in results}) == 8  # eight different samples
+    batches = server.metric("diffserve_batch_requests_count") - count
+    assert server.metric("diffserve_batch_requests_sum") - total == 8
+    assert batches < 8, batches
+    # at least one batch held more than one request (the histogram's le=1 bucket counts the lone ones)
+    assert server.metric("diffserve_batch_requests_bucket", le="1.0") - alone < batches
+    assert server.metric("diffserve_stage_seconds_count", stage="encode_output") >= 8
+
+
+def test_mixed_load_all_completes_and_nothing_stays_held(server):
+    """Seeded requests (never merged, never waiting) between unseeded ones, several formats: every one
+    completes, and afterwards nothing is queued or running."""
+    bodies = [
+        {**BODY, "seed": 1},
+        BODY,
+        {**BODY, "seed": 2, "output_format": "jpeg"},
+        BODY,
+        {**BODY, "seed": 3, "output_format": "webp"},
+        {**BODY, "n": 2},
+    ]
+    results = _post_many(server, bodies)
+    assert [r.status_code for r in results] == [200] * len(bodies), [r.text for r in results]
+    assert [len(r.json()["data"]) for r in results] == [1, 1, 1, 1, 1, 2]
+    assert server.metric("diffserve_queue_depth") == 0
+    assert server.metric("diffserve_running_requests") == 0
+
+
+def test_bench_serving_against_the_live_server(server, tmp_path):
+    """benchmarks/bench_serving.py's load generator (CPU: GPU busy n/a) appends one row of figures."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.integration.conftest import REPO
+
+    results = tmp_path / "results.jsonl"
+    cmd = [sys.executable, "benchmarks/bench_serving.py", "--url", server.url, "--size", "64x64"]
+    cmd += ["--steps", "2", "-c", "3", "-r", "6", "--warmup", "1", "--results", str(results)]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "GPU busy" in out.stdout and "requests/s" in out.stdout
+    (row,) = [json.loads(line) for line in results.read_text().splitlines()]
+    assert row["benchmark"] == "serving model 64x64 2 steps n=1 c=3" and row["impl"] == "diffserve"
+    assert row["requests"] == 6 and row["errors"] == 0 and row["requests_per_s"] > 0
+    assert 0 < row["p50_ms"] <= row["p95_ms"]
+    assert row["mean_batch"] >= 1
