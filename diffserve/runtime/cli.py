@@ -171,8 +171,11 @@ def _generate(args, config: RuntimeConfig, req, limits: Limits, wants: str) -> i
     except (OSError, ValueError) as e:  # disk full, ...
         return _fail(f"could not write {args.output}: {e}")
     took = time.perf_counter() - start
+    forwards = result.dit_forwards
+    cached = f", DiT forwards {forwards['computed']} computed / {forwards['cached']} cached" if forwards else ""
     for path in paths:
         print(
-            f"wrote {path} ({runner.model_id}, {result.width}x{result.height}, seed {result.seed}, {took:.1f} s)"
+            f"wrote {path} ({runner.model_id}, {result.width}x{result.height}, seed {result.seed}, "
+            f"{took:.1f} s{cached})"
         )
     return 0

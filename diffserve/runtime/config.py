@@ -23,6 +23,7 @@ DTYPES = {
     "float32": "float32",
     "float": "float32",
 }
+QUANTIZATIONS = ("fp8",)
 DTYPE_HELP = "bf16|bfloat16, fp16|float16 or fp32|float32 (default: bf16 on GPUs, fp32 on the CPU)"
 
 
@@ -45,6 +46,9 @@ class RuntimeConfig:
     compile: bool = False  # torch.compile the DiT blocks (runtime/compile.py)
     ulysses_degree: int = 1  # every DiT forward split over this many GPUs
     cfg_parallel: bool = False  # the two guidance branches on two GPU groups
+    quantization: str | None = None  # "fp8": DiT linears in FP8 e4m3 (runtime/layers/fp8.py); None: as loaded
+    step_cache: str | None = None  # "first-block": reuse the DiT's tail on steps that change little
+    step_cache_threshold: float | None = None  # None: the policy's default (runtime/step_cache.py)
 
     def __post_init__(self) -> None:
         # frozen: normalise through object.__setattr__, once, here
@@ -56,6 +60,25 @@ class RuntimeConfig:
         from diffserve.runtime.distributed.config import ParallelConfig
 
         ParallelConfig(self.ulysses_degree, self.cfg_parallel)  # raises ParallelConfigError (a ValueError)
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.step_cache is not None or self.step_cache_threshold is not None:
+            self.step_cache_config()  # raises ValueError (one line) on a bad policy or threshold
+
+    def step_cache_config(self):
+        """The pipelines' default StepCacheConfig (None: off). A threshold alone implies the default policy."""
+        from diffserve.runtime.step_cache import POLICIES, StepCacheConfig
+
+        if self.step_cache is None and self.step_cache_threshold is None:
+            return None
+        policy = self.step_cache or POLICIES[0]
+        if policy not in POLICIES:
+            raise ValueError(f"--step-cache must be one of {', '.join(POLICIES)}, got {policy!r}")
+        kwargs = {} if self.step_cache_threshold is None else {"threshold": self.step_cache_threshold}
+        try:
+            return StepCacheConfig(policy=policy, **kwargs)
+        except ValueError as e:
+            raise ValueError(f"--step-cache-threshold: {e}") from None
 
     @property
     def parallel(self):
@@ -87,6 +110,25 @@ def add_runtime_arguments(parser) -> None:
     )
     a("--device", metavar="D", help="cpu, cuda, cuda:N or xpu (default: the first GPU, else cpu)")
     a("--dtype", metavar="T", help=DTYPE_HELP)
+    a(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        help="fp8: DiT linear layers with FP8 e4m3 weights (per output channel) and per-token activation "
+        "scales; halves the DiT's weight memory, changes the output slightly (default: off)",
+    )
+    a(
+        "--step-cache",
+        choices=("first-block", "off"),
+        help="first-block: skip the DiT's tail on steps whose first block changes little (default: off; a "
+        "request's step_cache_threshold overrides the threshold, 0 turns it off for that request)",
+    )
+    a(
+        "--step-cache-threshold",
+        type=float,
+        metavar="T",
+        help="relative L1 change of the first block's output under which a step is reused, 0..1; implies "
+        "--step-cache first-block (default 0.15)",
+    )
     add_parallel_arguments(parser)  # --ulysses-degree, --cfg-parallel (multi-GPU; also under torchrun)
 
 
@@ -103,4 +145,7 @@ def runtime_config_from_args(args) -> RuntimeConfig:
         compile=args.compile,
         ulysses_degree=args.ulysses_degree,
         cfg_parallel=args.cfg_parallel,
+        quantization=args.quantization,
+        step_cache=None if args.step_cache == "off" else args.step_cache,
+        step_cache_threshold=args.step_cache_threshold,
     )

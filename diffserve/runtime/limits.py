@@ -160,6 +160,9 @@ def check_request(req: GenerationRequest, lim: ModelLimits, task: str) -> None:
             0.0 < req.strength <= 1.0
         ):
             raise LimitError(f"'strength' must be in (0, 1], got {req.strength!r}", "strength")
+    threshold = req.extra.get("step_cache_threshold")
+    if threshold is not None:
+        _in_range("step_cache_threshold", threshold, 0.0, 1.0, integer=False)  # step_cache.MAX_THRESHOLD
     if task == "video":
         if req.num_frames is not None:
             check_frames(req.num_frames, lim)

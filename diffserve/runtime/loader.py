@@ -347,11 +347,13 @@ def dit_class(family: str):
     raise ModelLoadError(f"no native DiT for family {family!r}")
 
 
-def load_dit(folder: Path, family: str, device: str, dtype, compile: bool = False):
+def load_dit(folder: Path, family: str, device: str, dtype, compile: bool = False, quantization: str | None = None):
     """The native DiT on its device, projections fused (q|k|v as one GEMM: measured 177 -> 126 ms per FLUX.1-dev
     forward on an H100 together with the fused Triton ops, benchmarks/RESULTS.md). Fusing after the move to
     the device keeps one copy of the weights. With compile=True (`--compile`) its blocks are also
-    torch.compiled under the persistent cache (runtime/compile.py): compilation happens in the warm-up."""
+    torch.compiled under the persistent cache (runtime/compile.py): compilation happens in the warm-up.
+    quantization="fp8" (`--quantization fp8`) swaps its linear layers for FP8 ones (runtime/layers/fp8.py)
+    after the fusion, so the fused q|k|v weights are quantised as one."""
     from diffserve.runtime.compile import optimize_dit
 
     model = dit_class(family).from_pretrained(folder, device, dtype).eval()
@@ -361,11 +363,29 @@ def load_dit(folder: Path, family: str, device: str, dtype, compile: bool = Fals
         from diffserve.runtime.layers.attention import get_attention_backend
 
         get_attention_backend(model.config.attention_head_dim, model.dtype)
-    return optimize_dit(model, compile=compile)
+    if quantization is None:
+        return optimize_dit(model, compile=compile)
+    from diffserve.runtime.layers.fp8 import quantize_linears
+
+    optimize_dit(model, compile=False)  # fuse first; compile (if asked) the quantised blocks
+    stats = quantize_linears(model)
+    logger.info(
+        "fp8: %d GEMMs quantised, DiT linear weights %.2f -> %.2f GB%s",
+        stats["count"],
+        stats["bytes_before"] / 1e9,
+        stats["bytes_after"] / 1e9,
+        f", {len(stats['skipped'])} left as they were" if stats["skipped"] else "",
+    )
+    return optimize_dit(model, fuse=False, compile=compile)
 
 
 def load_components(
-    spec: ModelSpec, device: str, dtype, attention_backend: str | None = None, compile: bool = False
+    spec: ModelSpec,
+    device: str,
+    dtype,
+    attention_backend: str | None = None,
+    compile: bool = False,
+    quantization: str | None = None,
 ) -> dict:
     """Every component of a flux/wan model: DiTs native, the rest through transformers/diffusers."""
     out = {}
@@ -380,7 +400,7 @@ def load_components(
             elif kind == "processor":
                 continue  # image encoders for IP-adapters: not used by our pipelines
             elif name.startswith("transformer"):
-                out[name] = load_dit(folder, spec.family, device, dtype, compile)
+                out[name] = load_dit(folder, spec.family, device, dtype, compile, quantization)
             elif library == "transformers":
                 out[name] = load_text_encoder(folder, cls, device, dtype, attention_backend)
             else:

@@ -283,6 +283,8 @@ class Engine:
         )
         for stage, s in payload.get("timings", {}).items():
             self.metrics.stage.labels(stage=stage).observe(s)
+        for outcome, count in payload.get("dit_forwards", {}).items():
+            self.metrics.dit_forwards.labels(outcome=outcome).inc(count * payload.get("forward_share", 1.0))
 
     def _after_answer(self) -> None:
         if self._ahead is not None and self._ahead.isdisjoint(self._current):

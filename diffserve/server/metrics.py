@@ -66,6 +66,13 @@ class Metrics:
         self.errors = Counter(
             "diffserve_errors", "Error answers and failed requests by kind", ["kind"], registry=r
         )
+        self.dit_forwards = Counter(
+            "diffserve_dit_forwards",
+            "DiT forwards of finished generations: computed, or reused from the step cache (cached); a "
+            "forward of a batch of several requests counts once, shared among them",
+            ["outcome"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "diffserve_batch_requests",
             "Requests per batch sent to the worker (merged into one runner call)",

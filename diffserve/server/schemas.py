@@ -18,6 +18,9 @@ from diffserve.server.config import ServerConfig
 from diffserve.server.errors import APIError
 
 
+EXTENSIONS = ("step_cache_threshold",)  # _Body fields that go to GenerationRequest.extra
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -31,6 +34,12 @@ class _Body(BaseModel):
     guidance_scale: float | None = None
     seed: int | None = None
     user: Any = None  # OpenAI's end-user id: accepted, unused
+    # Extensions (the openai client sends them through extra_body); they travel in GenerationRequest.extra.
+    step_cache_threshold: float | None = None  # runtime/step_cache.py; 0 turns caching off for this request
+
+    def extra(self) -> dict[str, Any]:
+        """The extension fields the request gives, as GenerationRequest.extra."""
+        return {k: getattr(self, k) for k in EXTENSIONS if getattr(self, k) is not None}
 
 
 class _ImageBody(_Body):

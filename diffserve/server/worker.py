@@ -152,14 +152,19 @@ def _send(res_q, cancels: _Cancels, msg: Output | BatchFailed) -> None:
     cancels.answered((msg.ticket_id,) if isinstance(msg, Output) else msg.ids)
 
 
-def _encode_one(item: WorkItem, outputs: list, result, shared: bool, encode_image, encode_video) -> dict:
+def _encode_one(item: WorkItem, outputs: list, result, share: float, encode_image, encode_video) -> dict:
+    """`share`: this item's fraction of the batch's outputs (1.0 when it ran alone)."""
     start = time.perf_counter()
     payload: dict[str, Any] = {
         "width": result.width,
         "height": result.height,
         "fps": result.fps,
         # The seed reproduces a request that ran alone; a share of a merged call has none of its own.
-        "seed": None if shared else result.seed,
+        "seed": None if share < 1.0 else result.seed,
+        # The DiT forwards of the call it ran in (computed / reused by the step cache), and its share of them
+        # for the Prometheus counter, so that a batched forward counts once over its requests.
+        "dit_forwards": dict(result.dit_forwards),
+        "forward_share": share,
     }
     if item.kind == "video":
         fps = result.fps or item.request.fps or 16
@@ -222,7 +227,7 @@ class Encoder:
             del job  # free the batch's images before waiting for the next
 
     def _encode(self, items: list[WorkItem], counts: list[int], result) -> None:
-        offset, shared = 0, len(items) > 1
+        offset, total = 0, sum(counts)
         for item, n in zip(items, counts, strict=True):
             start, offset = offset, offset + n
             try:
@@ -231,7 +236,7 @@ class Encoder:
                 else:
                     outputs = (result.videos if item.kind == "video" else result.images)[start:offset]
                     payload = _encode_one(
-                        item, outputs, result, shared, self._encode_image, self._encode_video
+                        item, outputs, result, n / total, self._encode_image, self._encode_video
                     )
                     msg = Output(item.ticket_id, payload)
             except Exception as exc:  # one bad output must not take the others (or the thread) down

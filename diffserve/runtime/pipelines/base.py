@@ -40,10 +40,13 @@ class NativePipeline:
         """Load `spec` onto `device` in `dtype` (a torch.dtype) with the rest of `config` (RuntimeConfig)."""
         from diffserve.runtime.loader import load_components
 
-        components = load_components(spec, device, dtype, config.attention_backend, config.compile)
-        config = {k: v for k, v in spec.index.items() if not isinstance(v, list)}
-        pipeline = cls(components, spec.config("transformer"), device, config)
+        components = load_components(
+            spec, device, dtype, config.attention_backend, config.compile, config.quantization
+        )
+        index = {k: v for k, v in spec.index.items() if not isinstance(v, list)}
+        pipeline = cls(components, spec.config("transformer"), device, index)
         pipeline.defaults.update(spec.runtime_defaults())
+        pipeline.step_cache = config.step_cache_config()  # None: off (a request may still turn it on)
         return pipeline
 
     def _drop_cuda_graphs(self) -> bool:

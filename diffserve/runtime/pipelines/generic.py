@@ -96,7 +96,15 @@ class GenericPipeline:
     @classmethod
     def load(cls, spec, device: str, dtype, config) -> GenericPipeline:
         """Any diffusers pipeline, loaded by diffusers; `config` (RuntimeConfig) gives the attention backend
-        (--compile applies to native DiTs only)."""
+        (--compile applies to native DiTs only; --quantization and --step-cache are refused: they need our DiTs)."""
+        from diffserve.runtime.loader import ModelLoadError
+
+        for flag, value in (("--quantization", config.quantization), ("--step-cache", config.step_cache_config())):
+            if value is not None:
+                raise ModelLoadError(
+                    f"{flag} needs a native FLUX or Wan model; {spec.model_id} ({spec.pipeline_class}) runs "
+                    "through diffusers"
+                )
         attention_backend = config.attention_backend
         from diffusers import DiffusionPipeline
         from diffusers.pipelines.pipeline_utils import SUPPORTED_DEVICE_MAP

@@ -45,6 +45,7 @@ def _generation(body, size: tuple[int, int] | None, **extra: Any) -> GenerationR
         guidance_scale=body.guidance_scale,
         seed=body.seed,
         num_outputs=body.n,
+        extra=body.extra(),
         **extra,
     )
 
@@ -123,6 +124,8 @@ async def _run(request: Request, body, generation: GenerationRequest, event_pref
         "output_format": body.output_format,
         "size": f"{payload['width']}x{payload['height']}",
         "seed": payload.get("seed"),  # extension: the seed used, drawn at random when none was given
+        # extension: DiT forwards computed and reused by the step cache ({} where the runtime counts none)
+        "dit_forwards": payload.get("dit_forwards", {}),
     }
 
 

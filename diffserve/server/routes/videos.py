@@ -57,6 +57,7 @@ async def create_video(request: Request):
         guidance_scale=body.guidance_scale,
         seed=body.seed,
         fps=body.fps,
+        extra=body.extra(),
     )
     check_generation(generation, lim, "video")  # the checks `diffserve generate` runs too
     fps = body.fps or defaults.get("fps") or 16
