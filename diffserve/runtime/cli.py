@@ -34,12 +34,16 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt")
     parser.add_argument("--size", type=_size, metavar="WxH", help="output size (default: the model's)")
-    parser.add_argument("--frames", type=int, metavar="N", help="video frames (video models; default: the model's)")
+    parser.add_argument(
+        "--frames", type=int, metavar="N", help="video frames (video models; default: the model's)"
+    )
     parser.add_argument("--steps", type=int, metavar="N", help="denoising steps (default: the model's)")
     parser.add_argument("--guidance", type=float, metavar="G", help="guidance scale (default: the model's)")
     parser.add_argument("--seed", type=int, metavar="S", help="random seed (default: random, printed)")
     parser.add_argument("--image", type=Path, metavar="PATH", help="input image for image-to-image")
-    parser.add_argument("--strength", type=float, help="image-to-image strength in (0, 1] (default: the model's)")
+    parser.add_argument(
+        "--strength", type=float, help="image-to-image strength in (0, 1] (default: the model's)"
+    )
     parser.add_argument("--num-outputs", type=int, default=1, metavar="N", help="outputs (default 1)")
     parser.add_argument("--fps", type=int, help="video frame rate (default: the model's)")
     parser.add_argument(
@@ -172,7 +176,9 @@ def _generate(args, config: RuntimeConfig, req, limits: Limits, wants: str) -> i
         return _fail(f"could not write {args.output}: {e}")
     took = time.perf_counter() - start
     forwards = result.dit_forwards
-    cached = f", DiT forwards {forwards['computed']} computed / {forwards['cached']} cached" if forwards else ""
+    cached = (
+        f", DiT forwards {forwards['computed']} computed / {forwards['cached']} cached" if forwards else ""
+    )
     for path in paths:
         print(
             f"wrote {path} ({runner.model_id}, {result.width}x{result.height}, seed {result.seed}, "

@@ -61,7 +61,9 @@ class RuntimeConfig:
 
         ParallelConfig(self.ulysses_degree, self.cfg_parallel)  # raises ParallelConfigError (a ValueError)
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+            raise ValueError(
+                f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}"
+            )
         if self.step_cache is not None or self.step_cache_threshold is not None:
             self.step_cache_config()  # raises ValueError (one line) on a bad policy or threshold
 

@@ -44,7 +44,9 @@ def parse_size(text: str, param: str = "size") -> tuple[int, int]:
     m = _SIZE.match(text) if isinstance(text, str) else None
     if not m:
         shown = text[:40] if isinstance(text, str) else text
-        raise LimitError(f"invalid size {shown!r}: expected WIDTHxHEIGHT, e.g. 1024x1024", param, "invalid_size")
+        raise LimitError(
+            f"invalid size {shown!r}: expected WIDTHxHEIGHT, e.g. 1024x1024", param, "invalid_size"
+        )
     return int(m.group(1)), int(m.group(2))
 
 
@@ -156,8 +158,10 @@ def check_request(req: GenerationRequest, lim: ModelLimits, task: str) -> None:
         _in_range("seed", req.seed, 0, MAX_SEED)
     _in_range("n", req.num_outputs, 1, p.max_n)
     if req.strength is not None:
-        if isinstance(req.strength, bool) or not isinstance(req.strength, (int, float)) or not (
-            0.0 < req.strength <= 1.0
+        if (
+            isinstance(req.strength, bool)
+            or not isinstance(req.strength, (int, float))
+            or not (0.0 < req.strength <= 1.0)
         ):
             raise LimitError(f"'strength' must be in (0, 1], got {req.strength!r}", "strength")
     threshold = req.extra.get("step_cache_threshold")

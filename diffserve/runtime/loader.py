@@ -347,7 +347,9 @@ def dit_class(family: str):
     raise ModelLoadError(f"no native DiT for family {family!r}")
 
 
-def load_dit(folder: Path, family: str, device: str, dtype, compile: bool = False, quantization: str | None = None):
+def load_dit(
+    folder: Path, family: str, device: str, dtype, compile: bool = False, quantization: str | None = None
+):
     """The native DiT on its device, projections fused (q|k|v as one GEMM: measured 177 -> 126 ms per FLUX.1-dev
     forward on an H100 together with the fused Triton ops, benchmarks/RESULTS.md). Fusing after the move to
     the device keeps one copy of the weights. With compile=True (`--compile`) its blocks are also

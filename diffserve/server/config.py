@@ -16,7 +16,9 @@ DEFAULT_RUNNER_FACTORY = "diffserve.runtime.distributed.launch:load_parallel_run
 class WorkerConfig:
     """What the worker process needs to build its runner. Picklable: it crosses the spawn boundary."""
 
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # model, device, dtype, backend, compile, ...
+    runtime: RuntimeConfig = field(
+        default_factory=RuntimeConfig
+    )  # model, device, dtype, backend, compile, ...
     warmup_resolutions: list[tuple[int, int]] | None = None  # None -> the runner's own default
     # "module:function" called as factory(runtime) -> runner. Other values exist for tests (a deliberately
     # slow or crashing runner) and for embedding a custom runtime.

@@ -44,7 +44,9 @@ async def read_form(
     request: Request, cfg: ServerConfig
 ) -> tuple[dict[str, Any], dict[str, list[UploadFile]]]:
     """Fields (with OpenAI's 'key[sub]' notation folded into nested dicts and 'key[]' into lists) and files."""
-    form = await request.form(max_files=4, max_fields=64, max_part_size=4 * cfg.limits.max_prompt_chars + 4096)
+    form = await request.form(
+        max_files=4, max_fields=64, max_part_size=4 * cfg.limits.max_prompt_chars + 4096
+    )
     fields: dict[str, Any] = {}
     files: dict[str, list[UploadFile]] = {}
     for key, value in form.multi_items():

@@ -17,7 +17,6 @@ from diffserve.runtime.limits import LimitError, ModelLimits
 from diffserve.server.config import ServerConfig
 from diffserve.server.errors import APIError
 
-
 EXTENSIONS = ("step_cache_threshold",)  # _Body fields that go to GenerationRequest.extra
 
 

@@ -193,7 +193,7 @@ def test_image_upload_limits(flux_server):
     assert_openai_error(
         edit(flux_server, {"image": ("x.png", png(), "image/png")}, {"prompt": "x", "strength": "2"}),
         400,
-        "invalid_request",
+        "invalid_value",
         "strength",
     )
     assert_openai_error(edit(flux_server, {}, {"prompt": "x"}), 400, "invalid_request", "image")

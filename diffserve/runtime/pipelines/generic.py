@@ -99,7 +99,10 @@ class GenericPipeline:
         (--compile applies to native DiTs only; --quantization and --step-cache are refused: they need our DiTs)."""
         from diffserve.runtime.loader import ModelLoadError
 
-        for flag, value in (("--quantization", config.quantization), ("--step-cache", config.step_cache_config())):
+        for flag, value in (
+            ("--quantization", config.quantization),
+            ("--step-cache", config.step_cache_config()),
+        ):
             if value is not None:
                 raise ModelLoadError(
                     f"{flag} needs a native FLUX or Wan model; {spec.model_id} ({spec.pipeline_class}) runs "

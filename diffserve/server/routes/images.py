@@ -72,7 +72,9 @@ async def edits(request: Request):
     lim = model_limits(meta, cfg)
     # No size: the runtime keeps the input's (to its multiple), as OpenAI's edits do.
     size = parse_size(body.size, lim)
-    check_generation(_generation(body, size, strength=body.strength), lim, "image")  # before any upload is read
+    check_generation(
+        _generation(body, size, strength=body.strength), lim, "image"
+    )  # before any upload is read
     if not meta["accepts_image"]:
         raise APIError(
             400,
