@@ -241,3 +241,34 @@ def test_import_diffserve_stays_light():
     code = "import sys, diffserve; assert callable(diffserve.__getattr__); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_cli_step_cache_reports_forwards(tiny_flux_dir, tmp_path, capsys):
+    """`--step-cache-threshold 1` on 10 steps: steps 6 and 7 reused (warm-up 6, at most 2 in a row, last step
+    computed; StepCacheConfig's defaults), and the summary line says so; without the flag none are."""
+    args = [
+        "generate",
+        "--model",
+        str(tiny_flux_dir),
+        "--prompt",
+        "a fox",
+        "--size",
+        "64x64",
+        "--steps",
+        "10",
+    ]
+    assert main([*args, "-o", str(tmp_path / "a.png"), "-q", "--step-cache-threshold", "1"]) == 0
+    assert "DiT forwards 8 computed / 2 cached" in capsys.readouterr().out
+    assert main([*args, "-o", str(tmp_path / "b.png"), "-q"]) == 0
+    assert "DiT forwards 10 computed / 0 cached" in capsys.readouterr().out
+
+
+def test_cli_refuses_acceleration_on_the_generic_path(tmp_path):
+    """--quantization / --step-cache need our DiTs: a diffusers-only family gets one line, exit 2."""
+    from diffserve.testing import make_tiny_model
+
+    model = make_tiny_model("sd3", tmp_path / "sd3")
+    for flag in (["--quantization", "fp8"], ["--step-cache", "first-block"]):
+        r = _run_cli("--model", str(model), "--prompt", "x", "-o", str(tmp_path / "x.png"), *flag)
+        assert r.returncode == 2
+        _assert_one_line_error(r.stderr, f"{flag[0]} needs a native FLUX or Wan model")
