@@ -307,7 +307,8 @@ def test_parallel_runner_follows_rank_zero(wide_models):
         # Still in step: an unseeded request (rank 0 picks the seed for all) and a warmup both complete.
         req = GenerationRequest(prompt="y", width=32, height=32, num_frames=5, num_inference_steps=1)
         assert runner.generate(req).seed is not None
-        runner.warmup([(32, 32)])
+        runner.warmup([(32, 32)], max_batch=2)  # batch shapes 1 and 2 on both ranks, still in step
+        assert runner.generate(req).seed is not None
     finally:
         runner.close()
         torch.set_num_threads(threads)

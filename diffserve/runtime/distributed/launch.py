@@ -148,9 +148,10 @@ class ParallelRunner:
             req, on_step=on_step, should_cancel=synced_cancel(self.state, should_cancel)
         )
 
-    def warmup(self, resolutions=None) -> None:
-        send(self.state, ("warmup", resolutions))
-        self.runner.warmup(resolutions)
+    def warmup(self, resolutions=None, max_batch: int = 1) -> None:
+        # every rank warms the same (size, batch) shapes: each capture is a collective of the group
+        send(self.state, ("warmup", (resolutions, max_batch)))
+        self.runner.warmup(resolutions, max_batch=max_batch)
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the followers and leave the process group."""
@@ -180,7 +181,8 @@ def follow(runner, state: pg.ParallelState) -> None:
             if kind == "generate":
                 runner.generate(arg, should_cancel=synced_cancel(state))
             elif kind == "warmup":
-                runner.warmup(arg)
+                resolutions, max_batch = arg
+                runner.warmup(resolutions, max_batch=max_batch)
         except Exception as exc:  # rank 0 meets the same error and reports it; stay for the next request
             logger.debug("rank %d: %s: %s", state.rank, type(exc).__name__, exc)
 
