@@ -10,7 +10,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from diffserve.runtime.api import CancelCheck, GenerationRequest, GenerationResult, StepCallback
+from diffserve.runtime.api import (
+    CancelCheck,
+    GenerationRequest,
+    GenerationResult,
+    Outcome,
+    StepCallback,
+    batch_key,
+    run_grouped,
+)
 from diffserve.runtime.config import RuntimeConfig
 from diffserve.runtime.loader import ModelLoadError, default_device, inspect_model, parse_dtype
 
@@ -32,6 +40,14 @@ class Runner:
         self.task: str = pipeline.task
         self.accepts_image: bool = pipeline.accepts_image
         self.defaults: dict[str, Any] = dict(pipeline.defaults)
+        # Several requests' samples in one forward (generate_batch); else only identical ones merge.
+        self.batches_samples: bool = bool(getattr(pipeline, "batches_samples", False))
+
+    @property
+    def step_cache(self) -> bool:
+        """Whether step caching is on by default (a request's step_cache_threshold overrides it)."""
+        config = getattr(self.pipeline, "step_cache", None)
+        return bool(config is not None and config.enabled)
 
     def generate(
         self,
@@ -44,13 +60,47 @@ class Runner:
         try:
             return self.pipeline(req, on_step=on_step, should_cancel=should_cancel)
         except torch.OutOfMemoryError:
-            size = f"{req.width or self.defaults['width']}x{req.height or self.defaults['height']}"
-            if self.task == "video":
-                size += f", {req.num_frames or self.defaults['num_frames']} frames"
-            raise OutOfMemory(
-                f"out of {self.device} memory generating {req.num_outputs} x {size} with {self.model_id}: "
-                "lower the size, frame count or number of outputs, or use a larger GPU"
-            ) from None
+            raise self._out_of_memory(req, req.num_outputs) from None
+
+    def generate_batch(
+        self,
+        reqs: list[GenerationRequest],
+        on_step: StepCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+    ) -> list[Outcome]:
+        """Several requests in as few runner calls as api.batch_key allows (one when they share its key, as
+        the server's engine sends them), one outcome per request, in order: its GenerationResult (its own
+        seed; forward_share its part of the call) or its own exception (a request's bad values fail it
+        alone; an error of a shared call fails that call's requests). A request's samples are what it gets
+        alone, up to float rounding (each sample's noise comes from its own seed's generator)."""
+        import torch
+
+        def run_samples(group: list[GenerationRequest]) -> list[Outcome]:
+            try:
+                return self.pipeline.generate_samples(group, on_step=on_step, should_cancel=should_cancel)
+            except torch.OutOfMemoryError:
+                raise self._out_of_memory(group[0], sum(r.num_outputs for r in group)) from None
+
+        def key(req: GenerationRequest):
+            return batch_key(
+                req, self.family, self.defaults, samples=self.batches_samples, step_cache=self.step_cache
+            )
+
+        return run_grouped(
+            reqs,
+            key,
+            lambda req: self.generate(req, on_step=on_step, should_cancel=should_cancel),
+            run_samples if self.batches_samples else None,
+        )
+
+    def _out_of_memory(self, req: GenerationRequest, outputs: int) -> OutOfMemory:
+        size = f"{req.width or self.defaults['width']}x{req.height or self.defaults['height']}"
+        if self.task == "video":
+            size += f", {req.num_frames or self.defaults['num_frames']} frames"
+        return OutOfMemory(
+            f"out of {self.device} memory generating {outputs} x {size} with {self.model_id}: "
+            "lower the size, frame count or number of outputs, or use a larger GPU"
+        )
 
     def warmup(self, resolutions: list[tuple[int, int]] | None = None, max_batch: int = 1) -> None:
         """One one-step generation per (width, height) and batch size: compiles/selects kernels for the text

@@ -18,8 +18,9 @@ Every ticket the worker holds, whatever its stage, is in `_current` until the wo
     --kill-grace, or the worker is killed (a batch still waiting in the worker is not the worker's fault:
     its clock starts when it starts).
   * Batching: the queue's head goes with the queued requests that merge_key says may share its runner
-    call, up to --max-batch outputs. A head that could have company (merge_key is not None) and has not
-    filled the batch waits up to --batch-wait-ms after its admission for more; any other head goes at once.
+    call (different prompts and seeds too, with a runner that batches samples), up to --max-batch
+    outputs. A head that could have company (merge_key is not None) and has not filled the batch waits up
+    to --batch-wait-ms after its admission for more; any other head goes at once.
 """
 
 from __future__ import annotations
@@ -323,9 +324,9 @@ class Engine:
         if not self.ready or w is None or w.dead or self._ahead is not None or not self._queue:
             return
         head = self._queue[0]
-        batch, outputs = batch_for(self._queue, self.cfg.max_batch)
+        batch, outputs = batch_for(self._queue, self.cfg.max_batch, self.meta)
         wait = head.created + self.cfg.batch_wait_ms / 1000 - time.monotonic()
-        if wait > 0 and outputs < self.cfg.max_batch and merge_key(head.item) is not None:
+        if wait > 0 and outputs < self.cfg.max_batch and merge_key(head.item, self.meta) is not None:
             if self._wait_timer is None:
                 self._wait_timer = self._loop.call_later(wait, self._wait_over)
             return

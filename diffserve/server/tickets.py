@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from diffserve.runtime.api import batch_key
 from diffserve.server.messages import TERMINAL, Idle, TicketEvent, WorkItem
 
 
@@ -72,41 +73,40 @@ class Ticket:
                 return
 
 
-def merge_key(item: WorkItem):
-    """Requests with equal keys may share one runner call (num_outputs = the sum of their n); None: never
-    merged. The engine's one batching rule (and --batch-wait-ms waits only for a head that has a key).
+def merge_key(item: WorkItem, meta: dict[str, Any] | None = None):
+    """Requests with equal keys may share one runner call; None: never merged. The engine's one batching
+    rule (and --batch-wait-ms waits only for a head that has a key).
 
-    Today: identical unseeded image requests without an input image, because the runtime takes one request
-    per call (the worker merges them by summing num_outputs) and a seed fixes one request's noise, which a
-    shared call would not reproduce. Widening it to different prompts and seeds needs a runtime call that
-    takes a list of requests, each keeping its own seed; then this key becomes (model settings, size,
-    steps, scheduler, adapters) and the worker's merge in run_batch changes with it."""
-    r = item.request
-    if item.kind != "image" or r.seed is not None or r.image is not None or r.mask is not None:
+    The runtime's own rule (runtime.api.batch_key, which Runner.generate_batch groups by), from what the
+    worker reported about its runner (`meta`: family, defaults, "batching", "step_cache"): with a runner
+    that batches samples ("batching": "samples", the native FLUX pipeline), image requests of the same
+    size, steps and settings share a forward whatever their prompts, seeds and guidance, each keeping its
+    own seed; otherwise (the generic diffusers path, a parallel runner, step caching on, no meta yet) only
+    identical unseeded requests merge, their num_outputs summed. Never: videos (a video forward is
+    compute-bound on its own, and only batch 1 is warmed up for them), edits (an input image)."""
+    if item.kind != "image":
         return None
-    return (
-        r.prompt,
-        r.negative_prompt,
-        r.width,
-        r.height,
-        r.num_inference_steps,
-        r.guidance_scale,
-        r.strength,
-        repr(sorted(r.extra.items())),
+    meta = meta or {}
+    return batch_key(
+        item.request,
+        meta.get("family", ""),
+        meta.get("defaults") or {},
+        samples=meta.get("batching") == "samples",
+        step_cache=bool(meta.get("step_cache")),
     )
 
 
-def batch_for(queue, max_batch: int) -> tuple[list[Ticket], int]:
+def batch_for(queue, max_batch: int, meta: dict[str, Any] | None = None) -> tuple[list[Ticket], int]:
     """The queue's head and the queued requests that may share its runner call (merge_key, the one rule),
     oldest first, up to max_batch outputs in all; and that number of outputs."""
     head = queue[0]
     batch, outputs = [head], head.item.request.num_outputs
-    key = merge_key(head.item)
+    key = merge_key(head.item, meta)
     if key is None:
         return batch, outputs
     for t in itertools.islice(queue, 1, None):
         n = t.item.request.num_outputs
-        if outputs + n <= max_batch and merge_key(t.item) == key:
+        if outputs + n <= max_batch and merge_key(t.item, meta) == key:
             batch.append(t)
             outputs += n
     return batch, outputs

@@ -30,10 +30,9 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import replace
 from typing import Any
 
-from diffserve.runtime.api import GenerationCancelled, InvalidRequest
+from diffserve.runtime.api import GenerationCancelled, InvalidRequest, batch_key, run_grouped
 from diffserve.server.config import WorkerConfig
 from diffserve.server.messages import (
     Batch,
@@ -75,7 +74,19 @@ def runner_meta(runner) -> dict[str, Any]:
         # How many processes (GPUs) serve each request: ulysses_degree x (2 with --cfg-parallel), else 1.
         "world_size": int(getattr(getattr(runner, "parallel", None), "world_size", 1)),
         "rules": {k: getattr(rules, k, None) for k in ("multiple", "max_side", "frame_step", "max_frames")},
+        # How the engine may batch (tickets.merge_key): "samples" when the runner's generate_batch runs
+        # different requests' samples in one forward; "merge" (identical unseeded requests only) otherwise.
+        # Looked up on the class: a wrapper that forwards unknown attributes (the parallel runner) must not
+        # pass for one that batches.
+        "batching": "samples" if _batches_samples(runner) else "merge",
+        "step_cache": bool(getattr(runner, "step_cache", False)),  # on by default: no sample batching
     }
+
+
+def _batches_samples(runner) -> bool:
+    return callable(getattr(type(runner), "generate_batch", None)) and bool(
+        getattr(runner, "batches_samples", False)
+    )
 
 
 def classify(exc: BaseException) -> tuple[str, str]:
@@ -152,25 +163,26 @@ def _send(res_q, cancels: _Cancels, msg: Output | BatchFailed) -> None:
     cancels.answered((msg.ticket_id,) if isinstance(msg, Output) else msg.ids)
 
 
-def _encode_one(item: WorkItem, outputs: list, result, share: float, encode_image, encode_video) -> dict:
-    """`share`: this item's fraction of the batch's outputs (1.0 when it ran alone)."""
+def _encode_one(item: WorkItem, result, encode_image, encode_video) -> dict:
+    """`result`: this item's own GenerationResult (its outputs, its seed, its share of the call)."""
     start = time.perf_counter()
     payload: dict[str, Any] = {
         "width": result.width,
         "height": result.height,
         "fps": result.fps,
-        # The seed reproduces a request that ran alone; a share of a merged call has none of its own.
-        "seed": None if share < 1.0 else result.seed,
+        # The seed that reproduces the request alone: its own, also when its samples shared a forward with
+        # other requests'; None for a share of a merged call of identical requests (one seed for all).
+        "seed": result.seed,
         # The DiT forwards of the call it ran in (computed / reused by the step cache), and its share of them
-        # for the Prometheus counter, so that a batched forward counts once over its requests.
+        # (its outputs / the call's) for the Prometheus counter, so that a batched forward counts once.
         "dit_forwards": dict(result.dit_forwards),
-        "forward_share": share,
+        "forward_share": getattr(result, "forward_share", 1.0),
     }
     if item.kind == "video":
         fps = result.fps or item.request.fps or 16
-        payload["videos"] = [encode_video(v, fps) for v in outputs]
+        payload["videos"] = [encode_video(v, fps) for v in result.videos]
     else:
-        payload["images"] = [encode_image(im, item.image_format) for im in outputs]
+        payload["images"] = [encode_image(im, item.image_format) for im in result.images]
     payload["timings"] = {**result.timings, "encode_output": time.perf_counter() - start}
     return payload
 
@@ -208,11 +220,12 @@ class Encoder:
         for t in self._threads:
             t.start()
 
-    def submit(self, items: list[WorkItem], counts: list[int], result) -> None:
+    def submit(self, items: list[WorkItem], results: list) -> None:
+        """items[i]'s GenerationResult is results[i]."""
         if not self._threads:
-            self._encode(items, counts, result)
+            self._encode(items, results)
             return
-        self._jobs.put((items, counts, result))
+        self._jobs.put((items, results))
 
     def close(self) -> None:
         """Encode and send everything submitted, then stop the threads."""
@@ -226,18 +239,13 @@ class Encoder:
             self._encode(*job)
             del job  # free the batch's images before waiting for the next
 
-    def _encode(self, items: list[WorkItem], counts: list[int], result) -> None:
-        offset, total = 0, sum(counts)
-        for item, n in zip(items, counts, strict=True):
-            start, offset = offset, offset + n
+    def _encode(self, items: list[WorkItem], results: list) -> None:
+        for item, result in zip(items, results, strict=True):
             try:
                 if self._cancels.cancelled(item.ticket_id):  # nobody waits for it: spare the CPU
                     msg = BatchFailed((item.ticket_id,), "cancelled", "the request was cancelled")
                 else:
-                    outputs = (result.videos if item.kind == "video" else result.images)[start:offset]
-                    payload = _encode_one(
-                        item, outputs, result, n / total, self._encode_image, self._encode_video
-                    )
+                    payload = _encode_one(item, result, self._encode_image, self._encode_video)
                     msg = Output(item.ticket_id, payload)
             except Exception as exc:  # one bad output must not take the others (or the thread) down
                 fmt = "mp4" if item.kind == "video" else item.image_format
@@ -250,10 +258,12 @@ class Encoder:
 def run_batch(
     runner, items: list[WorkItem], cancels: _Cancels, res_q, encoder: Encoder | None = None
 ) -> None:
-    """One runner call for the batch, then its outputs to the encoder (None: encoded here, before this
-    returns). The engine only groups items that may share a call (tickets.merge_key), so their outputs are
-    simply concatenated and split back by count. Every item gets exactly one last message: an Output, or a
-    BatchFailed naming it."""
+    """One runner call for the batch, then each item's result to the encoder (None: encoded here, before
+    this returns). The engine only groups items that may share a call (tickets.merge_key): a lone item is
+    runner.generate; several go to runner.generate_batch, which gives each its own result (its samples,
+    its seed) or its own error; a runner without generate_batch gets identical requests as one request of
+    their summed num_outputs, split back by count (and anything else one by one: api.run_grouped). Every
+    item gets exactly one last message: an Output, or a BatchFailed naming it."""
     cancels.drain()
     live = [it for it in items if it.ticket_id not in cancels.ids]
     gone = tuple(it.ticket_id for it in items if it.ticket_id in cancels.ids)
@@ -262,8 +272,6 @@ def run_batch(
     if not live:
         return
     ids = tuple(it.ticket_id for it in live)
-    counts = [it.request.num_outputs for it in live]
-    request = live[0].request if len(live) == 1 else replace(live[0].request, num_outputs=sum(counts))
     last = [time.perf_counter()]
 
     def on_step(done: int, total: int) -> None:
@@ -273,18 +281,46 @@ def run_batch(
         last[0] = now
         res_q.put(BatchProgress(ids, Progress(done, total), step))
 
+    def should_cancel() -> bool:
+        return cancels.all_cancelled(ids)
+
+    requests = [it.request for it in live]
     res_q.put(BatchStarted(ids))
     try:
-        result = runner.generate(request, on_step=on_step, should_cancel=lambda: cancels.all_cancelled(ids))
+        if len(live) == 1:
+            outcomes = [runner.generate(requests[0], on_step=on_step, should_cancel=should_cancel)]
+        elif callable(getattr(type(runner), "generate_batch", None)):
+            outcomes = runner.generate_batch(requests, on_step=on_step, should_cancel=should_cancel)
+        else:
+            defaults = getattr(runner, "defaults", {})
+            outcomes = run_grouped(
+                requests,
+                lambda r: batch_key(r, runner.family, defaults, samples=False),
+                lambda r: runner.generate(r, on_step=on_step, should_cancel=should_cancel),
+            )
     except Exception as exc:  # the worker must outlive any one bad request
-        kind, message = classify(exc)
-        if kind == "generation_failed":
-            log.error("generation failed:\n%s", traceback.format_exc())
-        _send(res_q, cancels, BatchFailed(ids, kind, message))
+        outcomes = [exc] * len(live)
+    done, results = [], []
+    failed: dict[tuple[str, str], list[str]] = {}
+    for it, outcome in zip(live, outcomes, strict=True):
+        if isinstance(outcome, BaseException):
+            kind, message = classify(outcome)
+            if kind == "generation_failed":
+                log.error(
+                    "generation failed:\n%s",
+                    "".join(traceback.format_exception(type(outcome), outcome, outcome.__traceback__)),
+                )
+            failed.setdefault((kind, message), []).append(it.ticket_id)
+        else:
+            done.append(it)
+            results.append(outcome)
+    for (kind, message), failed_ids in failed.items():  # one message per error, as for a whole batch
+        _send(res_q, cancels, BatchFailed(tuple(failed_ids), kind, message))
+    if not done:
         return
     if encoder is None:
         encoder = Encoder(res_q, cancels, threads=0)
-    encoder.submit(live, counts, result)  # waits only while the encoder's backlog is full
+    encoder.submit(done, results)  # waits only while the encoder's backlog is full
 
 
 def serve(runner, req_q, cancels: _Cancels, res_q, encoder: Encoder) -> bool:

@@ -8,16 +8,25 @@ from typing import Any
 
 import torch
 
-from diffserve.runtime.api import CancelCheck, GenerationRequest, GenerationResult, StepCallback
+from diffserve.runtime.api import (
+    CancelCheck,
+    GenerationRequest,
+    GenerationResult,
+    InvalidRequest,
+    Outcome,
+    StepCallback,
+)
 from diffserve.runtime.pipelines import stages
 
 
 class NativePipeline:
-    """A pipeline over our loaded components. Subclasses implement setup(), plan() and run()."""
+    """A pipeline over our loaded components. Subclasses implement setup(), plan() and run(), and may
+    implement run_samples() (several requests' samples in one forward; then batches_samples = True)."""
 
     family: str
     task: str  # "image" | "video"
     accepts_image: bool = False
+    batches_samples: bool = False  # run_samples is implemented (api.batch_key's "samples" groups)
     defaults: dict[str, Any]
 
     def __init__(
@@ -70,6 +79,25 @@ class NativePipeline:
     def run(self, plan: stages.Plan, timings: stages.Timings, on_step, should_cancel) -> GenerationResult:
         raise NotImplementedError
 
+    def run_samples(
+        self, plans: list[stages.Plan], timings: stages.Timings, on_step, should_cancel
+    ) -> list[GenerationResult]:
+        """One result per plan, all the plans' samples in one forward. The plans share api.batch_key's
+        "samples" key (Runner.generate_batch groups them so): plans[0] gives the shared settings."""
+        raise NotImplementedError
+
+    def _retrying(self, run):
+        """run(), once more without CUDA graphs when it runs out of memory with graphs cached."""
+        try:
+            return run()
+        except torch.OutOfMemoryError:
+            # The CUDA graphs' pools keep a forward's activations reserved between steps, which can leave
+            # the VAE decode (or a larger request) without room. Free them, stay eager, retry once.
+            if not self._drop_cuda_graphs():
+                raise
+            torch.cuda.empty_cache()
+            return run()
+
     @torch.inference_mode()
     def __call__(
         self,
@@ -80,15 +108,35 @@ class NativePipeline:
         start, timings = time.perf_counter(), stages.Timings()
         with timings("validate"):
             plan = self.plan(req)
-        try:
-            result = self.run(plan, timings, on_step, should_cancel)
-        except torch.OutOfMemoryError:
-            # The CUDA graphs' pools keep a forward's activations reserved between steps, which can leave
-            # the VAE decode (or a larger request) without room. Free them, stay eager, retry once.
-            if not self._drop_cuda_graphs():
-                raise
-            torch.cuda.empty_cache()
-            result = self.run(plan, timings, on_step, should_cancel)
+        result = self._retrying(lambda: self.run(plan, timings, on_step, should_cancel))
         result.fps = plan.fps
         result.timings = {**timings.settle(), "total": time.perf_counter() - start}
         return result
+
+    @torch.inference_mode()
+    def generate_samples(
+        self,
+        reqs: list[GenerationRequest],
+        on_step: StepCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+    ) -> list[Outcome]:
+        """Requests of one "samples" batch key in one run (run_samples), one outcome per request: its
+        result, or the InvalidRequest its own values raised (the others run without it). A single valid
+        request runs exactly as alone (run_samples of one plan is run)."""
+        start, timings = time.perf_counter(), stages.Timings()
+        outcomes: list[Outcome | None] = [None] * len(reqs)
+        valid: list[tuple[int, stages.Plan]] = []
+        with timings("validate"):
+            for i, req in enumerate(reqs):
+                try:
+                    valid.append((i, self.plan(req)))
+                except InvalidRequest as e:
+                    outcomes[i] = e
+        if valid:
+            plans = [plan for _, plan in valid]
+            results = self._retrying(lambda: self.run_samples(plans, timings, on_step, should_cancel))
+            timings = {**timings.settle(), "total": time.perf_counter() - start}
+            for (i, plan), result in zip(valid, results, strict=True):
+                result.fps, result.timings = plan.fps, dict(timings)
+                outcomes[i] = result
+        return outcomes  # type: ignore[return-value]

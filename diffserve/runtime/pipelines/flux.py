@@ -52,6 +52,7 @@ def sigma_shift(seq_len: int, config) -> float:
 
 class FluxPipeline(NativePipeline):
     family, task, accepts_image = "flux", "image", True
+    batches_samples = True  # run_samples: several requests' prompts, seeds and guidance in one forward
 
     def setup(self):
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -84,19 +85,46 @@ class FluxPipeline(NativePipeline):
         return states.to(self.device), pooled.to(self.device)
 
     def run(self, p: stages.Plan, timings, on_step, should_cancel) -> GenerationResult:
-        n, true_cfg = p.num_outputs, p.extra["true_cfg_scale"]  # > 1: real CFG (negative prompt)
+        return self.run_samples([p], timings, on_step, should_cancel)[0]
+
+    def encode_samples(self, prompts: list[str], counts: list[int]):
+        """(T5 states, CLIP pooled), one row per sample: request i's prompt repeated counts[i] times."""
+        pairs = stages.encode_each(self.encode, prompts)
+        return tuple(stages.repeat_per_sample([pair[k] for pair in pairs], counts) for k in (0, 1))
+
+    def run_samples(
+        self, plans: list[stages.Plan], timings, on_step, should_cancel
+    ) -> list[GenerationResult]:
+        """One forward per step over every plan's samples; each plan keeps its prompt, negative prompt, seed,
+        guidance (dev's guidance embedding is per sample) and true CFG scale. plans[0] gives the rest (the
+        plans share api.batch_key's "samples" key; an image-to-image plan runs alone)."""
+        p, counts = plans[0], stages.counts(plans)
+        n = sum(counts)
+        # > 1 with a negative prompt: real CFG (a second branch per step; the same for every plan, by the key)
+        cfg = [q.extra["true_cfg_scale"] > 1 and q.negative_prompt is not None for q in plans]
+        if any(c != cfg[0] for c in cfg) or (p.image is not None and len(plans) > 1):
+            raise ValueError("these requests cannot share a forward (api.batch_key)")
         h, w = 2 * (p.height // (self.vae_scale * 2)), 2 * (p.width // (self.vae_scale * 2))
         # Order: a text-to-image request's noise is drawn on a background thread from the start
         # (stages.gaussian_later); the text encoders are queued first (T5 is one graph replay), then the adaLN
         # schedule; while the GPU runs them, the host sets up the rest and uploads the noise without waiting
         # for the GPU (stages.upload). No stage boundary waits either (stages.Timings).
-        dtype, gen = self.text_encoder_2.dtype, stages.cpu_generator(p.seed)  # = the T5 states
-        shape = (n, self.transformer_config["in_channels"] // 4, h, w)
-        draw_noise = stages.gaussian_later(shape, gen, self.device, dtype) if p.image is None else None
+        dtype = self.text_encoder_2.dtype  # = the T5 states
+        # Each request's noise from its own seed's generator, drawn as alone: the same samples in any batch.
+        gens = [stages.cpu_generator(q.seed) for q in plans]
+        shapes = [(q.num_outputs, self.transformer_config["in_channels"] // 4, h, w) for q in plans]
+        draws = None  # image-to-image: the generator encodes the image first, then draws
+        if p.image is None:
+            draws = [
+                stages.gaussian_later(s, g, self.device, dtype) for s, g in zip(shapes, gens, strict=True)
+            ]
         with timings("encode_text"):
-            states, pooled = (x.repeat_interleave(n, 0) for x in self.encode([p.prompt]))
-            if true_cfg > 1 and p.negative_prompt is not None:
-                neg_states, neg_pooled = (x.repeat_interleave(n, 0) for x in self.encode([p.negative_prompt]))
+            states, pooled = self.encode_samples([q.prompt for q in plans], counts)
+            if cfg[0]:
+                neg_states, neg_pooled = self.encode_samples([q.negative_prompt for q in plans], counts)
+                true_cfg = stages.sample_values(
+                    [q.extra["true_cfg_scale"] for q in plans], counts, self.device
+                )
             else:
                 true_cfg = 1.0
         with timings("prepare_latents"):
@@ -105,7 +133,11 @@ class FluxPipeline(NativePipeline):
             mu = sigma_shift((h // 2) * (w // 2), scheduler.config)
             stages.set_timesteps_async(scheduler, self.device, sigmas=sigmas, mu=mu)
             timesteps = scheduler.timesteps if p.image is None else self.img2img_timesteps(scheduler, p)
-            guidance = torch.full([n], p.guidance, device=self.device) if self.guidance_embeds else None
+            guidance = None
+            if self.guidance_embeds:  # per sample; the float32 that torch.full makes for one request
+                guidance = stages.sample_values([q.guidance for q in plans], counts, self.device)
+                if not isinstance(guidance, torch.Tensor):
+                    guidance = torch.full([n], guidance, device=self.device)
             # Every step's adaLN projections in one GEMM before the loop (FluxTransformer.adaln_schedule):
             # the steps then skip a 6.4 GB weight read each. Same rounding of the inputs as the forward's.
             # Queued as early as its inputs allow: ~4 ms of GPU work at FLUX.1 size while the host goes on.
@@ -113,14 +145,15 @@ class FluxPipeline(NativePipeline):
             # (None when the projections are not fused: then each forward projects for itself.)
             schedule = self.transformer.adaln_schedule(step_times, guidance, pooled)
             neg_schedule = (
-                self.transformer.adaln_schedule(step_times, guidance, neg_pooled) if true_cfg > 1 else None
+                self.transformer.adaln_schedule(step_times, guidance, neg_pooled) if cfg[0] else None
             )
             img_ids = stages.upload(image_ids(h // 2, w // 2, "cpu", dtype), self.device)
             txt_ids = torch.zeros(T5_LENGTH, 3, device=self.device, dtype=self.text_encoder.dtype)
-            if draw_noise is not None:
+            if draws is not None:
                 scheduler.set_begin_index(0)
-                latents = draw_noise()
+                latents = draws[0]() if len(draws) == 1 else torch.cat([draw() for draw in draws])
             else:
+                gen, shape = gens[0], shapes[0]
                 image = stages.image_tensor(p.image, p.width, p.height).to(self.device, dtype)
                 clean = self.vae.encode(image.to(self.vae.dtype)).latent_dist.sample(gen)
                 clean = ((clean - self.vae.config.shift_factor) * self.vae.config.scaling_factor).to(dtype)
@@ -145,7 +178,7 @@ class FluxPipeline(NativePipeline):
                 kwargs = dict(encoder_hidden_states=prompt_states, pooled_projections=prompt_pooled, **common)
                 return dict(kwargs, adaln=None if adaln is None else adaln[i])
 
-            if true_cfg <= 1:
+            if not cfg[0]:
                 return cache.step(i, self.dit, self.dit_parts, {"cond": branch(states, pooled, schedule)})[
                     "cond"
                 ]
@@ -158,16 +191,24 @@ class FluxPipeline(NativePipeline):
                 branch(states, pooled, schedule),
                 branch(neg_states, neg_pooled, neg_schedule),
             )
-            return neg + true_cfg * (out - neg)
+            return stages.guided(out, neg, true_cfg)
 
         with timings("denoise"):
             latents = stages.denoise(scheduler, timesteps, latents, predict, on_step, should_cancel)
         with timings("decode"):
             latents = unpack(latents, h, w) / self.vae.config.scaling_factor + self.vae.config.shift_factor
             images = stages.decode_images(self.vae, latents)
-        return GenerationResult(
-            images=images, width=p.width, height=p.height, seed=p.seed, dit_forwards=cache.counts()
-        )
+        return [
+            GenerationResult(
+                images=mine,
+                width=q.width,
+                height=q.height,
+                seed=q.seed,
+                dit_forwards=cache.counts(),
+                forward_share=q.num_outputs / n,
+            )
+            for q, mine in zip(plans, stages.split_samples(images, plans), strict=True)
+        ]
 
     @staticmethod
     def img2img_timesteps(scheduler, p: stages.Plan) -> torch.Tensor:

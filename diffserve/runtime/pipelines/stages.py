@@ -326,6 +326,64 @@ def fresh_scheduler(scheduler):
     return type(scheduler).from_config(scheduler.config)
 
 
+# ---- several requests in one forward (api.batch_key's "samples" groups) ------------------------------
+
+
+def counts(plans: list[Plan]) -> list[int]:
+    """Each plan's number of samples, in batch order (a request's samples are consecutive)."""
+    return [p.num_outputs for p in plans]
+
+
+def repeat_per_sample(rows: list[torch.Tensor], counts: list[int]) -> torch.Tensor:
+    """One row block per request (batch 1 each) -> one per sample: request i's repeated counts[i] times.
+    A single request: rows[0].repeat_interleave(n, 0), exactly what a pipeline does for one request."""
+    if len(rows) == 1:
+        return rows[0].repeat_interleave(counts[0], 0)
+    return torch.cat([r.repeat_interleave(n, 0) for r, n in zip(rows, counts, strict=True)])
+
+
+def encode_each(encode: Callable[[list[str]], Any], prompts: list[str]) -> list[Any]:
+    """encode([prompt]) for each distinct prompt, in order (repeats share one encode).
+
+    One prompt per call, not all of them in one: a batch's text states are then bit-identical to the ones
+    each request gets alone, and the text encoders keep the single shape warm-up captured as a CUDA graph
+    (a batch of k prompts would capture a new graph per k; their LRU keeps two). T5-XXL over 512 tokens is
+    compute-bound already at batch 1, so one call per prompt costs about what a batched call would."""
+    done: dict[str, Any] = {}
+    return [done[p] if p in done else done.setdefault(p, encode([p])) for p in prompts]
+
+
+def sample_values(values: list[float], counts: list[int], device) -> float | torch.Tensor:
+    """A per-request scale as the forward takes it: the float itself when every request has the same
+    (bit-identical to a request alone), else a float32 (samples,) tensor on `device`, uploaded without
+    waiting for the GPU."""
+    if all(v == values[0] for v in values):
+        return values[0]
+    per_sample = [v for v, n in zip(values, counts, strict=True) for _ in range(n)]
+    return upload(torch.tensor(per_sample, dtype=torch.float32), device)
+
+
+def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance, uncond + scale * (cond - uncond), with one scale or one per sample
+    (sample_values). Per sample, the product is taken in float32 and rounded to the prediction's dtype,
+    as a Python float scale is (torch multiplies low-precision tensors by a scalar in float32): the same
+    numbers as each request alone."""
+    if not isinstance(scale, torch.Tensor):
+        return uncond + scale * (cond - uncond)
+    delta = cond - uncond
+    scale = scale.view(-1, *([1] * (delta.ndim - 1)))
+    return uncond + (scale * delta).to(delta.dtype)
+
+
+def split_samples(items: list, plans: list[Plan]) -> list[list]:
+    """A batch's outputs (images or videos, in sample order) -> one list per plan."""
+    out, offset = [], 0
+    for n in counts(plans):
+        out.append(items[offset : offset + n])
+        offset += n
+    return out
+
+
 # ---- denoise -----------------------------------------------------------------------------------------
 
 

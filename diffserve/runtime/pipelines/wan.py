@@ -22,6 +22,7 @@ TEXT_LENGTH = 512  # diffusers' max_sequence_length default
 
 class WanPipeline(NativePipeline):
     family, task, accepts_image = "wan", "video", False
+    batches_samples = True  # run_samples: several requests' prompts, seeds and guidance in one forward
 
     def setup(self):
         self.scale_t = self.vae.config.get("scale_factor_temporal") or 4
@@ -66,8 +67,23 @@ class WanPipeline(NativePipeline):
         return states.to(self.device, self.transformer.dtype)
 
     def run(self, p: stages.Plan, timings, on_step, should_cancel) -> GenerationResult:
-        n, cfg = p.num_outputs, p.guidance > 1.0
-        guidance_2 = p.extra["guidance_scale_2"]
+        return self.run_samples([p], timings, on_step, should_cancel)[0]
+
+    def run_samples(
+        self, plans: list[stages.Plan], timings, on_step, should_cancel
+    ) -> list[GenerationResult]:
+        """One forward per step (per CFG branch) over every plan's samples; each plan keeps its prompt,
+        negative prompt, seed and guidance scales. plans[0] gives the rest (the plans share api.batch_key's
+        "samples" key: size, frames, steps, and CFG on or off)."""
+        p, counts = plans[0], stages.counts(plans)
+        n, cfg = sum(counts), p.guidance > 1.0
+        if any((q.guidance > 1.0) != cfg for q in plans):
+            raise ValueError("these requests cannot share a forward (api.batch_key)")
+        # each expert's CFG scale: a float, or one per sample
+        scales = [
+            stages.sample_values([q.guidance for q in plans], counts, self.device),
+            stages.sample_values([q.extra["guidance_scale_2"] for q in plans], counts, self.device),
+        ]
         # Order: the schedule first, while the GPU is still idle, since setting it up waits for the GPU (its
         # copy to the device, the host-side UniPC coefficients, the expert per step); then the text encoders,
         # queued; then the noise, drawn on the CPU while they run. (FLUX's schedule uploads asynchronously,
@@ -84,18 +100,27 @@ class WanPipeline(NativePipeline):
             if self.boundary is not None:
                 expert = [int(low) for low in (scheduler.timesteps < self.boundary).tolist()]
         with timings("encode_text"):
-            cond = self.encode([p.prompt]).repeat_interleave(n, 0)
-            uncond = self.encode([p.negative_prompt or ""]).repeat_interleave(n, 0) if cfg else None
+            cond = stages.repeat_per_sample(
+                stages.encode_each(self.encode, [q.prompt for q in plans]), counts
+            )
+            uncond = None
+            if cfg:
+                negatives = stages.encode_each(self.encode, [q.negative_prompt or "" for q in plans])
+                uncond = stages.repeat_per_sample(negatives, counts)
         with timings("prepare_latents"):
             frames = (p.num_frames - 1) // self.scale_t + 1
-            shape = (
-                n,
-                self.transformer_config["in_channels"],
-                frames,
-                p.height // self.scale_s,
-                p.width // self.scale_s,
-            )
-            latents = stages.gaussian(shape, stages.cpu_generator(p.seed), self.device, torch.float32)
+            latent_hw = (p.height // self.scale_s, p.width // self.scale_s)
+            # Each request's noise from its own seed's generator, drawn as alone: the same in any batch.
+            noise = [
+                stages.gaussian(
+                    (q.num_outputs, self.transformer_config["in_channels"], frames, *latent_hw),
+                    stages.cpu_generator(q.seed),
+                    self.device,
+                    torch.float32,
+                )
+                for q in plans
+            ]
+            latents = noise[0] if len(noise) == 1 else torch.cat(noise)
 
         # Off (the default): every DiT call is self.dits[...]'s, as without step caching; only counted.
         cache = step_cache.StepCache.for_run(
@@ -103,7 +128,7 @@ class WanPipeline(NativePipeline):
         )
 
         def predict(x, t, i):
-            dit, scale = self.dits[expert[i]], (p.guidance, guidance_2)[expert[i]]
+            dit, scale = self.dits[expert[i]], scales[expert[i]]
             parts = self.dit_parts[expert[i]]
             x = x.to(dit.fn.dtype)
             if self.expand_timesteps:  # one timestep per latent token (Wan2.2 TI2V)
@@ -121,7 +146,7 @@ class WanPipeline(NativePipeline):
                 return cache.step(i, dit, parts, {"cond": branch(cond)})["cond"]
             # With --cfg-parallel the two branches run on different ranks at once (distributed/cfg.py).
             out, neg = step_cache.guided_pair(cache, i, dit, parts, branch(cond), branch(uncond))
-            return neg + scale * (out - neg)
+            return stages.guided(out, neg, scale)
 
         with timings("denoise"):
             latents = stages.denoise(scheduler, scheduler.timesteps, latents, predict, on_step, should_cancel)
@@ -131,9 +156,17 @@ class WanPipeline(NativePipeline):
             mean = torch.tensor(self.vae.config.latents_mean).view(view).to(latents)
             inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(view).to(latents)
             videos = stages.decode_videos(self.vae, latents / inv_std + mean)
-        return GenerationResult(
-            videos=videos, width=p.width, height=p.height, seed=p.seed, dit_forwards=cache.counts()
-        )
+        return [
+            GenerationResult(
+                videos=mine,
+                width=q.width,
+                height=q.height,
+                seed=q.seed,
+                dit_forwards=cache.counts(),
+                forward_share=q.num_outputs / n,
+            )
+            for q, mine in zip(plans, stages.split_samples(videos, plans), strict=True)
+        ]
 
     def plan(self, req: GenerationRequest) -> stages.Plan:
         plan = stages.plan_request(req, self.defaults, self.rules)
