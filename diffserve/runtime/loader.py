@@ -24,6 +24,8 @@ FAMILY_BY_PIPELINE = {
     "FluxPipeline": "flux",
     "FluxImg2ImgPipeline": "flux",
     "WanPipeline": "wan",
+    "QwenImagePipeline": "qwen-image",
+    "QwenImageEditPipeline": "qwen-image-edit",
 }
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # Only what a diffusers-format snapshot needs: FLUX repos also hold 20+ GB single-file checkpoints at the root.
@@ -344,6 +346,10 @@ def dit_class(family: str):
         from diffserve.runtime.models.wan import WanTransformer
 
         return WanTransformer
+    if family in ("qwen-image", "qwen-image-edit"):
+        from diffserve.runtime.models.qwen_image import QwenImageTransformer
+
+        return QwenImageTransformer
     raise ModelLoadError(f"no native DiT for family {family!r}")
 
 
@@ -400,7 +406,13 @@ def load_components(
             elif kind == "tokenizer":
                 out[name] = load_tokenizer(folder, cls)
             elif kind == "processor":
-                continue  # image encoders for IP-adapters: not used by our pipelines
+                if spec.family != "qwen-image-edit":
+                    continue  # image encoders for IP-adapters: not used by our pipelines
+                # Qwen-Image-Edit: the VL encoder's image patches. Only the image processor: the processor
+                # class itself cannot be built without torchvision in transformers 5 (its video processor).
+                import transformers
+
+                out[name] = transformers.AutoImageProcessor.from_pretrained(folder)
             elif name.startswith("transformer"):
                 out[name] = load_dit(folder, spec.family, device, dtype, compile, quantization)
             elif library == "transformers":

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("flux", "flux-schnell", "wan", "wan2.2", "sd3")
+FAMILIES = ("flux", "flux-schnell", "wan", "wan2.2", "sd3", "qwen-image", "qwen-image-edit")
 
 # Byte-level BPE maps every byte to a printable unicode character; this is that standard table.
 _BYTE_CHARS = [
@@ -261,6 +261,12 @@ def _sd3():
     )
 
 
+def _qwen(edit: bool):
+    from diffserve.testing.tiny_qwen import make_tiny_qwen_pipeline
+
+    return make_tiny_qwen_pipeline(edit)
+
+
 def make_tiny_pipeline(family: str, seed: int = 0):
     """The tiny diffusers pipeline object for `family` (see FAMILIES), weights seeded by `seed`."""
     builders = {
@@ -269,6 +275,9 @@ def make_tiny_pipeline(family: str, seed: int = 0):
         "wan": _wan,
         "wan2.2": lambda: _wan(two_experts=True),
         "sd3": _sd3,
+        # Qwen-Image(-Edit): a tiny Qwen2.5-VL and its tokenizer (diffserve/testing/tiny_qwen.py)
+        "qwen-image": lambda: _qwen(edit=False),
+        "qwen-image-edit": lambda: _qwen(edit=True),
     }
     if family not in builders:
         raise ValueError(f"unknown tiny model family {family!r}; choose one of {', '.join(FAMILIES)}")

@@ -78,8 +78,12 @@ def qwen_tokenizer(max_length: int = 32768):
             for piece, _ in probe._tokenizer.pre_tokenizer.pre_tokenize_str(text):
                 vocab.setdefault(piece, len(vocab))
     tok = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=max_length)
-    tok._tokenizer.model = BPE(vocab=vocab, merges=[], ignore_merges=True, fuse_unk=False, byte_fallback=False)
-    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
+    tok._tokenizer.model = BPE(
+        vocab=vocab, merges=[], ignore_merges=True, fuse_unk=False, byte_fallback=False
+    )
+    tok.add_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True
+    )
     return tok
 
 

@@ -189,7 +189,9 @@ class QwenImageBlock(nn.Module):
         img_proj = self.img_mod[1](cond) if projected[0] is None else projected[0]
         txt_proj = self.txt_mod[1](cond) if projected[1] is None else projected[1]
         shift, scale, gate, mlp_shift, mlp_scale, mlp_gate = img_proj.unsqueeze(1).chunk(6, dim=-1)
-        c_shift, c_scale, c_gate, c_mlp_shift, c_mlp_scale, c_mlp_gate = txt_proj.unsqueeze(1).chunk(6, dim=-1)
+        c_shift, c_scale, c_gate, c_mlp_shift, c_mlp_scale, c_mlp_gate = txt_proj.unsqueeze(1).chunk(
+            6, dim=-1
+        )
         img, img_in = _enter(img, pending[0], shift, scale)
         txt, txt_in = _enter(txt, pending[1], c_shift, c_scale)
         img_attn, txt_attn = self.attn(img_in, rope, context=txt_in, mask=mask)
@@ -200,7 +202,9 @@ class QwenImageBlock(nn.Module):
         txt_mlp = self.txt_mlp(h)
         if defer:
             return img, txt, ((img_mlp, mlp_gate), (txt_mlp, c_mlp_gate))
-        return clip_fp16(gated_residual(img, img_mlp, mlp_gate)), clip_fp16(gated_residual(txt, txt_mlp, c_mlp_gate))
+        return clip_fp16(gated_residual(img, img_mlp, mlp_gate)), clip_fp16(
+            gated_residual(txt, txt_mlp, c_mlp_gate)
+        )
 
 
 class _TimeEmbed(nn.Module):
@@ -225,7 +229,9 @@ class QwenImageTransformer(NativeDiT):
         self.txt_norm = nn.RMSNorm(c.joint_attention_dim, eps=_EPS)
         self.img_in = nn.Linear(c.in_channels, dim)
         self.txt_in = nn.Linear(c.joint_attention_dim, dim)
-        self.transformer_blocks = nn.ModuleList(QwenImageBlock(dim, heads, head_dim) for _ in range(c.num_layers))
+        self.transformer_blocks = nn.ModuleList(
+            QwenImageBlock(dim, heads, head_dim) for _ in range(c.num_layers)
+        )
         # diffusers' AdaLayerNormContinuous: the projection yields (scale, shift) in that order.
         self.norm_out = AdaLNProjection(dim, 2)
         out_channels = c.out_channels or c.in_channels
@@ -319,7 +325,9 @@ class QwenImageTransformer(NativeDiT):
         what the remaining blocks added to it."""
         r = self._start(**_forward_inputs(inputs), embed=False)
         n = r.n_txt
-        x = self._blocks(r, self._head_blocks(head_blocks), self.num_blocks, head_state[:, n:], head_state[:, :n])
+        x = self._blocks(
+            r, self._head_blocks(head_blocks), self.num_blocks, head_state[:, n:], head_state[:, :n]
+        )
         return self._finish(r, x[:, n:]), x[:, n:] - head_state[:, n:]
 
     def forward_reuse(self, *, head_blocks: int, head_state: torch.Tensor, residual: torch.Tensor, **inputs):
@@ -340,7 +348,9 @@ class QwenImageTransformer(NativeDiT):
         grids = image_grids(img_shapes)
         tokens = sum(f * h * w for f, h, w in grids)
         if tokens != hidden_states.shape[1]:
-            raise ValueError(f"img_shapes {grids} hold {tokens} tokens; hidden_states has {hidden_states.shape[1]}")
+            raise ValueError(
+                f"img_shapes {grids} hold {tokens} tokens; hidden_states has {hidden_states.shape[1]}"
+            )
         batch, device = hidden_states.shape[0], hidden_states.device
         n_txt = encoder_hidden_states.shape[1]
         img = txt = None
@@ -352,7 +362,9 @@ class QwenImageTransformer(NativeDiT):
             if self.adaln_weight is None:
                 projected = [None] * (2 * self.num_blocks + 1)
             else:
-                projected = list(F.linear(cond, self.adaln_weight, self.adaln_bias).split(self._adaln_sizes, -1))
+                projected = list(
+                    F.linear(cond, self.adaln_weight, self.adaln_bias).split(self._adaln_sizes, -1)
+                )
         else:
             if self.adaln_weight is None or adaln.shape != (batch, self.adaln_weight.shape[0]):
                 raise ValueError(

@@ -13,6 +13,10 @@ def pipeline_class(family: str):
         from diffserve.runtime.pipelines.wan import WanPipeline
 
         return WanPipeline
+    if family in ("qwen-image", "qwen-image-edit"):
+        from diffserve.runtime.pipelines import qwen_image
+
+        return qwen_image.QwenImageEditPipeline if family == "qwen-image-edit" else qwen_image.QwenImagePipeline
     if family == "generic":
         from diffserve.runtime.pipelines.generic import GenericPipeline
 

@@ -56,7 +56,9 @@ class QwenImagePipeline(NativePipeline):
 
     def setup(self):
         self.vae_scale = 2 ** len(self.vae.temperal_downsample)
-        self.rules = stages.Rules(multiple=self.vae_scale * 2, accepts_image=self.accepts_image, label=self.label)
+        self.rules = stages.Rules(
+            multiple=self.vae_scale * 2, accepts_image=self.accepts_image, label=self.label
+        )
         # diffusers' defaults: 1024^2 (default_sample_size 128 x 8), 50 steps, true_cfg_scale 4 (with a
         # negative prompt). guidance_scale is for guidance-distilled models, which Qwen-Image is not: unused.
         self.defaults = {"width": 1024, "height": 1024, "num_inference_steps": 50, "guidance_scale": 1.0}
@@ -75,7 +77,9 @@ class QwenImagePipeline(NativePipeline):
         if image is not None:
             vision = dict(self.processor(images=[image], return_tensors="pt"))
             merge = self.processor.merge_size**2
-            text = text.replace(IMAGE_TOKEN, IMAGE_TOKEN * int(vision["image_grid_thw"][0].prod() // merge), 1)
+            text = text.replace(
+                IMAGE_TOKEN, IMAGE_TOKEN * int(vision["image_grid_thw"][0].prod() // merge), 1
+            )
             tokens = self.tokenizer([text], padding=True, return_tensors="pt")
         else:
             tokens = self.tokenizer(
@@ -120,7 +124,9 @@ class QwenImagePipeline(NativePipeline):
             grids = ((1, h // 2, w // 2),) + ((cond_grid,) if cond_grid is not None else ())
             scheduler = stages.fresh_scheduler(self.scheduler)
             sigmas = np.linspace(1.0, 1 / p.steps, p.steps)
-            stages.set_timesteps_async(scheduler, self.device, sigmas=sigmas, mu=sigma_shift(latents.shape[1], scheduler.config))
+            stages.set_timesteps_async(
+                scheduler, self.device, sigmas=sigmas, mu=sigma_shift(latents.shape[1], scheduler.config)
+            )
             scheduler.set_begin_index(0)
             timesteps = scheduler.timesteps
             # Every step's adaLN projections in one GEMM before the loop (None when not fused); the
@@ -142,7 +148,9 @@ class QwenImagePipeline(NativePipeline):
                 adaln=None if schedule is None else schedule[i],
             )
             if not do_cfg:
-                out = cache.step(i, self.dit, self.dit_parts, {"cond": dict(common, encoder_hidden_states=states)})
+                out = cache.step(
+                    i, self.dit, self.dit_parts, {"cond": dict(common, encoder_hidden_states=states)}
+                )
                 return out["cond"][:, :n_noise]
             out, neg = step_cache.guided_pair(
                 cache, i, self.dit, self.dit_parts,
@@ -151,7 +159,9 @@ class QwenImagePipeline(NativePipeline):
             out, neg = out[:, :n_noise], neg[:, :n_noise]
             combined = neg + true_cfg * (out - neg)
             # Rescaled to the conditional prediction's norm per token, as diffusers.
-            return combined * (torch.norm(out, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
+            return combined * (
+                torch.norm(out, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True)
+            )
 
         with timings("denoise"):
             latents = stages.denoise(scheduler, timesteps, latents, predict, on_step, should_cancel)
@@ -200,7 +210,9 @@ class QwenImageEditPipeline(QwenImagePipeline):
     def plan(self, req: GenerationRequest) -> stages.Plan:
         if req.image is None:
             if not req.is_warmup:
-                raise InvalidRequest(f"this model ({self.label}) edits an input image: send one (/v1/images/edits)")
+                raise InvalidRequest(
+                    f"this model ({self.label}) edits an input image: send one (/v1/images/edits)"
+                )
             req = _with_blank_image(req)
         plan = super().plan(req)
         # Without a size, diffusers' edit size: ~1024^2 at the input's aspect, floored to the multiple.
