@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 FAMILY_BY_PIPELINE = {
     "FluxPipeline": "flux",
     "FluxImg2ImgPipeline": "flux",
+    "FluxKontextPipeline": "flux-kontext",  # FLUX.1 Kontext: the FLUX DiT, reference-image tokens
     "WanPipeline": "wan",
     "QwenImagePipeline": "qwen-image",
     "QwenImageEditPipeline": "qwen-image-edit",
@@ -338,7 +339,7 @@ def load_diffusers_model(folder: Path, cls: str, device: str, dtype):
 
 def dit_class(family: str):
     """Our native DiT for `family`: `from_pretrained(transformer_dir, device, dtype)` and diffusers' forward."""
-    if family == "flux":
+    if family in ("flux", "flux-kontext"):
         from diffserve.runtime.models.flux import FluxTransformer
 
         return FluxTransformer

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 FAMILIES = ("flux", "flux-schnell", "wan", "wan2.2", "sd3", "qwen-image", "qwen-image-edit")
+# Families that take an input image (FLUX.1 Kontext, Wan image-to-video, SD3 img2img): tiny_image_models.py
+IMAGE_INPUT_FAMILIES = ("flux-kontext", "wan-i2v", "wan2.2-ti2v", "wan2.2-i2v", "sd3-img2img")
 
 # Byte-level BPE maps every byte to a printable unicode character; this is that standard table.
 _BYTE_CHARS = [
@@ -279,8 +281,13 @@ def make_tiny_pipeline(family: str, seed: int = 0):
         "qwen-image": lambda: _qwen(edit=False),
         "qwen-image-edit": lambda: _qwen(edit=True),
     }
+    if family in IMAGE_INPUT_FAMILIES:
+        from diffserve.testing.tiny_image_models import BUILDERS
+
+        builders = BUILDERS
     if family not in builders:
-        raise ValueError(f"unknown tiny model family {family!r}; choose one of {', '.join(FAMILIES)}")
+        choices = ", ".join(FAMILIES + IMAGE_INPUT_FAMILIES)
+        raise ValueError(f"unknown tiny model family {family!r}; choose one of {choices}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return builders[family]()
@@ -292,4 +299,8 @@ def make_tiny_model(family: str, path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     pipe = make_tiny_pipeline(family, seed)
     pipe.save_pretrained(path, safe_serialization=True)
+    if family in IMAGE_INPUT_FAMILIES:
+        from diffserve.testing.tiny_image_models import finish_saved
+
+        finish_saved(path)
     return path

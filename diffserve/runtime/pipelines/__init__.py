@@ -9,6 +9,10 @@ def pipeline_class(family: str):
         from diffserve.runtime.pipelines.flux import FluxPipeline
 
         return FluxPipeline
+    if family == "flux-kontext":
+        from diffserve.runtime.pipelines.flux_kontext import FluxKontextPipeline
+
+        return FluxKontextPipeline
     if family == "wan":
         from diffserve.runtime.pipelines.wan import WanPipeline
 
