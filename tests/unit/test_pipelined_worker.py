@@ -25,7 +25,7 @@ from urllib.parse import parse_qs
 import pytest
 from PIL import Image
 
-from diffserve.runtime.api import GenerationCancelled, GenerationRequest, GenerationResult
+from diffserve.runtime.api import GenerationCancelled, GenerationRequest, GenerationResult, InvalidRequest
 from diffserve.runtime.config import RuntimeConfig
 from diffserve.runtime.outputs import encode_image as real_encode_image
 from diffserve.server import messages as m
@@ -88,9 +88,52 @@ class FakeRunner:
         return GenerationResult(images=images, width=16, height=16, seed=req.seed)
 
 
+class BatchingFakeRunner(FakeRunner):
+    """generate_batch as the native pipelines have it (Runner.generate_batch): several requests' samples in
+    one call of the steps, each result with its own seed and its share of the call; a request whose prompt
+    holds "invalid" fails alone (as one that the pipeline's plan() refuses)."""
+
+    batches_samples = True
+
+    def __init__(self, spec: str = ""):
+        super().__init__(spec)
+        self.batches: list[list[str]] = []
+
+    def generate_batch(self, reqs, on_step=None, should_cancel=None):
+        self.batches.append([r.prompt for r in reqs])
+        valid = [r for r in reqs if "invalid" not in r.prompt]
+        total = sum(r.num_outputs for r in valid)
+        steps = valid[0].num_inference_steps or 2
+        shared = self.generate(
+            GenerationRequest(
+                prompt=" ".join(r.prompt for r in valid), num_inference_steps=steps, num_outputs=total
+            ),
+            on_step,
+            should_cancel,
+        )
+        out, offset = [], 0
+        for r in reqs:
+            if r not in valid:
+                out.append(InvalidRequest(f"cannot draw {r.prompt!r}"))
+                continue
+            out.append(
+                GenerationResult(
+                    images=shared.images[offset : offset + r.num_outputs],
+                    width=16,
+                    height=16,
+                    seed=4242 if r.seed is None else r.seed,
+                    dit_forwards={"computed": steps, "cached": 0},
+                    forward_share=r.num_outputs / total,
+                )
+            )
+            offset += r.num_outputs
+        return out
+
+
 def make_runner(config: RuntimeConfig) -> FakeRunner:
     """The runner factory of the spawned worker (WorkerConfig.runner_factory)."""
-    return FakeRunner(config.model or "")
+    spec = config.model or ""
+    return (BatchingFakeRunner if "batching=1" in spec else FakeRunner)(spec)
 
 
 def item(ticket_id: str, prompt: str = "a fox", fmt: str = "png", steps: int = 2, **kw) -> m.WorkItem:
@@ -360,6 +403,64 @@ def test_a_lone_request_waits_at_most_batch_wait_ms():
     assert first.dispatched == second.dispatched  # one batch
     assert first.dispatched - first.created < 1.0  # sent when the batch was full, not at the deadline
     assert after[0] - before[0] == 1 and after[1] - before[1] == 2  # diffserve_batch_requests saw a 2
+
+
+def test_different_prompts_and_seeds_share_a_batch_each_with_its_own_seed():
+    """With a runner that batches samples (the worker reports "batching": "samples"): seeded requests with
+    different prompts wait for company and go as one batch; each answer carries its own seed and its
+    share of the forwards (diffserve_dit_forwards_total counts the shared forwards once); a request the
+    runtime refuses fails alone. A lone seeded request now waits too, at most --batch-wait-ms."""
+
+    async def main():
+        engine = await started_engine(engine_config("batching=1", batch_wait_ms=1000, max_batch=4))
+        try:
+            assert engine.meta["batching"] == "samples" and engine.meta["step_cache"] is False
+            lone = engine.submit(item("lone", seed=1))
+            await lone.wait()
+            lone_delay = lone.dispatched - lone.created
+
+            before = batch_sizes(engine)
+            forwards = engine.metrics.dit_forwards.labels(outcome="computed")._value.get()
+            tickets = [engine.submit(item(f"r{i}", prompt=f"prompt {i}", seed=10 + i)) for i in range(3)]
+            bad = engine.submit(item("bad", prompt="invalid one", seed=99))
+            payloads = await asyncio.gather(*(t.wait() for t in tickets))
+            with pytest.raises(EngineError) as e:
+                await bad.wait()
+            forwards = engine.metrics.dit_forwards.labels(outcome="computed")._value.get() - forwards
+            return lone_delay, tickets, bad, payloads, e.value, batch_sizes(engine), before, forwards
+        finally:
+            await stopped(engine)
+
+    lone_delay, tickets, bad, payloads, error, after, before, forwards = run(main())
+    assert 1.0 <= lone_delay < 2.0, lone_delay
+    assert len({t.dispatched for t in [*tickets, bad]}) == 1  # one batch, sent when it was full
+    assert tickets[0].dispatched - tickets[0].created < 1.0
+    assert after[0] - before[0] == 1 and after[1] - before[1] == 4
+    assert [p["seed"] for p in payloads] == [10, 11, 12]
+    assert [p["forward_share"] for p in payloads] == [1 / 3] * 3
+    assert all(p["dit_forwards"] == {"computed": 2, "cached": 0} for p in payloads)
+    assert forwards == pytest.approx(2)  # 2 steps of one shared forward, counted once over three requests
+    assert error.kind == "invalid_request" and "cannot draw" in error.message
+
+
+def test_the_worker_splits_a_batch_per_request_and_fails_only_the_bad_one():
+    """worker.run_batch with generate_batch: each item its own Output (own seed), the refused one its own
+    BatchFailed; and a runner without generate_batch never gets different requests in one call."""
+    loop = Loop(runner=BatchingFakeRunner())
+    loop.send(item("x", prompt="x", seed=3), item("y", prompt="invalid y", seed=4), item("z", prompt="z"))
+    loop.until(lambda _: all(any(answered(t)(msg) for msg in loop.got) for t in "xyz"))
+    loop.stop()
+    assert loop.runner.batches == [["x", "invalid y", "z"]]
+    assert loop.got[loop.index(m.Output, "x")].payload["seed"] == 3
+    assert loop.got[loop.index(m.Output, "z")].payload["seed"] == 4242  # drawn by the runtime, reported
+    failed = loop.got[loop.index(m.BatchFailed, "y")]
+    assert failed.ids == ("y",) and failed.kind == "invalid_request"
+
+    plain = Loop()  # FakeRunner: no generate_batch
+    plain.send(item("p", prompt="p", seed=1), item("q", prompt="q", seed=2), item("r", prompt="p", seed=1))
+    plain.until(lambda _: all(any(answered(t)(msg) for msg in plain.got) for t in "pqr"))
+    plain.stop()
+    assert [(c.prompt, c.num_outputs) for c in plain.runner.calls] == [("p", 1), ("q", 1), ("p", 1)]
 
 
 def test_the_engine_sends_the_next_batch_before_the_previous_result_returns():
