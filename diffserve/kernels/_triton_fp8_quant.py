@@ -72,6 +72,49 @@ def quantize_rows_triton(x: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, tor
 
 
 @triton.jit
+def _concat_gelu_quant_kernel(
+    A, Y, OUT_Q, OUT_S, seq, dim_a, dim_y, sa_b, sa_s, sy_b, sy_s,
+    BLOCK_A: tl.constexpr, BLOCK_Y: tl.constexpr,
+):  # fmt: skip
+    # Row `row` of [a | GELU(y)]: both parts held in registers, one amax over both, stored side by side.
+    row = tl.program_id(0).to(tl.int64)
+    b = row // seq
+    s = row % seq
+    ca = tl.arange(0, BLOCK_A)
+    ma = ca < dim_a
+    a = tl.load(A + b * sa_b + s * sa_s + ca, mask=ma, other=0.0).to(tl.float32)
+    cy = tl.arange(0, BLOCK_Y)
+    my = cy < dim_y
+    y = tl.load(Y + b * sy_b + s * sy_s + cy, mask=my, other=0.0).to(tl.float32)
+    u = 0.7978845608028654 * (y + 0.044715 * y * y * y)  # as _quant_rows_kernel; GELU(0) = 0 where masked
+    y = y * tl.sigmoid(2.0 * u)
+    amax = tl.maximum(tl.max(tl.abs(a), axis=0), tl.max(tl.abs(y), axis=0))
+    scale = tl.div_rn(tl.maximum(amax, _MIN_AMAX), tl.full((), _FP8_MAX, tl.float32))
+    inv = tl.div_rn(tl.full((), 1.0, tl.float32), scale)
+    width = dim_a + dim_y
+    qa = tl.minimum(tl.maximum(a * inv, -_FP8_MAX), _FP8_MAX)
+    tl.store(OUT_Q + row * width + ca, qa.to(OUT_Q.dtype.element_ty), mask=ma)
+    qy = tl.minimum(tl.maximum(y * inv, -_FP8_MAX), _FP8_MAX)
+    tl.store(OUT_Q + row * width + dim_a + cy, qy.to(OUT_Q.dtype.element_ty), mask=my)
+    tl.store(OUT_S + row, scale)
+
+
+def concat_gelu_quant_triton(a: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    a_rows, y_rows = _as_rows(a), _as_rows(y)
+    batch, seq, dim_a = a_rows.shape
+    dim_y = y_rows.shape[-1]
+    out_q = torch.empty((*a.shape[:-1], dim_a + dim_y), device=a.device, dtype=FP8_DTYPE)
+    out_s = torch.empty((*a.shape[:-1], 1), device=a.device, dtype=torch.float32)
+    block_a, block_y = triton.next_power_of_2(dim_a), triton.next_power_of_2(dim_y)
+    _concat_gelu_quant_kernel[(batch * seq,)](
+        a_rows, y_rows, out_q, out_s, seq, dim_a, dim_y,
+        a_rows.stride(0), a_rows.stride(1), y_rows.stride(0), y_rows.stride(1),
+        BLOCK_A=block_a, BLOCK_Y=block_y, num_warps=_warps(block_a + block_y),
+    )  # fmt: skip
+    return out_q, out_s
+
+
+@triton.jit
 def _adaln_quant_kernel(
     X, R, GATE, SHIFT, SCALE, OUT_X, OUT_Q, OUT_S,
     seq, dim, sx_b, sx_s, sr_b, sr_s, sg_b, sg_s, ssh_b, ssh_s, ssc_b, ssc_s,

@@ -7,6 +7,9 @@ dynamic scales, alone or fused into the pass that already writes the GEMM's inpu
   adaln_quant(x, shift, ...)    fused_ops.adaln's residual + LayerNorm + modulation with its output written
                                 quantised: (x', hq, h_scale)
   modulate_quant(x, shift, scale, eps)   (hq, h_scale) of (1 + scale) * LayerNorm(x) + shift
+  concat_gelu_quant(a, y)       the same of [a | GELU(tanh)(y)] (one scale per row over both): FLUX's single
+                                blocks' [attention | MLP] input of their output projection, never
+                                concatenated or written in bf16
 
 Why fused: measured on an H200, a separate amax + scale + cast pass per GEMM input cost ~57 ms per FLUX.1-dev
 forward against the ~36 ms that FP8 GEMMs save (issue 17). A kernel that writes a GEMM input holds each
@@ -89,6 +92,26 @@ def gelu_quant(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
         return quantize_rows_triton(y, gelu=True)
     return gelu_quant_reference(y)
+
+
+def concat_gelu_quant_reference(a: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The formula in torch ops (GELU in y's dtype, as the bf16 blocks compute it). See `concat_gelu_quant`."""
+    return quantize_activation_reference(torch.cat([a, F.gelu(y, approximate="tanh").to(a.dtype)], dim=-1))
+
+
+def concat_gelu_quant(a: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_activation(torch.cat([a, GELU(tanh)(y)], -1)): a (..., Ka) and y (..., Ky) with the same
+    leading dims -> xq (..., Ka + Ky), scale (..., 1). One pass on CUDA (both rows loaded once, the GELU in
+    float32, the row's amax over both parts, one store of 1 byte per element): FLUX's single blocks feed
+    their output projection this way, where the bf16 path wrote the 12,288-wide GELU output and then read
+    it back with the attention output through two accumulating GEMMs."""
+    if a.shape[:-1] != y.shape[:-1]:
+        raise ValueError(f"concat_gelu_quant: leading dims differ, {tuple(a.shape)} and {tuple(y.shape)}")
+    if _kernel_fits(a, y) and 0 < y.shape[-1] <= MAX_TRITON_COLS:
+        from diffserve.kernels._triton_fp8_quant import concat_gelu_quant_triton
+
+        return concat_gelu_quant_triton(a, y)
+    return concat_gelu_quant_reference(a, y)
 
 
 def adaln_quant_reference(

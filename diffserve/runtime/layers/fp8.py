@@ -36,15 +36,66 @@ import functools
 import logging
 import re
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from diffserve.kernels import fp8_quant
 from diffserve.kernels.fp8_quant import FP8_DTYPE, quantize_activation, quantize_with_scale, scale_from_amax
 
 logger = logging.getLogger(__name__)
 
 _warned_weight_read = False
+
+
+class Quantized(NamedTuple):
+    """An activation quantised per token, as the fused kernels write it: q (batch, seq, K) float8_e4m3fn and
+    scale (batch, seq, 1) float32 (x ~ q * scale). Fp8Linear takes it in place of a tensor."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    def tokens(self, start: int) -> Quantized:
+        """The tokens (dim 1) from `start` on: a per-token scale slices with its rows."""
+        return self if not start else Quantized(self.q[:, start:], self.scale[:, start:])
+
+
+def fp8_layers(*layers: nn.Module) -> bool:
+    """Whether every one of `layers` is an Fp8Linear: then their shared input is worth writing quantised (by
+    the kernel that computes it, once) instead of in bf16. If only some are, the input stays bf16 and each
+    Fp8Linear quantises it itself (right, one pass slower): a custom selection may split a block that way."""
+    return all(isinstance(layer, Fp8Linear) for layer in layers)
+
+
+# ---------------------------------------------------------------- fused producers of GEMM inputs
+# The blocks' modulated-LayerNorm passes (layers/modulation.py) with their output written quantised: what a
+# block calls instead when the GEMMs reading that output are FP8 (fp8_layers). One pass on CUDA
+# (kernels/fp8_quant.py); on the CPU and under torch.compile the reference (adaln, then the quantisation).
+
+
+def norm_modulate_quant(x, shift, scale, eps: float = 1e-6, upcast: bool = False) -> Quantized:
+    """modulation.norm_modulate, quantised."""
+    return Quantized(*fp8_quant.modulate_quant(x, shift, scale, eps, upcast))
+
+
+def residual_norm_modulate_quant(
+    x, y, gate, shift, scale, eps: float = 1e-6, upcast: bool = False, affine: bool = False
+) -> tuple[torch.Tensor, Quantized]:
+    """modulation.residual_norm_modulate: (x', h) with h quantised."""
+    x_out, q, s = fp8_quant.adaln_quant(x, shift, scale, eps, upcast, residual=y, gate=gate, affine=affine)
+    return x_out, Quantized(q, s)
+
+
+def gelu_quant(y: torch.Tensor) -> Quantized:
+    """GELU(tanh)(y), quantised: the hidden layer of an MLP whose output projection is FP8."""
+    return Quantized(*fp8_quant.gelu_quant(y))
+
+
+def concat_gelu_quant(plain: torch.Tensor, pre_gelu: torch.Tensor) -> Quantized:
+    """[plain | GELU(tanh)(pre_gelu)] quantised with one scale per token over the whole row: FLUX's single
+    blocks' [attention | MLP] input of the output projection, never concatenated in bf16."""
+    return Quantized(*fp8_quant.concat_gelu_quant(plain, pre_gelu))
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,8 +212,16 @@ class Fp8Linear(nn.Module):
         return (self.qweight.to(torch.float32) * self.weight_scale.t()).to(self.dtype)
 
     def forward(
-        self, x: torch.Tensor, x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+        self,
+        x: torch.Tensor | Quantized,
+        x_scale: torch.Tensor | None = None,
+        out_dtype: torch.dtype | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """out: write the result into this (..., out_features) tensor of out_dtype (rows of a larger buffer,
+        e.g. FLUX's joint q|k|v buffer; its rows must be contiguous) and return it."""
+        if isinstance(x, Quantized):
+            x, x_scale = x
         if x_scale is None:
             if x.dtype == FP8_DTYPE:
                 raise ValueError("Fp8Linear: an FP8 input needs its row scales (x_scale)")
@@ -179,25 +238,39 @@ class Fp8Linear(nn.Module):
             raise ValueError(
                 f"x_scale must be float32 with one scale per row ({a.shape[0]}), got {tuple(x_scale.shape)}"
             )
+        if out is None:
+            return self._mm(a, scale_a.contiguous(), out_dtype).reshape(*lead, self.out_features)
+        if out.dtype != out_dtype:
+            raise ValueError(f"Fp8Linear: out is {out.dtype}, the output is {out_dtype}")
+        self._mm(a, scale_a.contiguous(), out_dtype, out.view(-1, self.out_features))
+        return out
+
+    def _mm(
+        self, a: torch.Tensor, scale_a: torch.Tensor, out_dtype: torch.dtype, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The GEMM: (M, out) = (a * scale_a) @ (qweight * weight_scale)^T + bias in out_dtype (into `out`
+        when given). a (M, in) float8_e4m3fn row-major, scale_a (M, 1) float32 contiguous."""
         bias = self.bias
         fuse_bias = bias is not None and (
             not a.is_cuda or (out_dtype in (torch.bfloat16, torch.float16) and bias.dtype == out_dtype)
         )
         if not a.is_cuda and not cpu_rowwise_scaled_mm():
-            out = _scaled_mm_cpu_emulated(a, self.qweight.t(), scale_a, self.weight_scale, bias, out_dtype)
-            return out.reshape(*lead, self.out_features)
-        out = torch._scaled_mm(
+            result = _scaled_mm_cpu_emulated(a, self.qweight.t(), scale_a, self.weight_scale, bias, out_dtype)
+            return result if out is None else out.copy_(result)
+        kwargs = {} if out is None else {"out": out}
+        result = torch._scaled_mm(
             a,
             self.qweight.t(),  # (in, out) column-major: the layout cuBLASLt's FP8 GEMM takes on sm90
-            scale_a=scale_a.contiguous(),
+            scale_a=scale_a,
             scale_b=self.weight_scale,
             bias=bias if fuse_bias else None,
             out_dtype=out_dtype,
             use_fast_accum=self.use_fast_accum and a.is_cuda,
+            **kwargs,
         )
         if bias is not None and not fuse_bias:
-            out = out + bias.to(out_dtype)
-        return out.reshape(*lead, self.out_features)
+            result = result.add_(bias.to(out_dtype))
+        return result
 
     def extra_repr(self) -> str:
         return (

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffserve.kernels.fused_ops import linear_gelu
+from diffserve.runtime.layers.fp8 import Fp8Linear, Quantized, fp8_layers, gelu_quant
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -20,6 +21,8 @@ def linear_concat(parts: list[torch.Tensor], linear: nn.Linear, split: bool | No
     would copy 141 MB per block at 1024^2. The accumulation reads back a rounded partial sum, one more
     rounding than the cat's single GEMM (bf16: ~3e-3 relative); on the CPU, where the copy costs little,
     the cat keeps the reference's rounding."""
+    if isinstance(linear, Fp8Linear):  # one FP8 GEMM (it quantises the concatenation itself)
+        return linear(torch.cat(parts, dim=-1))
     if split is None:
         split = parts[0].is_cuda
     if not split:
@@ -52,10 +55,20 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.ModuleList([_Proj(dim, inner_dim), nn.Identity(), nn.Linear(inner_dim, dim_out or dim)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.hidden(x))
+    def forward(self, x: torch.Tensor | Quantized) -> torch.Tensor:
+        """x: the input, or (with FP8 layers: runtime/layers/fp8.py) the input as its producer wrote it
+        quantised. With an FP8 output projection the GELU writes its output quantised (gelu_quant: one
+        pass, no bf16 hidden activation) — an FP8 GEMM has no GELU epilogue, so the input projection
+        writes its pre-activation output and that pass reads it back."""
+        proj_in, proj_out = self.net[0].proj, self.net[2]
+        if fp8_layers(proj_out):
+            pre = proj_in(x) if fp8_layers(proj_in) else F.linear(x, proj_in.weight, proj_in.bias)
+            return proj_out(gelu_quant(pre))
+        return proj_out(self.hidden(x))
 
-    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor | Quantized) -> torch.Tensor:
         """GELU(proj_in(x)): the input of the output projection."""
         proj_in = self.net[0].proj
+        if fp8_layers(proj_in):
+            return F.gelu(proj_in(x), approximate="tanh")
         return linear_gelu(x, proj_in.weight, proj_in.bias)

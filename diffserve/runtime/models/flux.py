@@ -14,6 +14,14 @@ from torch import nn
 from diffserve.runtime.distributed.ulysses import UNSHARDED, sequence_parallel_attention, shard_sequence
 from diffserve.runtime.layers.attention import attention
 from diffserve.runtime.layers.embeddings import MLPEmbedder, timestep_sinusoid
+from diffserve.runtime.layers.fp8 import (
+    Fp8Linear,
+    Quantized,
+    concat_gelu_quant,
+    fp8_layers,
+    norm_modulate_quant,
+    residual_norm_modulate_quant,
+)
 from diffserve.runtime.layers.mlp import FeedForward, linear_concat, linear_gelu
 from diffserve.runtime.layers.modulation import (
     AdaLNProjection,
@@ -61,7 +69,9 @@ class FluxAttention(nn.Module):
     """Joint attention. Dual-stream blocks have the text-side projections (add_*) and output projections;
     single-stream blocks project the joint sequence once and have no output projection (pre_only).
 
-    After fuse_projections() q|k|v of each stream come from one GEMM (`qkv_weight`, `add_qkv_weight`)."""
+    After fuse_projections() q|k|v of each stream come from one GEMM (`qkv_weight`, `add_qkv_weight`); after
+    layers.fp8.quantize_linears a quantised stream's fused GEMM is the Fp8Linear `qkv` (`add_qkv`), whose
+    input may arrive quantised (a Quantized from the block's adaLN pass)."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, dual: bool):
         super().__init__()
@@ -88,11 +98,24 @@ class FluxAttention(nn.Module):
         if self.dual:
             fuse_linears(self, ("add_q_proj", "add_k_proj", "add_v_proj"), "add_qkv")
 
-    def _stream(self, x: torch.Tensor, prefix: str, rope):
+    def stream_fp8(self, prefix: str = "") -> bool:
+        """Whether the stream's q, k and v projections are all FP8 (then its input is worth quantising once,
+        in the pass that writes it)."""
+        if prefix:
+            return fp8_layers(self.add_q_proj, self.add_k_proj, self.add_v_proj)
+        return fp8_layers(self.to_q, self.to_k, self.to_v)
+
+    def _fp8_qkv(self, prefix: str) -> Fp8Linear | None:
+        layer = getattr(self, f"{prefix}qkv", None)
+        return layer if isinstance(layer, Fp8Linear) else None
+
+    def _stream(self, x: torch.Tensor | Quantized, prefix: str, rope):
         """One stream's q, k, v (batch, seq, heads, head_dim): RMS-normed, q/k rotated by its rope rows."""
         fused = getattr(self, f"{prefix}qkv_weight")
         if fused is not None:
             qkv = F.linear(x, fused, getattr(self, f"{prefix}qkv_bias")).split(self.inner, dim=-1)
+        elif self._fp8_qkv(prefix) is not None:
+            qkv = self._fp8_qkv(prefix)(x).split(self.inner, dim=-1)
         elif prefix:
             qkv = self.add_q_proj(x), self.add_k_proj(x), self.add_v_proj(x)
         else:
@@ -105,15 +128,32 @@ class FluxAttention(nn.Module):
             v.unflatten(-1, (-1, self.head_dim)),
         )
 
-    def _joint_qkv(self, x: torch.Tensor, context: torch.Tensor, rope):
+    def _joint_ready(self) -> bool:
+        """Whether both streams' q|k|v are one GEMM each (bf16 fused weights or a fused Fp8Linear)."""
+        return all(
+            getattr(self, f"{prefix}qkv_weight") is not None or self._fp8_qkv(prefix) is not None
+            for prefix in ("", "add_")
+        )
+
+    def _project_rows(self, prefix: str, x: torch.Tensor | Quantized, out: torch.Tensor) -> None:
+        """A stream's fused q|k|v projection of batch-1 x written into `out` (its rows of the joint buffer)."""
+        fp8 = self._fp8_qkv(prefix)
+        if fp8 is not None:
+            fp8(x, out_dtype=out.dtype, out=out)
+        else:
+            torch.addmm(
+                getattr(self, f"{prefix}qkv_bias"), x[0], getattr(self, f"{prefix}qkv_weight").t(), out=out
+            )
+
+    def _joint_qkv(self, x: torch.Tensor | Quantized, context: torch.Tensor | Quantized, rope, dtype):
         """Dual-block q, k, v of [text | image] for batch 1 without concatenating: both streams' fused
         projections write their rows of one (tokens, q|k|v) buffer, q and k are normalised and rotated in
         place, and attention reads q, k, v as strided views of it (saves three copies of the joint
-        sequence per block: ~3 ms per FLUX.1 forward at 1024^2)."""
-        n_txt, inner, head_dim = context.shape[1], self.inner, self.head_dim
-        buf = x.new_empty(n_txt + x.shape[1], 3 * inner)
-        torch.addmm(self.add_qkv_bias, context[0], self.add_qkv_weight.t(), out=buf[:n_txt])
-        torch.addmm(self.qkv_bias, x[0], self.qkv_weight.t(), out=buf[n_txt:])
+        sequence per block: ~3 ms per FLUX.1 forward at 1024^2). An FP8 stream's GEMM writes its rows too."""
+        n_txt, inner, head_dim = _tokens(context), self.inner, self.head_dim
+        buf = torch.empty(n_txt + _tokens(x), 3 * inner, dtype=dtype, device=_device(x))
+        self._project_rows("add_", context, buf[:n_txt])
+        self._project_rows("", x, buf[n_txt:])
         buf = buf[None]
         cos, sin = rope
         streams = (
@@ -128,23 +168,25 @@ class FluxAttention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | Quantized,
         rope: tuple[torch.Tensor, torch.Tensor],
-        context: torch.Tensor | None = None,
+        context: torch.Tensor | Quantized | None = None,
         queries_from: int = 0,
+        dtype: torch.dtype | None = None,
     ):
         """queries_from (single-stream, unsharded): attend only from the tokens at and after this index
-        (every token still serves as a key and value); the output has only their rows."""
+        (every token still serves as a key and value); the output has only their rows. x and context may be
+        Quantized (FP8 projections); dtype: the activation dtype (needed when both are)."""
         if context is None:
             q, k, v = self._stream(x, "", rope)
             if queries_from:
                 return attention(q[:, queries_from:], k, v).flatten(2)
-        elif x.shape[0] == 1 and self.qkv_weight is not None and self.add_qkv_weight is not None:
-            n_txt = context.shape[1]
-            q, k, v = self._joint_qkv(x, context, rope)
+        elif _batch(x) == 1 and self._joint_ready():
+            n_txt = _tokens(context)
+            q, k, v = self._joint_qkv(x, context, rope, dtype or _dtype(x, context))
         else:
             # Text tokens come first in the joint sequence, matching the order of the rope ids.
-            n_txt = context.shape[1]
+            n_txt = _tokens(context)
             cos, sin = rope
             cq, ck, cv = self._stream(context, "add_", (cos[:n_txt], sin[:n_txt]))
             q, k, v = self._stream(x, "", (cos[n_txt:], sin[n_txt:]))
@@ -152,19 +194,46 @@ class FluxAttention(nn.Module):
         out = sequence_parallel_attention(q, k, v).flatten(2)  # = attention() unless sequence-parallel
         if context is None:
             return out
-        # contiguous(): with batch > 1 the slices are strided, and strided GEMM inputs take a slower (and on
-        # the CPU, less accurate) path. A no-op for batch 1.
-        return self.to_out[0](out[:, n_txt:].contiguous()), self.to_add_out(out[:, :n_txt].contiguous())
+        return _project_out(self.to_out[0], out[:, n_txt:]), _project_out(self.to_add_out, out[:, :n_txt])
 
 
-def _enter(x: torch.Tensor, pending, shift: torch.Tensor, scale: torch.Tensor):
+def _project_out(layer: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    # contiguous(): with batch > 1 the slices are strided, and strided GEMM inputs take a slower (and on
+    # the CPU, less accurate) path. A no-op for batch 1. An FP8 layer's quantisation pass reads strided rows
+    # and writes the GEMM's contiguous input itself.
+    return layer(rows if isinstance(layer, Fp8Linear) else rows.contiguous())
+
+
+def _batch(x: torch.Tensor | Quantized) -> int:
+    return (x.q if isinstance(x, Quantized) else x).shape[0]
+
+
+def _tokens(x: torch.Tensor | Quantized) -> int:
+    return (x.q if isinstance(x, Quantized) else x).shape[1]
+
+
+def _device(x: torch.Tensor | Quantized) -> torch.device:
+    return (x.q if isinstance(x, Quantized) else x).device
+
+
+def _dtype(*xs: torch.Tensor | Quantized) -> torch.dtype:
+    """The activation dtype: that of the first input not quantised."""
+    dtype = next((x.dtype for x in xs if not isinstance(x, Quantized)), None)
+    if dtype is None:
+        raise ValueError("both streams are quantised: pass the activation dtype")
+    return dtype
+
+
+def _enter(x: torch.Tensor, pending, shift: torch.Tensor, scale: torch.Tensor, quantize: bool = False):
     """(x, modulated input of the block): the previous block's deferred gated residual (pending = (y, gate),
     or None) is added in the same pass that normalises and modulates. Deferring saves one write and one read
     of the residual stream per block boundary (FLUX.1 at 1024^2 on an H100: our kernels 6.3 -> 5.5 ms per
-    forward)."""
+    forward). quantize: the modulated input written as a Quantized (its GEMMs are FP8) in that same pass."""
     if pending is None:
-        return x, norm_modulate(x, shift, scale, _EPS)
-    return residual_norm_modulate(x, pending[0], pending[1], shift, scale, _EPS)
+        return x, (norm_modulate_quant if quantize else norm_modulate)(x, shift, scale, _EPS)
+    return (residual_norm_modulate_quant if quantize else residual_norm_modulate)(
+        x, pending[0], pending[1], shift, scale, _EPS
+    )
 
 
 class FluxDualBlock(nn.Module):
@@ -187,13 +256,21 @@ class FluxDualBlock(nn.Module):
         c_shift, c_scale, c_gate, c_mlp_shift, c_mlp_scale, c_mlp_gate = self.norm1_context(
             cond, projected[1]
         )
-        img, img_in = _enter(img, pending[0], shift, scale)
-        txt, txt_in = _enter(txt, pending[1], c_shift, c_scale)
-        img_attn, txt_attn = self.attn(img_in, rope, context=txt_in)
+        # With FP8 projections (layers/fp8.py) each stream's GEMM inputs are written quantised by the adaLN
+        # pass that computes them; the default selection quantises the image stream only.
+        img, img_in = _enter(img, pending[0], shift, scale, self.attn.stream_fp8())
+        txt, txt_in = _enter(txt, pending[1], c_shift, c_scale, self.attn.stream_fp8("add_"))
+        img_attn, txt_attn = self.attn(img_in, rope, context=txt_in, dtype=img.dtype)
 
-        img, h = residual_norm_modulate(img, img_attn, gate, mlp_shift, mlp_scale, _EPS)
+        modulate = residual_norm_modulate_quant if fp8_layers(self.ff.net[0].proj) else residual_norm_modulate
+        img, h = modulate(img, img_attn, gate, mlp_shift, mlp_scale, _EPS)
         img_mlp = self.ff(h)
-        txt, h = residual_norm_modulate(txt, txt_attn, c_gate, c_mlp_shift, c_mlp_scale, _EPS)
+        modulate = (
+            residual_norm_modulate_quant
+            if fp8_layers(self.ff_context.net[0].proj)
+            else residual_norm_modulate
+        )
+        txt, h = modulate(txt, txt_attn, c_gate, c_mlp_shift, c_mlp_scale, _EPS)
         txt_mlp = self.ff_context(h)
         if defer:
             return img, txt, ((img_mlp, mlp_gate), (txt_mlp, c_mlp_gate))
@@ -219,9 +296,19 @@ class FluxSingleBlock(nn.Module):
         forward at 1024^2 by FLOP count). Every token still provides keys and values, so the kept rows are
         unchanged. pending/defer: as FluxDualBlock's (one stream): with defer, returns (x, (y, gate))."""
         shift, scale, gate = self.norm(cond, projected)
-        x, h = _enter(x, pending, shift, scale)
-        mlp = linear_gelu(h[:, keep_from:], self.proj_mlp.weight, self.proj_mlp.bias)
-        out = linear_concat([self.attn(h, rope, queries_from=keep_from), mlp], self.proj_out)
+        if fp8_layers(self.proj_mlp, self.proj_out) and self.attn.stream_fp8():
+            # FP8: h written quantised once for q|k|v and the MLP; [attention | GELU(MLP)] quantised in one
+            # pass (never concatenated, nor the GELU written, in bf16) for the output projection.
+            x, h = _enter(x, pending, shift, scale, quantize=True)
+            mlp = self.proj_mlp(h.tokens(keep_from))
+            out = self.proj_out(concat_gelu_quant(self.attn(h, rope, queries_from=keep_from), mlp))
+        else:
+            x, h = _enter(x, pending, shift, scale)
+            if isinstance(self.proj_mlp, Fp8Linear):
+                mlp = F.gelu(self.proj_mlp(h[:, keep_from:]), approximate="tanh")
+            else:
+                mlp = linear_gelu(h[:, keep_from:], self.proj_mlp.weight, self.proj_mlp.bias)
+            out = linear_concat([self.attn(h, rope, queries_from=keep_from), mlp], self.proj_out)
         if defer:
             return x[:, keep_from:], (out, gate)
         return clip_fp16(gated_residual(x[:, keep_from:], out, gate))

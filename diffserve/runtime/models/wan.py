@@ -18,6 +18,13 @@ from torch import nn
 from diffserve.runtime.distributed.ulysses import sequence_parallel_attention, shard_sequence
 from diffserve.runtime.layers.attention import attention
 from diffserve.runtime.layers.embeddings import MLPEmbedder, timestep_sinusoid
+from diffserve.runtime.layers.fp8 import (
+    Fp8Linear,
+    Quantized,
+    fp8_layers,
+    norm_modulate_quant,
+    residual_norm_modulate_quant,
+)
 from diffserve.runtime.layers.mlp import FeedForward
 from diffserve.runtime.layers.modulation import (
     gated_residual,
@@ -76,7 +83,9 @@ class WanAttention(nn.Module):
     """Self-attention (with RoPE) or cross-attention to the text; q/k RMS-normalised across all heads.
 
     After fuse_projections() (done by WanBlock, which knows which is which) self-attention takes q|k|v
-    from one GEMM (`qkv_weight`) and cross-attention k|v of the text from one (`kv_weight`)."""
+    from one GEMM (`qkv_weight`) and cross-attention k|v of the text from one (`kv_weight`). After
+    layers.fp8.quantize_linears a quantised fused projection is the Fp8Linear `qkv` (`kv`), and the input x
+    may arrive quantised (a Quantized written by the block's adaLN pass)."""
 
     def __init__(self, dim: int, heads: int, eps: float):
         super().__init__()
@@ -88,19 +97,35 @@ class WanAttention(nn.Module):
         for name in ("qkv_weight", "qkv_bias", "kv_weight", "kv_bias"):
             self.register_buffer(name, None, persistent=False)
 
-    def _project(self, x: torch.Tensor, context: torch.Tensor | None):
+    def query_fp8(self, cross: bool) -> bool:
+        """Whether every projection of x (self-attention: q, k, v; cross-attention: q) is FP8."""
+        return fp8_layers(self.to_q) if cross else fp8_layers(self.to_q, self.to_k, self.to_v)
+
+    def _fp8(self, name: str) -> Fp8Linear | None:
+        layer = getattr(self, name, None)
+        return layer if isinstance(layer, Fp8Linear) else None
+
+    def _project(self, x: torch.Tensor | Quantized, context: torch.Tensor | None):
         dim = self.to_q.out_features
         if context is None and self.qkv_weight is not None:
             return F.linear(x, self.qkv_weight, self.qkv_bias).split(dim, dim=-1)
+        if context is None and self._fp8("qkv") is not None:
+            return self._fp8("qkv")(x).split(dim, dim=-1)
         if context is not None and self.kv_weight is not None:
             return (self.to_q(x), *F.linear(context, self.kv_weight, self.kv_bias).split(dim, dim=-1))
+        if context is not None and self._fp8("kv") is not None:
+            return (self.to_q(x), *self._fp8("kv")(context).split(dim, dim=-1))
         kv = x if context is None else context
         return self.to_q(x), self.to_k(kv), self.to_v(kv)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, rope=None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor | Quantized, context: torch.Tensor | None = None, rope=None
+    ) -> torch.Tensor:
         return self.to_out[0](self.attend(x, context, rope))
 
-    def attend(self, x: torch.Tensor, context: torch.Tensor | None = None, rope=None) -> torch.Tensor:
+    def attend(
+        self, x: torch.Tensor | Quantized, context: torch.Tensor | None = None, rope=None
+    ) -> torch.Tensor:
         """The attention output before the output projection, (batch, seq, dim)."""
         q, k, v = self._project(x, context)
         head_dim = q.shape[-1] // self.heads
@@ -132,11 +157,19 @@ class WanBlock(nn.Module):
         vector (or None) that collects the output projections' biases (see forward_folded)."""
         # temb6: (batch, 1 or seq, 6, dim). Modulation is float32, as are the norms (trained that way).
         mods = (self.scale_shift_table + temb6.float()).unbind(2)
-        if temb6.shape[1] == 1 and self.norm2 is not None:
+        if temb6.shape[1] == 1 and self.norm2 is not None and self.foldable():
             return self.forward_folded(x, context, mods, rope, offset)
         if offset is not None:
             x = gated_residual(x, offset, None)
         return self.forward_unfolded(x, context, mods, rope), None
+
+    def foldable(self) -> bool:
+        """Whether forward_folded can run: it folds the gates into the output projections' weights and
+        accumulates their GEMMs into x, which an FP8 layer cannot (torch._scaled_mm neither scales its
+        weight per sample nor accumulates). With FP8 output projections the block runs unfolded: each
+        residual add then happens in the adaLN pass that also writes the next GEMM's input quantised."""
+        layers = (self.attn1.to_out[0], self.attn2.to_out[0], self.ffn.net[2])
+        return not any(isinstance(layer, Fp8Linear) for layer in layers)
 
     def forward_folded(self, x, context, mods, rope, offset):
         """Per-sample modulation: each residual add happens inside the output GEMM (linear_residual_, the
@@ -155,17 +188,25 @@ class WanBlock(nn.Module):
         return x, offset + mlp_gate * ffn_out.bias.float()
 
     def forward_unfolded(self, x, context, mods, rope) -> torch.Tensor:
+        """Where a GEMM's input projections are all FP8, the pass writing that input writes it quantised
+        (the *_quant forms of the same functions; layers/fp8.py)."""
         shift, scale, gate, mlp_shift, mlp_scale, mlp_gate = mods
-        attn = self.attn1(norm_modulate(x, shift, scale, self.eps, upcast=True), rope=rope)
+        quantized = self.attn1.query_fp8(cross=False)
+        h = (norm_modulate_quant if quantized else norm_modulate)(x, shift, scale, self.eps, upcast=True)
+        attn = self.attn1(h, rope=rope)
+        modulate = (
+            residual_norm_modulate_quant if self.attn2.query_fp8(cross=True) else residual_norm_modulate
+        )
         if self.norm2 is not None:  # the cross-attention input: an affine LayerNorm, in float32
-            x, h = residual_norm_modulate(
+            x, h = modulate(
                 x, attn, gate, self.norm2.bias, self.norm2.weight, self.eps, upcast=True, affine=True
             )
         else:
             x = h = gated_residual(x, attn, gate)
-        x, h = residual_norm_modulate(
-            x, self.attn2(h, context=context), None, mlp_shift, mlp_scale, self.eps, upcast=True
+        modulate = (
+            residual_norm_modulate_quant if fp8_layers(self.ffn.net[0].proj) else residual_norm_modulate
         )
+        x, h = modulate(x, self.attn2(h, context=context), None, mlp_shift, mlp_scale, self.eps, upcast=True)
         return gated_residual(x, self.ffn(h), mlp_gate)  # float32 gate: the sum is taken in float32
 
 
