@@ -1,12 +1,16 @@
 """Throughput under load (issue 23), on a live server of its own with the tiny FLUX model: concurrent
-identical unseeded requests share runner calls (diffserve_batch_requests shows batches > 1), every
-request still gets its own sample, and the worker's encoding is reported as a stage of its own.
-Speed itself is measured by benchmarks/bench_serving.py, never asserted here."""
+requests share runner calls (diffserve_batch_requests shows batches > 1) — identical unseeded ones, and
+ones with different prompts, seeds and guidance, each of which gets the picture it gets alone and its own
+seed back — and the worker's encoding is reported as a stage of its own. Speed itself is measured by
+benchmarks/bench_serving.py, never asserted here."""
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures as cf
+import io
 
+import numpy as np
 import pytest
 
 from tests.integration.conftest import CLEAN_EXIT, LiveServer
@@ -56,8 +60,8 @@ def test_concurrent_identical_unseeded_requests_are_batched(server):
 
 
 def test_mixed_load_all_completes_and_nothing_stays_held(server):
-    """Seeded requests (never merged, never waiting) between unseeded ones, several formats: every one
-    completes, and afterwards nothing is queued or running."""
+    """Seeded requests between unseeded ones, several formats, n=2: every one completes, and afterwards
+    nothing is queued or running."""
     bodies = [
         {**BODY, "seed": 1},
         BODY,
@@ -71,6 +75,44 @@ def test_mixed_load_all_completes_and_nothing_stays_held(server):
     assert [len(r.json()["data"]) for r in results] == [1, 1, 1, 1, 1, 2]
     assert server.metric("diffserve_queue_depth") == 0
     assert server.metric("diffserve_running_requests") == 0
+
+
+def _pixels(response) -> np.ndarray:
+    from PIL import Image
+
+    data = base64.b64decode(response.json()["data"][0]["b64_json"])
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float64)
+
+
+def test_different_prompts_and_seeds_share_batches_and_each_gets_its_own_picture(server):
+    """Eight requests, each its own prompt, seed and guidance, at once: they share runner calls, each
+    answer reports its own seed, and a request's picture is the one it gets when sent alone (PSNR >= 40 dB:
+    float32 on the CPU, the batched forward differs from a lone one by float rounding only — see
+    tests/unit/test_sample_batching.py). diffserve_dit_forwards_total counts each shared forward once."""
+    bodies = [
+        {**BODY, "prompt": f"request number {i}", "seed": 100 + i, "guidance_scale": 2.0 + i / 2}
+        for i in range(8)
+    ]
+    count = server.metric("diffserve_batch_requests_count")
+    alone = server.metric("diffserve_batch_requests_bucket", le="1.0")
+    forwards = server.metric("diffserve_dit_forwards_total", outcome="computed")
+    results = _post_many(server, bodies)
+    assert all(r.status_code == 200 for r in results), [r.text for r in results]
+    assert [r.json()["seed"] for r in results] == [100 + i for i in range(8)]
+    batches = server.metric("diffserve_batch_requests_count") - count
+    assert batches < 8 and server.metric("diffserve_batch_requests_bucket", le="1.0") - alone < batches
+    # 4 steps per runner call, whatever its size: the shares of a call add up to one call's forwards
+    computed = server.metric("diffserve_dit_forwards_total", outcome="computed") - forwards
+    assert computed == pytest.approx(4 * batches)
+    with server.http() as http:
+        for i in (0, 5):  # one at a time: each runs alone (after --batch-wait-ms without company)
+            lone = http.post("/v1/images/generations", json=bodies[i])
+            assert lone.status_code == 200 and lone.json()["seed"] == 100 + i
+            a, b = _pixels(lone), _pixels(results[i])
+            mse = float(np.mean((a - b) ** 2))
+            assert mse == 0 or 10 * np.log10(255.0**2 / mse) >= 40.0, mse
+            assert a.std() > 5  # a flat picture would not test anything
+    assert float(np.mean((_pixels(results[0]) - _pixels(results[1])) ** 2)) > 10  # different pictures
 
 
 def test_bench_serving_against_the_live_server(server, tmp_path):
