@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 bash scripts/setup.sh test
 "$PY" -m ruff check diffserve tests benchmarks
+bash scripts/install-chromium.sh  # the playground tests drive the page in the distribution's Chromium
 "$PY" -m pytest -q tests "$@"

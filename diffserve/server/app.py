@@ -21,6 +21,7 @@ from diffserve.server.metrics import Metrics
 from diffserve.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware, LatencyMiddleware
 from diffserve.server.routes import images, system, videos
 from diffserve.server.routes.docs import install_docs
+from diffserve.server.routes.ui import install_ui
 
 log = logging.getLogger("diffserve.server")
 
@@ -78,6 +79,8 @@ def create_app(cfg: ServerConfig, shutdown_clock: ShutdownClock | None = None, o
     for module in (images, videos, system):
         app.include_router(module.router)
     install_docs(app, api_key=bool(cfg.api_key))
+    if cfg.ui:
+        install_ui(app)  # GET /: the playground page
     # add_middleware wraps what is there, so the last added runs first: latency sees every answer (401s
     # included), CORS answers preflights before the key check, the body limit applies to authorised calls.
     app.add_middleware(BodyLimitMiddleware, limit=cfg.max_body_bytes, metrics=metrics)

@@ -29,6 +29,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="require 'Authorization: Bearer KEY' on /v1 routes (default: $DIFFSERVE_API_KEY, else none; "
         "prefer the env variable, which other users cannot read from the process list)",
     )
+    a("--no-ui", action="store_true", help="do not serve the playground page at / (default: served)")
     a(
         "--max-queue",
         type=int,
@@ -170,6 +171,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         host=args.host,
         port=args.port,
         api_key=args.api_key or envs.DIFFSERVE_API_KEY,
+        ui=not args.no_ui,
         output_dir=args.output_dir,
         max_queue=args.max_queue,
         max_batch=args.max_batch,

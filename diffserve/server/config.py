@@ -40,6 +40,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
+    ui: bool = True  # the playground page at GET / (--no-ui turns it off)
     output_dir: Path = Path("diffserve-output")
     max_queue: int = 16  # requests waiting for the worker (not counting the batch it runs)
     max_batch: int = 4  # outputs merged into one runner call (identical unseeded image requests)

@@ -12,9 +12,17 @@ from diffserve.server.metrics import Metrics
 
 # Paths that never need the key: probes and metrics (for load balancers and Prometheus), image URLs (their
 # random names are the credential, as with OpenAI's), and the API's documentation (the Swagger UI page, its
-# static files and the OpenAPI schema: they describe the API, they serve nothing).
-_OPEN_PATHS = frozenset({"/docs", "/openapi.json"})
-_OPEN_PREFIXES = ("/health", "/liveness", "/metrics", "/v1/files/images/", "/docs/static/")
+# static files and the OpenAPI schema: they describe the API, they serve nothing), and the playground page
+# and its files (it must load before the user can type the key; its API calls then carry it).
+_OPEN_PATHS = frozenset({"/", "/docs", "/openapi.json"})
+_OPEN_PREFIXES = (
+    "/health",
+    "/liveness",
+    "/metrics",
+    "/v1/files/images/",
+    "/docs/static/",
+    "/ui/static/",
+)
 
 
 def is_public(path: str) -> bool:
