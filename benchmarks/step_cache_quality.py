@@ -73,6 +73,35 @@ def judge_scores(examples, images) -> dict:
     }
 
 
+def compare(setting: str, got: dict, base: dict, examples) -> dict:
+    """One table row: `got` (run()'s result) against the uncached `base` over the same prompts and seeds."""
+    errors = [mse(a, b) for a, b in zip(got["images"], base["images"], strict=True)]
+    psnrs = [psnr(e) for e in errors]
+    return dict(
+        setting=setting,
+        reused=got["cached"] / (got["computed"] + got["cached"]),
+        psnr=psnr(statistics.fmean(errors)),
+        psnr_median=statistics.median(psnrs),
+        psnr_min=min(psnrs),
+        under_30db=sum(p < 30 for p in psnrs),
+        judge=judge_scores(examples, got["images"]),
+        denoise_s=got["denoise_s"],
+    )
+
+
+def print_table(rows: list[dict], count: int) -> None:
+    print("| setting | reused | PSNR pooled / median / min (dB) | < 30 dB | judge colour / shape / all (%) "
+          "| denoise s |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        j = r["judge"]
+        print(
+            f"| {r['setting']} | {r['reused']:.1%} | {r['psnr']:.1f} / {r['psnr_median']:.1f} / "
+            f"{r['psnr_min']:.1f} | {r['under_30db']}/{count} | "
+            f"{j['colour']:.1f} / {j['shape']:.1f} / {j['all']:.1f} | {r['denoise_s']:.1f} |"
+        )
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="default: the bundled model")
@@ -132,35 +161,12 @@ def main(argv=None) -> int:
     ]
     for name, config, threshold in settings:
         pipeline.step_cache = config
-        got = run(runner, examples, seeds, size, steps, threshold)
-        errors = [mse(a, b) for a, b in zip(got["images"], base["images"], strict=True)]
-        psnrs = [psnr(e) for e in errors]
-        rows.append(
-            dict(
-                setting=name,
-                reused=got["cached"] / (got["computed"] + got["cached"]),
-                psnr=psnr(statistics.fmean(errors)),
-                psnr_median=statistics.median(psnrs),
-                psnr_min=min(psnrs),
-                under_30db=sum(p < 30 for p in psnrs),
-                judge=judge_scores(examples, got["images"]),
-                denoise_s=got["denoise_s"],
-            )
-        )
+        rows.append(compare(name, run(runner, examples, seeds, size, steps, threshold), base, examples))
     pipeline.step_cache = None
 
     print(f"# {model or 'bundled model'}: {args.count} held-out prompts, {size}x{size}, {steps} steps, "
           f"policy {policy or 'StepCacheConfig defaults'}")  # fmt: skip
-    print("| setting | reused | PSNR pooled / median / min (dB) | < 30 dB | judge colour / shape / all (%) "
-          "| denoise s |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        j = r["judge"]
-        print(
-            f"| {r['setting']} | {r['reused']:.1%} | {r['psnr']:.1f} / {r['psnr_median']:.1f} / "
-            f"{r['psnr_min']:.1f} | {r['under_30db']}/{len(examples)} | "
-            f"{j['colour']:.1f} / {j['shape']:.1f} / {j['all']:.1f} | {r['denoise_s']:.1f} |"
-        )
+    print_table(rows, len(examples))
     if args.json:
         meta = dict(model=model, count=args.count, size=size, steps=steps, policy=policy)
         Path(args.json).write_text(json.dumps(dict(meta, rows=rows), indent=1) + "\n")
