@@ -12,10 +12,14 @@ measured window, averaged over the GPUs; n/a without nvidia-smi) and the mean ba
     # the same with batching off: ... -- --model ... --max-batch 1
     # the tiny model on the CPU (a check of the script): --tiny builds it and serves it on the CPU
     python benchmarks/bench_serving.py --start-server --tiny --size 64x64 --steps 2 -c 4 -r 12
+    # a full-size FLUX.1 checkpoint with random weights (bf16, 33.7 GB; built on the GPU), then exit
+    python benchmarks/bench_serving.py --make-checkpoint /tmp/flux-dev [--variant schnell]
 
-Requests are identical and unseeded by default, so that today's batching rule (tickets.merge_key) can
-merge them; --distinct gives each request its own prompt and seed (never merged today). Requests that
-fail are counted (`errors`) and left out of the latency figures.
+Requests are identical and unseeded by default (any runner merges those: tickets.merge_key);
+--distinct gives each request its own prompt, seed and guidance scale, as real traffic has: the native
+FLUX pipeline still runs them in one forward (each keeping its own seed), a runner without sample
+batching runs them one by one. Requests that fail are counted (`errors`) and left out of the latency
+figures.
 """
 
 from __future__ import annotations
@@ -172,8 +176,9 @@ async def load(args, url: str, headers: dict[str, str]) -> dict:
             "n": args.n,
             "response_format": "b64_json",
         }
-        if args.distinct:
-            b["seed"] = i
+        if args.distinct:  # warm-up requests are numbered -1, -2, ...: seeds must be >= 0
+            b["seed"] = i if i >= 0 else 10**6 - i
+            b["guidance_scale"] = 2.5 + (i % 4) / 2  # 2.5..4: per sample on FLUX.1-dev, unused by schnell
         return b
 
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
@@ -267,11 +272,23 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
     target.add_argument(
+        "--make-checkpoint",
+        type=Path,
+        metavar="DIR",
+        help="write a full-size FLUX.1 checkpoint with random weights to DIR (on the GPU), then exit",
+    )
+    target.add_argument(
         "--start-server",
         action="store_true",
         help="start `diffserve serve` with the arguments after --, and stop it at the end",
     )
     p.add_argument("--tiny", action="store_true", help="with --start-server: a tiny FLUX model on the CPU")
+    p.add_argument(
+        "--variant",
+        choices=("dev", "schnell"),
+        default="dev",
+        help="--make-checkpoint: FLUX.1-dev (guidance embedding) or FLUX.1-schnell (none, fixed shift)",
+    )
     p.add_argument(
         "--api-key", default=os.environ.get("DIFFSERVE_API_KEY"), help="(default $DIFFSERVE_API_KEY)"
     )
@@ -287,7 +304,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     p.add_argument("--prompt", default="a lighthouse on a cliff at dawn, oil painting")
     p.add_argument(
-        "--distinct", action="store_true", help="a prompt and a seed per request (never merged today)"
+        "--distinct",
+        action="store_true",
+        help="a prompt, seed and guidance scale per request (batched only by runners that batch samples)",
     )
     p.add_argument("--gpus", help="GPU indices to sample, e.g. 0 or 0,1 (default: all the host's GPUs)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per request (default 3600)")
@@ -309,8 +328,42 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, serve_args
 
 
+def make_checkpoint(path: Path, variant: str, device: str = "cuda") -> Path:
+    """A FLUX.1-dev or -schnell directory as diffusers saves one (model_index.json, safetensors), full size
+    with random weights in bf16: benchmarks/pipeline_specs.py's pipeline (the one bench_pipeline.py times;
+    tiny offline tokenizers, real sequence lengths), built on the GPU. Schnell differs from dev in its DiT's
+    missing guidance embedding and its scheduler (no resolution-dependent shift): the same compute."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))  # pipeline_specs imports its siblings by bare name
+    import diffusers
+    import pipeline_specs
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--make-checkpoint builds the weights on a CUDA GPU")
+    start = time.perf_counter()
+    if variant == "schnell":
+        flux = pipeline_specs.FULL_DIT["flux"]
+        saved = dict(flux["config"])
+        flux["config"] = {**saved, "guidance_embeds": False}
+        try:
+            pipe = pipeline_specs.full_reference("flux", torch.device(device), torch.bfloat16)
+        finally:
+            flux["config"] = saved
+        pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    else:
+        pipe = pipeline_specs.full_reference("flux", torch.device(device), torch.bfloat16)
+    pipe.save_pretrained(path, safe_serialization=True)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e9
+    print(f"FLUX.1-{variant}, random weights: {path} ({size:.1f} GB) in {time.perf_counter() - start:.0f} s")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args, serve_args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.make_checkpoint is not None:
+        make_checkpoint(args.make_checkpoint, args.variant)
+        return 0
     server = None
     tiny_dir = None
     try:
