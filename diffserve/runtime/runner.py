@@ -97,8 +97,9 @@ class Runner:
         size = f"{req.width or self.defaults['width']}x{req.height or self.defaults['height']}"
         if self.task == "video":
             size += f", {req.num_frames or self.defaults['num_frames']} frames"
+        batch = "" if outputs == req.num_outputs else " (requests batched together: lower --max-batch)"
         return OutOfMemory(
-            f"out of {self.device} memory generating {outputs} x {size} with {self.model_id}: "
+            f"out of {self.device} memory generating {outputs} x {size} with {self.model_id}{batch}: "
             "lower the size, frame count or number of outputs, or use a larger GPU"
         )
 

@@ -14,6 +14,11 @@ its own named backends (its FA3 wants upstream `flash_attn_interface` or a Hub k
 wheel our platform probe accepts) and does not fall back. A TorchFunctionMode would confine the routing
 to this thread, but it adds a Python call to every torch op of the pipeline (measured ~0.8 us per op on
 the CI CPU); the swap costs nothing outside attention, and the worker runs one generation at a time.
+
+Batching: identical unseeded requests only (runtime.api.batch_key's "merge": one call of their summed
+num_outputs, no seed reported for a share), never different prompts or seeds in one call. diffusers'
+pipelines take one guidance scale per call, and with a list of generators they draw each sample's noise
+on its own, which is not what a multi-output request draws alone: a request would depend on its batch.
 """
 
 from __future__ import annotations
