@@ -28,7 +28,7 @@ from tests.unit.gpu_helpers import rel_err
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_triton = pytest.mark.skipif(
-    not (torch.cuda.is_available() and fo.triton_available()), reason="needs a CUDA GPU"
+    not (torch.cuda.is_available() and fo.triton_available()), reason="needs a CUDA GPU and Triton"
 )
 
 U32, U16 = 2.0**-24, 2.0**-8
@@ -505,6 +505,36 @@ def test_adaln_quant_triton_matches_reference(case, dim):
     if case == "plain":
         q2, s2 = fq.modulate_quant(x, shift, scale, 1e-6)
         assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s2, qs)
+
+
+def test_concat_gelu_quant_reference():
+    g = torch.Generator().manual_seed(6)
+    a, y = torch.randn(2, 5, 48, generator=g), 3 * torch.randn(2, 5, 80, generator=g)
+    q, s = fq.concat_gelu_quant(a, y)
+    want_q, want_s = fq.quantize_activation(torch.cat([a, nn.functional.gelu(y, approximate="tanh")], -1))
+    assert q.shape == (2, 5, 128) and torch.equal(q.float(), want_q.float()) and torch.equal(s, want_s)
+    with pytest.raises(ValueError, match="leading dims"):
+        fq.concat_gelu_quant(a, y[:, :4])
+
+
+@needs_triton
+@pytest.mark.parametrize("dims", [(3072, 12288), (1536, 200), (64, 256)])
+def test_concat_gelu_quant_triton_matches_reference(dims):
+    """FLUX's single blocks' [attention | GELU(MLP)] row, quantised in one pass with one scale over both
+    parts: against the float32 formula quantised by the reference (boundary flips only), and against the
+    unfolded bf16 path to e4m3's precision. A strided attention view (a column slice) is read in place."""
+    dim_a, dim_y = dims
+    g = torch.Generator(device="cuda").manual_seed(0)
+    wide = torch.randn(2, 300, 2 * dim_a, generator=g, device="cuda").to(torch.bfloat16)
+    a = wide[..., dim_a:]
+    y = (3 * torch.randn(2, 300, dim_y, generator=g, device="cuda")).to(torch.bfloat16)
+    q, s = fq.concat_gelu_quant(a, y)
+    assert q.shape == (2, 300, dim_a + dim_y) and s.shape == (2, 300, 1)
+    exact = torch.cat([a.float(), nn.functional.gelu(y.float(), approximate="tanh")], -1)
+    q_ref, s_ref = fq.quantize_activation_reference(exact)
+    _assert_quant_close(q, s, q_ref, s_ref, max_mismatch=1e-3)
+    q_ref, s_ref = fq.concat_gelu_quant_reference(a, y)
+    assert rel_err(fq.dequantize(q, s), fq.dequantize(q_ref, s_ref)) < 2.0**-6
 
 
 @gpu

@@ -229,3 +229,42 @@ def test_wan_generation_with_fp8_reads_no_weight(tiny_wan_dir, caplog, monkeypat
     )
     results = _generate_fp8(tiny_wan_dir, request, caplog, monkeypatch, forced=0.5)
     assert all(r.videos for r in results)
+
+
+# ---------------------------------------------------------------- GPU: the fused kernels in the models
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (FP8 GEMMs, Triton kernels, CUDA graphs)"
+)
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_fp8_models_on_cuda_in_cuda_graphs(family):
+    """bf16 on an H100/H200: the FP8 model (Triton quantising kernels + cuBLASLt FP8 GEMMs) replays under a
+    CUDA graph with the eager result (no host sync, no data-dependent shape in the FP8 path), and computes
+    the function of the CPU's float32 FP8 model (same weights) to e4m3's precision."""
+    from diffserve.kernels.fused_ops import triton_available
+    from diffserve.runtime.cuda_graphs import GraphedForward
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 GEMMs need compute capability 8.9+ (CUDA)")
+    if not triton_available():
+        pytest.skip("the fused quantising kernels need Triton (CUDA)")
+    build, make = (_flux, _flux_inputs) if family == "flux" else (_wan, _wan_inputs)
+    cpu = build().fuse_projections()
+    gpu = build().to("cuda", torch.bfloat16).fuse_projections()
+    quantize_linears(cpu)
+    quantize_linears(gpu)
+    inputs = make(1)
+    on_gpu = {k: v.to("cuda", torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in inputs.items()}  # fmt: skip
+    with torch.inference_mode():
+        want = cpu(**inputs)[0]
+        eager = gpu(**on_gpu)[0]
+        graphed = GraphedForward(gpu)
+        for _ in range(3):  # capture, then replays
+            out = graphed(**on_gpu)[0]
+    assert graphed.replays >= 1, graphed.uncapturable
+    assert torch.equal(out, eager)
+    assert not _weight_reads(gpu)
+    rel = ((eager.float().cpu() - want).norm() / want.norm()).item()
+    assert rel < 0.1, rel  # bf16 activations and e4m3 flips: ~3e-2 expected (fp8 vs float32 is ~3e-2 itself)
