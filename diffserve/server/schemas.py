@@ -17,7 +17,7 @@ from diffserve.runtime.limits import LimitError, ModelLimits
 from diffserve.server.config import ServerConfig
 from diffserve.server.errors import APIError
 
-EXTENSIONS = ("step_cache_threshold",)  # _Body fields that go to GenerationRequest.extra
+EXTENSIONS = ("step_cache_threshold", "true_cfg_scale")  # _Body fields that go to GenerationRequest.extra
 
 
 class _Body(BaseModel):
@@ -35,6 +35,8 @@ class _Body(BaseModel):
     user: Any = None  # OpenAI's end-user id: accepted, unused
     # Extensions (the openai client sends them through extra_body); they travel in GenerationRequest.extra.
     step_cache_threshold: float | None = None  # runtime/step_cache.py; 0 turns caching off for this request
+    # True CFG with negative_prompt (FLUX: off unless > 1; Qwen-Image: 4.0 by default, as diffusers)
+    true_cfg_scale: float | None = None
 
     def extra(self) -> dict[str, Any]:
         """The extension fields the request gives, as GenerationRequest.extra."""

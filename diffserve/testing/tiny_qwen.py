@@ -57,33 +57,54 @@ MAX_PIXELS = 56 * 56 * 4
 MIN_PIXELS = 56 * 56
 
 
-def qwen_tokenizer(max_length: int = 32768):
-    """A Qwen2Tokenizer (byte-level BPE, Qwen2's pre-tokenizer) over the byte alphabet plus every
-    pre-tokenized piece of the two templates, with Qwen2.5-VL's special tokens."""
+def template_pieces() -> list[str]:
+    """Every pre-tokenized piece (byte-level, e.g. 'Ġdetailing') of the two templates, special tokens apart."""
     import re
 
-    from tokenizers import AddedToken
-    from tokenizers.models import BPE
     from transformers import Qwen2Tokenizer
 
     from diffserve.testing.tiny_models import _byte_alphabet
 
-    vocab: dict[str, int] = {}
-    for ch in _byte_alphabet():
-        vocab.setdefault(ch, len(vocab))
-    probe = Qwen2Tokenizer(vocab=dict(vocab), merges=[])
+    probe = Qwen2Tokenizer(vocab={ch: i for i, ch in enumerate(_byte_alphabet())}, merges=[])
     specials = "|".join(re.escape(t) for t in SPECIAL_TOKENS)
+    pieces: list[str] = []
     for template in (T2I_TEMPLATE, EDIT_TEMPLATE):
         for text in re.split(specials, template.replace("{}", "")):
             for piece, _ in probe._tokenizer.pre_tokenizer.pre_tokenize_str(text):
-                vocab.setdefault(piece, len(vocab))
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=max_length)
-    tok._tokenizer.model = BPE(
-        vocab=vocab, merges=[], ignore_merges=True, fuse_unk=False, byte_fallback=False
-    )
+                if piece not in pieces:
+                    pieces.append(piece)
+    return pieces
+
+
+def qwen_tokenizer(max_length: int = 32768):
+    """A Qwen2Tokenizer (byte-level BPE, Qwen2's pre-tokenizer) over the byte alphabet plus every
+    pre-tokenized piece of the two templates, with Qwen2.5-VL's special tokens.
+
+    Merges: each piece is built left to right (its prefix of k characters + the next one), every piece's
+    k-th merge ranked before any (k+1)-th, and at each level the pieces with a leading space ('Ġ') first:
+    otherwise 'user''s first merge (u, s) would split 'Ġuser' before (Ġ, u) applies. Checked: every piece
+    is one token."""
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+
+    from diffserve.testing.tiny_models import _byte_alphabet
+
+    vocab = {ch: i for i, ch in enumerate(_byte_alphabet())}
+    pieces = template_pieces()
+    levels: dict[tuple[str, str], tuple[int, int]] = {}
+    for piece in pieces:
+        for k in range(1, len(piece)):
+            levels.setdefault((piece[:k], piece[k]), (k, 0 if piece.startswith("Ġ") else 1))
+    merges = sorted(levels, key=levels.__getitem__)
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
     tok.add_tokens(
         [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True
     )
+    split = [p for p in pieces if len(tok._tokenizer.model.tokenize(p)) != 1]
+    if split:
+        raise AssertionError(f"tiny Qwen tokenizer: template pieces {split} are not single tokens")
     return tok
 
 
@@ -185,7 +206,15 @@ def _vae():
         latents_mean=(torch.randn(4, generator=g) * 0.2).tolist(),
         latents_std=(1.0 + torch.rand(4, generator=g)).tolist(),
     )
-    return randomize_zero_weights(vae.eval())
+    randomize_zero_weights(vae)
+    # At default initialisation a VAE this narrow decodes almost the same picture from any latents (its RMS
+    # norms and residuals leave the output to the biases: ~1 level of 255 between two random latents), so a
+    # pipeline test would not see the DiT. Weights x1.5: ~55 levels apart, 3% of the pixels clipped.
+    with torch.no_grad():
+        for p in vae.parameters():
+            if p.ndim > 1:
+                p.mul_(1.5)
+    return vae.eval()
 
 
 def make_tiny_qwen_pipeline(edit: bool = False):

@@ -203,7 +203,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
         pixels = stages.image_tensor(image, cw, ch)[:, :, None].to(self.device, dtype)
         latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode()
         mean, inv_std = self._latent_stats(latents)
-        latents = ((latents - mean) * inv_std).to(dtype)  # (x - mean) / std with diffusers' rounding
+        latents = ((latents - mean) / (1.0 / inv_std)).to(dtype)  # (x - mean) / std, as diffusers rounds it
         _, c, _, lh, lw = latents.shape
         return pack(latents[:, :, 0]), (1, lh // 2, lw // 2), image
 
