@@ -155,6 +155,15 @@ def _samples_key(req: GenerationRequest, family: str, defaults: Mapping[str, Any
     return ("samples", *shared, frames, cfg, repr(sorted(rest.items())))
 
 
+def batch_shapes(max_batch: int) -> list[int]:
+    """The batch sizes (outputs per runner call) the warm-up runs for images: 1, 2, 4, ... below max_batch,
+    and max_batch itself (see Runner.warmup for why not every size). The engine forms batches of these
+    sizes when it can (tickets.batch_for): on a GPU any other size captures a CUDA graph on first use and,
+    the DiT keeping only a few, evicts a warmed one."""
+    top = max(1, int(max_batch))
+    return sorted({1 << i for i in range(top.bit_length()) if 1 << i < top} | {top})
+
+
 def split_result(result: GenerationResult, counts: Sequence[int]) -> list[GenerationResult]:
     """One merged call's result (num_outputs = sum(counts)) as one result per request, in order: its outputs,
     its share of the call; the call's timings and forwards. A share of several has no seed of its own."""

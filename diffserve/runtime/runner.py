@@ -17,6 +17,7 @@ from diffserve.runtime.api import (
     Outcome,
     StepCallback,
     batch_key,
+    batch_shapes,
     run_grouped,
 )
 from diffserve.runtime.config import RuntimeConfig
@@ -113,13 +114,13 @@ class Runner:
         generation at start and a graph pool (GPU memory) for as long as it is cached, and the DiT keeps
         only a few graphs (GraphedForward.max_graphs, least recently used out). Powers of two cover the
         n=2 request and a full batch (the usual shape under load, when the queue fills batches) at a cost
-        that grows with log2(max_batch); a size in between (3, 5..7) pays its capture once, on first use.
+        that grows with log2(max_batch); the server's engine forms batches of these sizes when it can
+        (tickets.batch_for), and a size in between (3, 5..7) that it cannot avoid captures on first use.
         A batch size that runs out of memory here is reported, not fatal: the server starts, and larger
         batches at that size are skipped (a request that large would fail with out_of_memory)."""
         sizes = resolutions or [(self.defaults["width"], self.defaults["height"])]
         frame_step = getattr(getattr(self.pipeline, "rules", None), "frame_step", None)
-        top = 1 if self.task == "video" else max(1, int(max_batch))
-        batches = sorted({1 << i for i in range(top.bit_length()) if 1 << i < top} | {top})
+        batches = batch_shapes(1 if self.task == "video" else max_batch)
         cap = getattr(getattr(self.pipeline, "dit", None), "max_graphs", None)
         if isinstance(cap, int) and len(sizes) * len(batches) > cap:
             logger.warning(

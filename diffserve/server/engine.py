@@ -19,7 +19,7 @@ Every ticket the worker holds, whatever its stage, is in `_current` until the wo
     its clock starts when it starts).
   * Batching: the queue's head goes with the queued requests that merge_key says may share its runner
     call (different prompts and seeds too, with a runner that batches samples), up to --max-batch
-    outputs. A head that could have company (merge_key is not None) and has not filled the batch waits up
+    outputs, cut to a warmed-up batch size where it can be (tickets.batch_for). A head that could have company (merge_key is not None) and has not filled the batch waits up
     to --batch-wait-ms after its admission for more; any other head goes at once.
 """
 
@@ -36,6 +36,7 @@ import time
 from collections import deque
 from typing import Any
 
+from diffserve.runtime.api import batch_shapes
 from diffserve.server.config import ServerConfig
 from diffserve.server.messages import (
     Batch,
@@ -324,7 +325,8 @@ class Engine:
         if not self.ready or w is None or w.dead or self._ahead is not None or not self._queue:
             return
         head = self._queue[0]
-        batch, outputs = batch_for(self._queue, self.cfg.max_batch, self.meta)
+        shapes = batch_shapes(self.cfg.worker.warmup_batch or self.cfg.max_batch)  # the warmed ones
+        batch, outputs = batch_for(self._queue, self.cfg.max_batch, self.meta, shapes)
         wait = head.created + self.cfg.batch_wait_ms / 1000 - time.monotonic()
         if wait > 0 and outputs < self.cfg.max_batch and merge_key(head.item, self.meta) is not None:
             if self._wait_timer is None:

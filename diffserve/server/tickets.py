@@ -7,7 +7,7 @@ import asyncio
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,9 +96,16 @@ def merge_key(item: WorkItem, meta: dict[str, Any] | None = None):
     )
 
 
-def batch_for(queue, max_batch: int, meta: dict[str, Any] | None = None) -> tuple[list[Ticket], int]:
+def batch_for(
+    queue, max_batch: int, meta: dict[str, Any] | None = None, shapes: Collection[int] | None = None
+) -> tuple[list[Ticket], int]:
     """The queue's head and the queued requests that may share its runner call (merge_key, the one rule),
-    oldest first, up to max_batch outputs in all; and that number of outputs."""
+    oldest first, up to max_batch outputs in all; and that number of outputs.
+
+    shapes: the batch sizes warmed up at start (api.batch_shapes). A batch of another size is cut to its
+    longest prefix of a warmed size (7 outputs -> the first 4; the other 3 lead the next batch), unless no
+    prefix has one: a size captured on first use would evict a warmed CUDA graph of the DiT (it keeps only
+    a few), and recapturing costs a few forwards, about what a 4-step batch takes."""
     head = queue[0]
     batch, outputs = [head], head.item.request.num_outputs
     key = merge_key(head.item, meta)
@@ -109,6 +116,11 @@ def batch_for(queue, max_batch: int, meta: dict[str, Any] | None = None) -> tupl
         if outputs + n <= max_batch and merge_key(t.item, meta) == key:
             batch.append(t)
             outputs += n
+    if shapes and outputs not in shapes:
+        sums = list(itertools.accumulate(t.item.request.num_outputs for t in batch))
+        fit = [k for k, total in enumerate(sums, 1) if total in shapes]
+        if fit:
+            batch, outputs = batch[: fit[-1]], sums[fit[-1] - 1]
     return batch, outputs
 
 

@@ -578,6 +578,47 @@ def test_a_worker_stuck_in_a_cancelled_batch_is_killed_and_the_batch_ahead_survi
     assert payload["images"] and pid != first_pid
 
 
+def test_batches_are_cut_to_the_warmed_up_sizes():
+    """batch_for with the warmed sizes (api.batch_shapes(8) = 1, 2, 4, 8): seven compatible requests
+    go as the first four (the other three lead the next batch); a prefix of a warmed size is kept when
+    outputs differ (n=2 + n=1 + n=1 -> 4); no such prefix: the whole batch. Incompatible requests are
+    skipped, never reordered. Samples batching (meta "batching": "samples") merges different prompts and
+    seeds; without it, only identical unseeded requests merge."""
+    from collections import deque
+    from types import SimpleNamespace
+
+    from diffserve.runtime.api import batch_shapes
+    from diffserve.server.tickets import batch_for
+
+    assert batch_shapes(8) == [1, 2, 4, 8] and batch_shapes(6) == [1, 2, 4, 6] and batch_shapes(1) == [1]
+    meta = {"family": "flux", "defaults": FakeRunner.defaults, "batching": "samples", "step_cache": False}
+
+    def queue(*requests):
+        return deque(SimpleNamespace(item=r, id=r.ticket_id) for r in requests)
+
+    def ids(batch):
+        return [t.id for t in batch[0]], batch[1]
+
+    shapes = batch_shapes(8)
+    seven = queue(*(item(f"r{i}", prompt=f"p{i}", seed=i) for i in range(7)))
+    assert ids(batch_for(seven, 8, meta, shapes)) == (["r0", "r1", "r2", "r3"], 4)
+    assert ids(batch_for(seven, 8, meta)) == ([f"r{i}" for i in range(7)], 7)  # no shapes: no cut
+    mixed = queue(
+        item("a", seed=1, num_outputs=2),
+        item("steps", seed=2, steps=3),  # other steps: another batch
+        item("b", prompt="b", seed=3),
+        item("c", prompt="c"),
+        item("d", prompt="d", seed=4, num_outputs=3),
+    )
+    assert ids(batch_for(mixed, 8, meta, shapes)) == (["a", "b", "c"], 4)
+    odd = queue(item("a", seed=1, num_outputs=3), item("b", seed=2, num_outputs=2))
+    assert ids(batch_for(odd, 8, meta, shapes)) == (["a", "b"], 5)
+    # without sample batching (the generic path, a parallel runner, no meta yet): identical unseeded only
+    plain = queue(item("a"), item("b", prompt="other"), item("c", seed=1), item("d"))
+    assert ids(batch_for(plain, 8, {**meta, "batching": "merge"}, shapes)) == (["a", "d"], 2)
+    assert ids(batch_for(plain, 8, None, shapes)) == (["a", "d"], 2)
+
+
 # ---- warmup of batch shapes ----------------------------------------------------------------------------
 
 
