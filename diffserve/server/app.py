@@ -53,22 +53,28 @@ def create_app(cfg: ServerConfig, shutdown_clock: ShutdownClock | None = None, o
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         files = OutputFiles(cfg.output_dir)
-        store = JobStore(cfg.output_dir / "jobs.sqlite3")
-        jobs = VideoJobs(store, files)
-        jobs.recover()
         engine = Engine(cfg, metrics, on_fatal)
+        if cfg.job_store is None:  # single node: SQLite beside the files, jobs pushed to this engine
+            jobs = VideoJobs(JobStore(cfg.output_dir / "jobs.sqlite3"), files, engine)
+            jobs.recover()
+        else:  # replicas: PostgreSQL, jobs pulled by whichever replica is free (psycopg: optional extra)
+            from diffserve.server.jobs_shared import SharedVideoJobs
+
+            jobs = await SharedVideoJobs.open(cfg, files, engine)
         app.state.files, app.state.jobs, app.state.engine = files, jobs, engine
         await engine.start()
+        jobs.start()
         expiry = asyncio.create_task(_expire_images(files, cfg.image_ttl))
         try:
             yield
         finally:
             log.info("shutting down: draining for up to %.0f s", clock.remaining(cfg.drain_timeout))
+            jobs.stop_pulling()
             await engine.drain(clock.remaining(cfg.drain_timeout))
             await jobs.wait_all(5.0)
             expiry.cancel()
             await engine.close()
-            store.close()
+            await jobs.close()
 
     # FastAPI's own /docs and /redoc load their scripts from a CDN (a blank page offline): ours serves them.
     app = FastAPI(title="diffserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)

@@ -103,6 +103,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=str(d.output_dir),
         help=f"generated files and the video job database (default {d.output_dir})",
     )
+    a(
+        "--job-store",
+        metavar="URL",
+        help="postgresql://user:password@host:port/db: keep video jobs in PostgreSQL, shared by replicas that "
+        "all mount --output-dir (default: SQLite in --output-dir, one server; README, 'Two replicas')",
+    )
+    a(
+        "--job-lease",
+        type=float,
+        default=d.job_lease,
+        help="with --job-store: seconds after which a job whose replica stopped renewing its claim goes to "
+        f"another replica (default {d.job_lease:g})",
+    )
     a("--cors-origins", help="comma-separated origins allowed by CORS (default: CORS off)")
     a(
         "--served-model-name",
@@ -181,6 +194,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         drain_timeout=args.drain_timeout,
         kill_grace=args.kill_grace,
         sse_keepalive=args.sse_keepalive,
+        job_store=args.job_store,
+        job_lease=args.job_lease,
         cors_origins=[o.strip() for o in (args.cors_origins or "").split(",") if o.strip()],
         served_model_names=args.served_model_name,
         limits=limits,
@@ -216,6 +231,10 @@ def preflight(cfg: ServerConfig) -> None:
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--output-dir {cfg.output_dir}: {e.strerror or e}") from None
+    if cfg.job_store is not None:  # reachable, and --output-dir the replicas' shared one
+        from diffserve.server.jobs_shared import check_job_store
+
+        check_job_store(cfg)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -60,6 +60,11 @@ class ServerConfig:
     # An SSE stream with nothing to send (queued, or a slow step) gets a comment line this often, so that
     # proxies and load balancers do not close it as idle (nginx's default read timeout is 60 s).
     sse_keepalive: float = 15.0
+    # Video jobs in PostgreSQL shared by replicas ("postgresql://..."); None: SQLite in output_dir, one node.
+    job_store: str | None = None
+    # Seconds a replica's claim on a running job lasts without renewal (renewed about every second): after
+    # a replica dies, its job waits this long before another replica takes it over.
+    job_lease: float = 30.0
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
@@ -78,6 +83,7 @@ class ServerConfig:
             "kill_grace",
             "image_ttl",
             "sse_keepalive",
+            "job_lease",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
@@ -92,6 +98,10 @@ class ServerConfig:
             raise ValueError("encode_threads must be 0 or more")
         if self.api_key is not None and not self.api_key.strip():
             self.api_key = None
+        if self.job_store is not None and not self.job_store.strip():
+            self.job_store = None  # an empty $(VARIABLE) in a manifest means "not set"
+        if self.job_store is not None and not self.job_store.startswith(("postgresql://", "postgres://")):
+            raise ValueError("--job-store takes a postgresql://user:password@host:port/database URL")
 
     @property
     def max_body_bytes(self) -> int:

@@ -2,6 +2,9 @@
 
 A job's row is the truth for clients; the engine ticket that computes it lives only in this process. At
 start, rows left queued or in progress by a crash or a restart are marked failed with the reason.
+
+This is the single-node default. Replicas share PostgreSQL instead (jobs_shared.SharedVideoJobs, the same
+route-facing methods: submit, get, list, cancel, delete).
 """
 
 from __future__ import annotations
@@ -12,11 +15,14 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffserve.server.files import OutputFiles, write_atomic
-from diffserve.server.messages import Completed, Errored, Progress, Started
+from diffserve.server.messages import Completed, Errored, Progress, Started, WorkItem
 from diffserve.server.tickets import EngineError, Ticket
+
+if TYPE_CHECKING:
+    from diffserve.server.engine import Engine
 
 log = logging.getLogger("diffserve.jobs")
 
@@ -136,7 +142,7 @@ def video_object(row: dict[str, Any]) -> dict[str, Any]:
     error = None
     if row["error_code"]:
         error = {"code": row["error_code"], "message": row["error_message"] or ""}
-    return {
+    obj = {
         "id": row["id"],
         "object": "video",
         "created_at": row["created_at"],
@@ -151,15 +157,61 @@ def video_object(row: dict[str, Any]) -> dict[str, Any]:
         "status": row["status"],
         "error": error,
     }
+    if "replica" in row:  # a shared store records which replica ran the job (not OpenAI's field)
+        obj["replica"] = row["replica"]
+    return obj
 
 
 class VideoJobs:
     """Follows each job's engine ticket and writes its progress, outcome and MP4."""
 
-    def __init__(self, store: JobStore, files: OutputFiles):
+    def __init__(self, store: JobStore, files: OutputFiles, engine: Engine):
         self.store = store
         self.files = files
+        self.engine = engine
         self._tasks: dict[str, asyncio.Task] = {}
+
+    # ---- the routes' side (async, as in jobs_shared.SharedVideoJobs, whose store is remote) ----------
+    async def submit(self, item: WorkItem, **fields: Any) -> dict[str, Any]:
+        """Admit the job to this server's engine (raises EngineError when full) and record it."""
+        ticket = self.engine.submit(item)
+        row = self.store.create(id=item.ticket_id, **fields)
+        self.track(item.ticket_id, ticket)
+        return row
+
+    async def get(self, job_id: str) -> dict[str, Any] | None:
+        return self.store.get(job_id)
+
+    async def list(self, **page: Any) -> tuple[list[dict[str, Any]], bool]:
+        return self.store.list(**page)
+
+    async def cancel(self, job_id: str) -> str:
+        """Cancel a queued or running job; its status afterwards."""
+        self.engine.cancel(job_id)
+        await self.settle(job_id)
+        # The follower records the cancel; this covers a job whose ticket had already ended.
+        self.store.update(
+            job_id,
+            only_if_in_flight=True,
+            status="cancelled",
+            error_code="cancelled",
+            error_message="the request was cancelled",
+        )
+        return self.store.get(job_id)["status"]
+
+    async def delete(self, job_id: str) -> None:
+        self.store.delete(job_id)
+        self.files.remove_video(job_id)
+
+    # ---- lifecycle (what app.py calls on either kind of job store) -------------------------------------
+    def start(self) -> None:
+        """Nothing to pull: jobs go to this server's engine as they arrive."""
+
+    def stop_pulling(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        self.store.close()
 
     def recover(self) -> None:
         ids = self.store.fail_in_flight("the server restarted before this job finished")

@@ -8,19 +8,18 @@ deleted: false); on a finished job it deletes the record and its file (deleted: 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
 
 from diffserve.runtime.api import GenerationRequest
-from diffserve.server.engine import Engine
 from diffserve.server.errors import APIError
 from diffserve.server.files import VIDEO_ID, OutputFiles
 from diffserve.server.inputs import decode_data_url, read_body, read_image, refuse_other_files
-from diffserve.server.jobs import IN_FLIGHT, JobStore, VideoJobs, video_object
+from diffserve.server.jobs import IN_FLIGHT, VideoJobs, video_object
 from diffserve.server.messages import WorkItem
-from diffserve.server.routes.common import served_model, submit
+from diffserve.server.routes.common import as_api_error, served_model
 from diffserve.server.schemas import (
     VideoCreateRequest,
     check_generation,
@@ -28,7 +27,10 @@ from diffserve.server.schemas import (
     parse_size,
     video_frames,
 )
-from diffserve.server.tickets import new_ticket_id
+from diffserve.server.tickets import EngineError, new_ticket_id
+
+if TYPE_CHECKING:  # psycopg is an optional extra: imported only with --job-store postgresql://
+    from diffserve.server.jobs_shared import SharedVideoJobs
 
 router = APIRouter()
 
@@ -91,12 +93,18 @@ async def create_video(request: Request):
 
     job_id = new_ticket_id("video")
     generation = dataclasses.replace(generation, num_frames=frames, image=image, fps=fps)
-    ticket = submit(request, WorkItem(job_id, generation, "video"))
-    store: JobStore = request.app.state.jobs.store
-    row = store.create(
-        id=job_id, model=meta["model_id"], prompt=body.prompt, seconds=seconds, size=f"{width}x{height}"
-    )
-    request.app.state.jobs.track(job_id, ticket)
+    jobs: VideoJobs | SharedVideoJobs = request.app.state.jobs
+    try:
+        # this server's engine (SQLite store), or the queue every replica pulls from (PostgreSQL store)
+        row = await jobs.submit(
+            WorkItem(job_id, generation, "video"),
+            model=meta["model_id"],
+            prompt=body.prompt,
+            seconds=seconds,
+            size=f"{width}x{height}",
+        )
+    except EngineError as err:
+        raise as_api_error(err, request.app.state.engine) from None
     return video_object(row)
 
 
@@ -107,7 +115,7 @@ async def list_videos(
     limit: int = Query(20, ge=1, le=100),
     order: Literal["asc", "desc"] = "desc",
 ):
-    rows, more = request.app.state.jobs.store.list(after=after, limit=limit, order=order)
+    rows, more = await request.app.state.jobs.list(after=after, limit=limit, order=order)
     data = [video_object(r) for r in rows]
     return {
         "object": "list",
@@ -118,8 +126,8 @@ async def list_videos(
     }
 
 
-def _job(request: Request, video_id: str) -> dict:
-    row = request.app.state.jobs.store.get(video_id) if VIDEO_ID.fullmatch(video_id) else None
+async def _job(request: Request, video_id: str) -> dict:
+    row = await request.app.state.jobs.get(video_id) if VIDEO_ID.fullmatch(video_id) else None
     if row is None:
         raise APIError(404, f"No video with id '{video_id[:80]}'.", "video_not_found", "video_id")
     return row
@@ -127,7 +135,7 @@ def _job(request: Request, video_id: str) -> dict:
 
 @router.get("/v1/videos/{video_id}")
 async def retrieve_video(request: Request, response: Response, video_id: str):
-    row = _job(request, video_id)
+    row = await _job(request, video_id)
     if row["status"] in IN_FLIGHT:
         response.headers["openai-poll-after-ms"] = POLL_AFTER_MS
     return video_object(row)
@@ -135,7 +143,7 @@ async def retrieve_video(request: Request, response: Response, video_id: str):
 
 @router.get("/v1/videos/{video_id}/content")
 async def video_content(request: Request, video_id: str, variant: Literal["video"] = "video"):
-    row = _job(request, video_id)
+    row = await _job(request, video_id)
     if row["status"] != "completed":
         raise APIError(
             409, f"The video is not ready (status: {row['status']}).", "video_not_ready", "video_id"
@@ -149,26 +157,11 @@ async def video_content(request: Request, video_id: str, variant: Literal["video
 
 @router.delete("/v1/videos/{video_id}")
 async def delete_video(request: Request, video_id: str):
-    row = _job(request, video_id)
-    jobs: VideoJobs = request.app.state.jobs
+    row = await _job(request, video_id)
+    jobs: VideoJobs | SharedVideoJobs = request.app.state.jobs
     if row["status"] in IN_FLIGHT:
-        engine: Engine = request.app.state.engine
-        engine.cancel(video_id)
-        await jobs.settle(video_id)
-        # The follower records the cancel; this covers a job whose ticket had already ended.
-        jobs.store.update(
-            video_id,
-            only_if_in_flight=True,
-            status="cancelled",
-            error_code="cancelled",
-            error_message="the request was cancelled",
-        )
-        return {
-            "id": video_id,
-            "object": "video.deleted",
-            "deleted": False,
-            "status": jobs.store.get(video_id)["status"],
-        }
-    jobs.store.delete(video_id)
-    request.app.state.files.remove_video(video_id)
+        # with a shared store the job may run on another replica: it sees the cancel at its next renewal
+        status = await jobs.cancel(video_id)
+        return {"id": video_id, "object": "video.deleted", "deleted": False, "status": status}
+    await jobs.delete(video_id)
     return {"id": video_id, "object": "video.deleted", "deleted": True}
