@@ -17,7 +17,17 @@ Variants (run in the order given):
                                        default, --compile-scope model for the whole forward); our q/k and
                                        GELU kernels stay in the graph as custom ops
   ours-compile+inductor                the same with every elementwise op left to Inductor
-ours-plain must come before the fused variants (fusing changes the model in place), ours-compile last.
+  ours-fp8, ours-fp8-eager             `--quantization fp8` (issue 17): ours-eager's model with the default FP8
+                                       selection (runtime/layers/fp8.quantize_linears, as loader.load_dit
+                                       does), replayed as a CUDA graph as served / eagerly
+  diffusers-torchao-fp8[-compile]      the peer: torchao's Float8DynamicActivationFloat8WeightConfig(PerRow())
+                                       on a copy of diffusers' model (every nn.Linear, torchao's default
+                                       filter), eager / torch.compile of the whole model. torchao is imported
+                                       only here; without it the variants are skipped with a message.
+ours-plain must come before the fused variants (fusing changes the model in place), ours-compile last;
+ours-fp8 after every bf16 ours variant and not with ours-compile (quantisation is in place).
+The FP8 variants' relative error against diffusers-eager is their error against bf16; for scale, pass
+--fp32-reference to also get every variant's error against float32 (ours bf16 vs fp32 included).
 Ours always uses diffserve's attention selection (FA3 on Hopper).
 
 Figures: ms per forward = median of --iters (>= 5) timed with CUDA events after --warmup calls (compilation
@@ -72,7 +82,13 @@ VARIANTS = (
     "ours-graph",
     "ours-compile",
     "ours-compile+inductor",
+    "ours-fp8",
+    "ours-fp8-eager",
+    "diffusers-torchao-fp8",
+    "diffusers-torchao-fp8-compile",
 )
+# What runs without --variants: the bf16 variants (ours-fp8 cannot share a run with ours-compile).
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if "fp8" not in v)
 BF16_PEAK_TFLOPS = {"H100": 798.0}  # measured 8192^3 bf16 matmul on H100 (DESIGN.md); for "% of peak"
 
 
@@ -103,12 +119,36 @@ def enable_diffusers_fa3() -> str:
     return "diffusers _flash_3 -> fa3_fwd_interface (aliased as flash_attn_interface)"
 
 
+class TorchaoMissing(Exception):
+    """torchao is not installed: the diffusers-torchao-fp8 variants cannot run (and are skipped)."""
+
+
+def torchao_fp8(ref: torch.nn.Module) -> torch.nn.Module:
+    """A copy of diffusers' model quantised as a diffusers user does it with torchao: FP8 e4m3 weights and
+    dynamic activations, per-row scales, on every nn.Linear (quantize_'s default filter)."""
+    try:
+        import torchao
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    except ImportError as e:
+        raise TorchaoMissing(f"torchao is not installed ({e}): pip install torchao") from None
+    model = copy.deepcopy(ref)  # quantize_ works in place; the other diffusers variants keep bf16
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    print(f"  torchao {torchao.__version__}: Float8DynamicActivationFloat8WeightConfig(PerRow())", flush=True)
+    return model
+
+
 def prepare_variant(variant: str, models: dict, args, state: dict):
-    """The callable module for `variant`; applies fusion/compilation to ours in place when first needed."""
+    """The callable module for `variant`; applies fusion/compilation/quantisation to ours in place when first
+    needed."""
     from diffserve.kernels import fused_ops
     from diffserve.runtime.compile import compile_dit
 
-    impl, mode = variant.split("-")
+    impl, _, mode = variant.partition("-")
+    if impl == "diffusers" and mode.startswith("torchao-fp8"):
+        if "torchao" not in state:
+            state["torchao"] = torchao_fp8(models["diffusers"])
+        model = state["torchao"]
+        return torch.compile(model, mode=args.compile_mode) if mode.endswith("-compile") else model
     if impl == "diffusers":
         mode, _, extra = mode.partition("+")
         ref = models["diffusers"]
@@ -117,6 +157,10 @@ def prepare_variant(variant: str, models: dict, args, state: dict):
         )
         return torch.compile(ref, mode=args.compile_mode) if mode == "compile" else ref
     ours = models["ours"]
+    if state.get("quantized") and not mode.startswith("fp8"):
+        raise SystemExit("ours bf16 variants come before ours-fp8 (quantisation is in place)")
+    if mode.startswith("fp8"):
+        return prepare_fp8(ours, mode, args, state)
     if mode == "plain":
         if state.get("fused"):
             raise SystemExit("ours-plain must come before ours-eager/ours-compile (fusion is in place)")
@@ -142,6 +186,33 @@ def prepare_variant(variant: str, models: dict, args, state: dict):
     elif state.get("compiled"):
         raise SystemExit("ours-compile variants come last (compilation is in place)")
     return ours
+
+
+def prepare_fp8(ours: torch.nn.Module, mode: str, args, state: dict):
+    """ours-fp8 (CUDA graph) / ours-fp8-eager: the fused model with its default FP8 selection, quantised
+    once (as loader.load_dit: after fusing)."""
+    from diffserve.kernels import fused_ops
+    from diffserve.runtime.layers.fp8 import quantize_linears
+
+    if state.get("compiled"):
+        raise SystemExit("ours-fp8 cannot follow the ours-compile variants (compilation is in place)")
+    fused_ops.set_fused_ops(not args.no_fused_ops)
+    if not state.get("fused") and not args.no_fuse:
+        ours.fuse_projections()
+        state["fused"] = True
+    if not state.get("quantized"):
+        stats = quantize_linears(ours)
+        state["quantized"] = stats
+        print(
+            f"  fp8: {stats['count']} GEMMs quantised, their weights {stats['bytes_before'] / 1e9:.2f} -> "
+            f"{stats['bytes_after'] / 1e9:.2f} GB",
+            flush=True,
+        )
+    if mode == "fp8-eager":
+        return ours
+    from diffserve.runtime.cuda_graphs import GraphedForward
+
+    return GraphedForward(ours)
 
 
 def float32_output(ref: torch.nn.Module, inputs: dict) -> torch.Tensor:
@@ -182,7 +253,11 @@ def run_family(family: str, spec: dict, args, device: torch.device, dtype: torch
         )
         model = None
         for variant in args.variants:
-            model = prepare_variant(variant, models, args, state)
+            try:
+                model = prepare_variant(variant, models, args, state)
+            except TorchaoMissing as e:
+                print(f"  {variant:18s} skipped: {e}", flush=True)
+                continue
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             ms, warmup_s, out = time_ms(
@@ -205,10 +280,11 @@ def run_family(family: str, spec: dict, args, device: torch.device, dtype: torch
                 + ("" if exact is None else f"  rel err vs float32 {row['rel_err_fp32']:.2e}"),
                 flush=True,
             )
-            if variant == "ours-graph" and device.type == "cuda" and not model.replays:
-                print(f"  ours-graph ran eagerly: {'; '.join(model.uncapturable.values())}", flush=True)
+            if variant in ("ours-graph", "ours-fp8") and device.type == "cuda" and not model.replays:
+                print(f"  {variant} ran eagerly: {'; '.join(model.uncapturable.values())}", flush=True)
             if args.record:
                 ours_variant = variant.startswith("ours")
+                fp8 = "fp8" in variant
                 record(
                     f"dit_{family}_{'tiny_' if args.tiny else ''}forward",
                     variant,
@@ -240,10 +316,20 @@ def run_family(family: str, spec: dict, args, device: torch.device, dtype: torch
                         if ours_variant
                         else None
                     ),
-                    # Whether the timed calls were CUDA graph replays (ours-graph on a GPU whose capture
-                    # worked); None for the variants that never try.
-                    cuda_graph=bool(model.replays) if variant == "ours-graph" else None,
+                    # Whether the timed calls were CUDA graph replays (ours-graph / ours-fp8 on a GPU whose
+                    # capture worked); None for the variants that never try.
+                    cuda_graph=bool(model.replays) if variant in ("ours-graph", "ours-fp8") else None,
                     torch=torch.__version__,
+                    quantization=(
+                        (
+                            "fp8 torchao Float8DynamicActivationFloat8WeightConfig(PerRow)"
+                            if not ours_variant
+                            else "fp8"
+                        )
+                        if fp8
+                        else None
+                    ),  # fmt: skip
+                    fp8_gemms=state["quantized"]["count"] if fp8 and ours_variant else None,
                 )
             del out
             if variant.startswith("ours-compile"):
@@ -265,7 +351,7 @@ def run_family(family: str, spec: dict, args, device: torch.device, dtype: torch
 
     fused_ops.set_fused_ops(None)
     fused_ops.set_kernels_in_compile(True)
-    del ref, ours, models, reference, inputs, model
+    del ref, ours, models, reference, inputs, model, state
     free(device)
     return rows
 
@@ -289,8 +375,8 @@ def parse_args(argv=None):
     p.add_argument("--family", nargs="+", choices=("flux", "wan"), default=["flux", "wan"])
     p.add_argument(
         "--variants",
-        default=",".join(VARIANTS),
-        help=f"comma-separated subset of {','.join(VARIANTS)} (run in this order)",
+        default=",".join(DEFAULT_VARIANTS),
+        help=f"comma-separated subset of {','.join(VARIANTS)} (run in this order; default: the bf16 ones)",
     )
     p.add_argument("--iters", type=int, default=10, help="timed forwards (median reported; at least 5)")
     p.add_argument("--warmup", type=int, default=3, help="untimed forwards first (compilation happens here)")

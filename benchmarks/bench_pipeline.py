@@ -26,8 +26,17 @@ End-to-end figure (--end-to-end): wall time of a whole generation, text encoding
 pipeline, ours vs diffusers' pipeline on the same components and the same request (FLUX: 1024x1024,
 guidance 3.5, --steps default 28, the pipelines' default); the ratio is diffusers' time / ours.
 
+--quantization fp8 (issue 17): our DiT with the default FP8 selection (runtime/layers/fp8.quantize_linears,
+after fusing, as `--quantization fp8` loads it); diffusers' pipeline stays bf16.
+--step-cache-force F [F ...] (with --end-to-end): ours timed once per forced reuse fraction F
+(StepCacheConfig.forced_fraction: round(F x steps) steps reuse the cached tail, spread evenly): random
+weights make the cache's own decision meaningless, so speed is measured at fixed fractions (0 runs the
+cache's head/tail split with nothing reused). Each row records the DiT forwards computed and reused.
+
     python benchmarks/bench_pipeline.py [--family flux wan] [--steps 4]
     python benchmarks/bench_pipeline.py --end-to-end --family flux --steps 28
+    python benchmarks/bench_pipeline.py --end-to-end --family flux --steps 28 --quantization fp8 \
+        --step-cache-force 0 0.25 0.5
     python benchmarks/bench_pipeline.py --tiny [--end-to-end]   # CPU, tiny models: checks this script
 
 Each figure is appended to benchmarks/results.jsonl (benchmarks/record.py); --tiny writes to a temporary
@@ -93,6 +102,15 @@ def build(family: str, args, device: torch.device, dtype: torch.dtype):
     reference = tiny_reference(family, device) if args.tiny else full_reference(family, device, dtype)
     reference.set_progress_bar_config(disable=True)
     ours = ours_from(reference, family, device)
+    if args.quantization == "fp8":
+        from diffserve.runtime.layers.fp8 import quantize_linears
+
+        # In place, after ours_from fused the projections (as loader.load_dit). ours' unquantised weights
+        # stay alive in diffusers' DiT, which shares them.
+        for dit in {id(d): d for d in (ours.transformer, getattr(ours, "transformer_2", None)) if d}.values():
+            stats = quantize_linears(dit)
+            print(f"  fp8: {stats['count']} GEMMs quantised ({stats['bytes_before'] / 1e9:.2f} -> "
+                  f"{stats['bytes_after'] / 1e9:.2f} GB of their weights)", flush=True)  # fmt: skip
     synchronize(device)
     print(f"\n{label}: built in {time.perf_counter() - t0:.1f} s", flush=True)
     return label, shape, reference, ours
@@ -124,12 +142,19 @@ def runners(reference, ours, shape: dict):
     return (("diffserve", run_ours), ("diffusers", run_diffusers))
 
 
+def ours_impl(args, fraction: float | None = None) -> str:
+    """The row's impl: "diffserve", with "+fp8" and "+reuse25%" (a forced reuse fraction) as they apply."""
+    impl = "diffserve" + ("+fp8" if args.quantization else "")
+    return impl if fraction is None else f"{impl}+reuse{fraction:.0%}"
+
+
 def run_family(family: str, args, device: torch.device, dtype: torch.dtype) -> list[dict]:
     from diffserve.runtime.layers.attention import get_attention_backend
 
     label, shape, reference, ours = build(family, args, device, dtype)
     rows = []
     for impl, run in runners(reference, ours, shape):
+        impl = ours_impl(args) if impl == "diffserve" else impl
         t = time.perf_counter()
         run(2)  # warm-up: kernels, cuBLAS heuristics, attention backend resolution, graph capture
         synchronize(device)
@@ -138,7 +163,7 @@ def run_family(family: str, args, device: torch.device, dtype: torch.dtype) -> l
         sync = impl == "diffusers" or device.type != "cuda"
         ms, result = step_intervals(lambda tick, run=run: run(args.steps, tick), device, sync)
         extra = {}
-        if impl == "diffserve":
+        if impl.startswith("diffserve"):
             timings = result.timings
             extra = {
                 "encode_text_ms": round(timings["encode_text"] * 1e3, 2),
@@ -146,6 +171,7 @@ def run_family(family: str, args, device: torch.device, dtype: torch.dtype) -> l
                 "attention": get_attention_backend(128, dtype).__name__,
                 "cuda_graphs": any(g.replays for g in graphed(ours)),
                 "fused_projections": True,
+                "quantization": args.quantization,
             }
         row = dict(
             model=label, impl=impl, ms=statistics.median(ms), steps=args.steps, warmup_s=warmup_s, **extra
@@ -172,11 +198,19 @@ def run_family(family: str, args, device: torch.device, dtype: torch.dtype) -> l
 def end_to_end(family: str, args, device: torch.device, dtype: torch.dtype) -> list[dict]:
     """Whole generations, ours vs diffusers: median wall time of args.runs after one warm-up each."""
     from diffserve.runtime.layers.attention import get_attention_backend
+    from diffserve.runtime.step_cache import StepCacheConfig
 
     label, shape, reference, ours = build(family, args, device, dtype)
     steps = args.steps or ours.defaults["num_inference_steps"]
+    (_, run_ours), (_, run_diffusers) = runners(reference, ours, shape)
+    # ours once per forced reuse fraction (None: the pipeline as configured, no step cache), then diffusers
+    entries = [(ours_impl(args, f), run_ours, f) for f in (args.step_cache_force or [None])]
+    entries.append(("diffusers", run_diffusers, None))
     rows = []
-    for impl, run in runners(reference, ours, shape):
+    for impl, run, fraction in entries:
+        is_ours = impl.startswith("diffserve")
+        if is_ours:
+            ours.step_cache = None if fraction is None else StepCacheConfig.forced_fraction(steps, fraction)
         t = time.perf_counter()
         run(steps)  # warm-up: the same request (graphs are captured for its shapes here)
         synchronize(device)
@@ -188,7 +222,7 @@ def end_to_end(family: str, args, device: torch.device, dtype: torch.dtype) -> l
             result = run(steps)  # PIL images out: the decode's copy to the CPU waits for the GPU
             synchronize(device)
             seconds.append(time.perf_counter() - t)
-            if impl == "diffserve":
+            if is_ours:
                 stages.append(result.timings)
         row = dict(
             model=label,
@@ -197,20 +231,27 @@ def end_to_end(family: str, args, device: torch.device, dtype: torch.dtype) -> l
             runs_s=[round(v, 4) for v in seconds],
             warmup_s=round(warmup_s, 2),
         )
-        if impl == "diffserve":
+        if is_ours:
             for stage in ("encode_text", "denoise", "decode"):
                 row[f"{stage}_ms"] = round(statistics.median(t[stage] for t in stages) * 1e3, 2)
             row["attention"] = get_attention_backend(128, dtype).__name__
             row["cuda_graphs"] = any(g.replays for g in graphed(ours))
+            row["quantization"] = args.quantization
+            row["step_cache_forced"] = fraction
+            row["dit_forwards"] = dict(result.dit_forwards)  # the last run's: the same every run
         rows.append(row)
         print(
             f"  {impl:9s}: {row['s']:.3f} s per generation ({steps} steps; runs "
-            f"{', '.join(f'{v:.3f}' for v in seconds)}), warm-up {warmup_s:.1f} s",
+            f"{', '.join(f'{v:.3f}' for v in seconds)}), warm-up {warmup_s:.1f} s"
+            + (f", DiT forwards {row['dit_forwards']}" if is_ours else ""),
             flush=True,
         )
-    ratio = rows[1]["s"] / rows[0]["s"]  # diffusers / ours: > 1 means ours is faster
-    print(f"  diffusers / ours: {ratio:.2f}x", flush=True)
-    for row in rows:
+    ours.step_cache = None
+    diffusers_s = rows[-1]["s"]
+    for row in rows:  # diffusers / ours: > 1 means ours is faster (diffusers' row: against the first ours)
+        ratio = diffusers_s / (row["s"] if row["impl"] != "diffusers" else rows[0]["s"])
+        if row["impl"] != "diffusers":
+            print(f"  diffusers / {row['impl']}: {ratio:.2f}x", flush=True)
         row.update(steps=steps, diffusers_over_ours=round(ratio, 3))
         if args.record:
             record(
@@ -242,7 +283,7 @@ def markdown_end_to_end(rows: list[dict]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
-        ours = r["impl"] == "diffserve"
+        ours = r["impl"].startswith("diffserve")
         stages = " | ".join(
             f"{r[k]:.1f}" if ours else "" for k in ("encode_text_ms", "denoise_ms", "decode_ms")
         )
@@ -274,6 +315,17 @@ def parse_args(argv=None):
         default=None,
         help="default bfloat16 on the GPU, float32 with --tiny",
     )
+    p.add_argument(
+        "--quantization", choices=("fp8",), default=None, help="our DiT in FP8 (as --quantization fp8)"
+    )
+    p.add_argument(
+        "--step-cache-force",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="FRACTION",
+        help="--end-to-end: time ours at each forced step-cache reuse fraction in [0, 1), e.g. 0 0.25 0.5",
+    )
     p.add_argument("--tiny", action="store_true", help="CPU, tiny models: an end-to-end check of the script")
     p.add_argument("--no-record", dest="record", action="store_false", help="do not append to results")
     p.add_argument(
@@ -283,6 +335,12 @@ def parse_args(argv=None):
         help=f"results file (default {RESULTS}; with --tiny a file in the temp dir)",
     )
     args = p.parse_args(argv)
+    if args.step_cache_force is not None:
+        if not args.end_to_end:
+            p.error("--step-cache-force needs --end-to-end")
+        bad = [f for f in args.step_cache_force if not 0.0 <= f < 1.0]
+        if bad:
+            p.error(f"--step-cache-force fractions must be in [0, 1), got {bad}")
     if args.end_to_end:
         if args.runs < 3:
             p.error("--runs must be at least 3 (the median of fewer is not a figure)")

@@ -66,3 +66,63 @@ def test_bench_vae_flux_tiny(tmp_path):
     assert [r["impl"] for r in rows] == ["diffusers", "ours"]
     assert all(r["benchmark"] == "vae_decode_tiny_flux1_1024x1024" for r in rows)
     assert rows[1]["rel_err_vs_diffusers"] < 1e-5  # the same decode on the CPU
+
+
+def test_bench_dit_fp8_variants_tiny(tmp_path, capsys):
+    # ours-fp8 quantises the fused model in place (after the bf16 variants); the torchao peer runs where
+    # torchao is installed and is skipped with a message naming it where not (this CPU machine).
+    import importlib.util
+
+    bench = _load("bench_dit")
+    results = tmp_path / "results.jsonl"
+    argv = ["--tiny", "--family", "flux", "--variants", "ours-eager,ours-fp8,diffusers-torchao-fp8"]
+    assert (
+        bench.main([*argv, "--iters", "5", "--warmup", "1", "--fp32-reference", "--results", str(results)])
+        == 0
+    )
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    has_torchao = importlib.util.find_spec("torchao") is not None
+    assert [r["impl"] for r in rows] == ["ours-eager", "ours-fp8"] + (
+        ["diffusers-torchao-fp8"] if has_torchao else []
+    )
+    ours_bf16, ours_fp8 = rows[0], rows[1]
+    assert (
+        ours_bf16["quantization"] is None
+        and ours_fp8["quantization"] == "fp8"
+        and ours_fp8["fp8_gemms"] == 14
+    )
+    # relative error against bf16 (diffusers eager) and, for scale, against float32
+    assert 0 < ours_fp8["rel_err_vs_diffusers_eager"] < 0.1 and ours_fp8["rel_err_vs_float32"] < 0.1
+    assert ours_bf16["rel_err_vs_float32"] < 0.05
+    if not has_torchao:
+        assert "diffusers-torchao-fp8 skipped: torchao is not installed" in capsys.readouterr().out
+    # bf16 ours variants cannot follow the in-place quantisation
+    try:
+        bench.main(["--tiny", "--family", "flux", "--variants", "ours-fp8,ours-eager", "--no-record"])
+    except SystemExit as e:
+        assert "before ours-fp8" in str(e)
+    else:
+        raise AssertionError("ours-eager after ours-fp8 must be refused")
+
+
+def test_bench_pipeline_fp8_forced_reuse_tiny(tmp_path):
+    bench = _load("bench_pipeline")
+    results = tmp_path / "results.jsonl"
+    argv = [
+        "--tiny",
+        "--end-to-end",
+        "--family",
+        "flux",
+        "--steps",
+        "3",
+        "--runs",
+        "3",
+        "--quantization",
+        "fp8",
+    ]
+    assert bench.main([*argv, "--step-cache-force", "0.5", "--results", str(results)]) == 0
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["impl"] for r in rows] == ["diffserve+fp8+reuse50%", "diffusers"]
+    assert rows[0]["dit_forwards"] == {"computed": 1, "cached": 2}  # round(0.5 * 3) of 3 steps reused
+    assert rows[0]["quantization"] == "fp8" and rows[0]["step_cache_forced"] == 0.5
+    assert all(r["diffusers_over_ours"] > 0 for r in rows)
