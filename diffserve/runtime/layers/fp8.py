@@ -5,8 +5,20 @@ e4m3 activations with per-token dynamic scales, one torch._scaled_mm (row-wise s
   Fp8Linear(...)(x)                      quantise x per row (kernels/fp8_quant.py), then the FP8 GEMM
   Fp8Linear(...)(xq, x_scale=s)          the GEMM alone, for a caller whose fused kernel already wrote
                                          (xq, s): fp8_quant.adaln_quant / modulate_quant / gelu_quant
+  Fp8Linear(...)(Quantized(xq, s))       the same, the pair as the block passes below return it
   quantize_linears(model, include)       the selected nn.Linear layers of a model replaced in place
   dit_linears(name, linear)              the default selection for our FLUX and Wan DiTs
+  norm_modulate_quant, residual_norm_modulate_quant, gelu_quant, concat_gelu_quant
+                                         the blocks' passes that write a GEMM input, writing it quantised
+                                         (one pass on CUDA): what models/flux.py, models/wan.py and
+                                         layers/mlp.py call where every GEMM reading that input is FP8
+
+How the models use it: a block asks fp8_layers(consumers...) and, where all the GEMMs that read an input
+are Fp8Linear, computes that input with the *_quant form of its pass and hands the Quantized to them (FLUX's
+q|k|v and MLP inputs, Wan's q|k|v, cross-attention q and FFN inputs, the GELU outputs, FLUX's single-block
+[attention | MLP]). Attention outputs have no such pass (the attention kernel writes them): their output
+projections quantise their input themselves (Fp8Linear(x)). No call site reads `.weight` of an Fp8Linear
+(tests/unit/test_fp8_models.py checks weight_reads == 0 through whole generations).
 
 The same code runs on the CPU: torch._scaled_mm has a CPU implementation (torch 2.13), so CI tests the path
 the GPU serves. What each device accepts (checked by probing torch 2.13 on the CPU; CUDA's rules from
@@ -287,8 +299,11 @@ class Fp8Linear(nn.Module):
 # names hold before and after fuse_projections().
 _DIT_LINEARS = re.compile(
     r"(?:^|\.)(?:"
-    # FLUX dual-stream blocks: the image stream only (the text stream's `add_*` projections, `to_add_out`
-    # and `ff_context` run 512-row GEMMs that FP8 does not speed up)
+    # FLUX dual-stream blocks: the image stream only. The text stream's `add_*` projections, `to_add_out`
+    # and `ff_context` (and Wan's cross-attention k|v below) run GEMMs over the 512 text tokens, which FP8
+    # does not speed up: measured on an H200 (issue 17; bench_fp8.py --with-text), 512-row FP8 GEMMs ran
+    # at 179-564 TFLOP/s, no faster than bf16, against 1,100-1,240 for the 4,096-row image GEMMs (540-690
+    # in bf16). Quantising them would only add their activation-quantisation passes and e4m3's error.
     r"transformer_blocks\.\d+\.(?:attn\.(?:to_q|to_k|to_v|to_out\.0)|ff\.net\.(?:0\.proj|2))"
     # FLUX single-stream blocks: the joint sequence's q|k|v, MLP in and the output projection
     r"|single_transformer_blocks\.\d+\.(?:attn\.(?:to_q|to_k|to_v)|proj_mlp|proj_out)"
