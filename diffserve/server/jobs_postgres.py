@@ -111,7 +111,12 @@ class PostgresJobStore:
             raise JobStoreError(f"cannot connect to the job store {redact(url)}: {reason}") from None
         # check: a connection broken by a database restart is found and replaced before it is handed out.
         pool = AsyncConnectionPool(
-            url, min_size=1, max_size=4, open=False, check=AsyncConnectionPool.check_connection
+            url,
+            min_size=1,
+            max_size=4,
+            open=False,
+            check=AsyncConnectionPool.check_connection,
+            timeout=timeout,  # a request waits this long for a connection, then answers 503
         )
         try:
             await pool.open(wait=True, timeout=timeout)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import logging
 import os
@@ -25,6 +26,7 @@ from typing import Any
 from diffserve.runtime.api import GenerationRequest
 from diffserve.server.config import ServerConfig
 from diffserve.server.engine import Engine
+from diffserve.server.errors import APIError
 from diffserve.server.files import OutputFiles, write_atomic
 from diffserve.server.jobs import IN_FLIGHT
 from diffserve.server.jobs_postgres import JobStoreError, PostgresJobStore
@@ -79,6 +81,23 @@ def check_job_store(cfg: ServerConfig) -> None:
         raise ValueError(str(e)) from None
 
 
+@contextlib.asynccontextmanager
+async def _answerable():
+    """The database unreachable (restarting, network): a 503 that says so and when to retry, not a 500."""
+    import psycopg
+
+    try:
+        yield
+    except psycopg.Error as e:  # the pool's errors (PoolTimeout, PoolClosed) are psycopg's too
+        log.error("video jobs: the job store failed: %s", e)
+        raise APIError(
+            503,
+            "The video job store (PostgreSQL) cannot be reached; retry shortly.",
+            "job_store_unavailable",
+            headers={"Retry-After": "5"},
+        ) from None
+
+
 class SharedVideoJobs:
     def __init__(self, store: PostgresJobStore, files: OutputFiles, engine: Engine, cfg: ServerConfig):
         self.store, self.files, self.engine, self.cfg = store, files, engine, cfg
@@ -108,30 +127,35 @@ class SharedVideoJobs:
 
     # ---- the routes' side (the same methods as jobs.VideoJobs) ----------------------------------------
     async def submit(self, item: WorkItem, **fields: Any) -> dict[str, Any]:
-        # The queue is the store's, shared: --max-queue bounds it for all replicas together.
-        if await self.store.count_queued() >= self.cfg.max_queue:
-            raise EngineError(
-                "queue_full", f"the queue is full ({self.cfg.max_queue} video jobs waiting); retry later"
-            )
-        row = await self.store.create(encode_request(item.request), id=item.ticket_id, **fields)
+        async with _answerable():
+            # The queue is the store's, shared: --max-queue bounds it for all replicas together.
+            if await self.store.count_queued() >= self.cfg.max_queue:
+                raise EngineError(
+                    "queue_full", f"the queue is full ({self.cfg.max_queue} video jobs waiting); retry later"
+                )
+            row = await self.store.create(encode_request(item.request), id=item.ticket_id, **fields)
         self._wake.set()  # this replica may be free: no need to wait for the next tick
         return row
 
     async def get(self, job_id: str) -> dict[str, Any] | None:
-        return await self.store.get(job_id)
+        async with _answerable():
+            return await self.store.get(job_id)
 
     async def list(self, **page: Any) -> tuple[list[dict[str, Any]], bool]:
-        return await self.store.list(**page)
+        async with _answerable():
+            return await self.store.list(**page)
 
     async def cancel(self, job_id: str) -> str:
-        row = await self.store.cancel(job_id)
+        async with _answerable():
+            row = await self.store.cancel(job_id)
         if job_id in self._held:  # running here: stop it now rather than at the next renewal
             self.engine.cancel(job_id)
             await self.settle(job_id)
         return row["status"] if row else "cancelled"
 
     async def delete(self, job_id: str) -> None:
-        await self.store.delete(job_id)
+        async with _answerable():
+            await self.store.delete(job_id)
         self.files.remove_video(job_id)
 
     # ---- pulling ---------------------------------------------------------------------------------
@@ -203,15 +227,20 @@ class SharedVideoJobs:
                 if isinstance(event, Progress):
                     progress = event.percent(ceiling=99)  # 100 waits for the file, as in jobs.VideoJobs
                     if progress != last:
-                        await self.store.progress(job_id, self.replica, progress)
-                        last = progress
+                        try:
+                            await self.store.progress(job_id, self.replica, progress)
+                            last = progress
+                        except Exception as e:  # a missed progress update is no reason to stop the job
+                            log.warning("video job %s: progress not recorded (%s)", job_id, e)
                 elif isinstance(event, Completed):
                     await self._complete(job_id, event.payload)
                 elif isinstance(event, Errored):
                     await self._ended(job_id, event.error)
         except Exception:
-            # the store unreachable: the lease expires and another replica runs the job again
+            # the store unreachable: the lease expires and another replica runs the job again, so this
+            # worker need not finish it
             log.exception("video job %s: could not record its outcome", job_id)
+            self.engine.cancel(job_id, message="the job store could not be reached")
         finally:
             self._held.pop(job_id, None)
             self._tasks.pop(job_id, None)

@@ -228,3 +228,21 @@ def test_request_round_trip_and_config():
     assert ServerConfig(job_store="").job_store is None
     with pytest.raises(ValueError, match="job_lease"):
         ServerConfig(job_lease=0)
+
+
+def test_an_unreachable_store_answers_503_not_500(url, tmp_path):
+    from diffserve.server.errors import APIError
+    from diffserve.server.files import OutputFiles
+    from diffserve.server.jobs_shared import SharedVideoJobs
+
+    async def scenario():
+        store = await open_store(url)
+        jobs = SharedVideoJobs(store, OutputFiles(tmp_path), engine=None, cfg=ServerConfig(job_store=url))
+        await store.close()  # as good as a database that went away
+        with pytest.raises(APIError) as e:
+            await jobs.get("video_" + "0" * 32)
+        return e.value
+
+    error = run(scenario())
+    assert error.status == 503 and error.code == "job_store_unavailable"
+    assert error.headers["Retry-After"] == "5"
