@@ -146,7 +146,7 @@ def test_delete_through_b_cancels_a_job_running_on_a(replicas):
 
 def test_sigkill_of_a_mid_job_moves_its_job_to_b(replicas):
     # long enough to be mid-job at the kill, short enough to run again on B here
-    medium = {**LONG, "num_inference_steps": 30}
+    medium = {**LONG, "num_inference_steps": 50}
     jobs = [post(replicas.b, {"prompt": f"survivor {i}", **medium}) for i in range(2)]
     placed = running_on_each(replicas, jobs)
     worker = replicas.a.worker_pid()
