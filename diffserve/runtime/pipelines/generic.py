@@ -159,6 +159,15 @@ class GenericPipeline:
             out["strength"] = self._default("strength", 0.6)
         return out
 
+    def _warmup_image(self, p):
+        """A grey input image for the warm-up of a pipeline that takes one: img2img pipelines (SD3's) need an
+        image, and the warm-up request has none. None for pipelines that take no image."""
+        if not self.accepts_image:
+            return None
+        from PIL import Image
+
+        return Image.new("RGB", (p.width, p.height), (128, 128, 128))
+
     @torch.inference_mode()
     def __call__(self, req: GenerationRequest, on_step=None, should_cancel=None) -> GenerationResult:
         start, timings = time.perf_counter(), stages.Timings()
@@ -179,7 +188,7 @@ class GenericPipeline:
         optional = {
             "negative_prompt": p.negative_prompt,
             "num_frames": p.num_frames,
-            "image": p.image,
+            "image": p.image if p.image is not None or not req.is_warmup else self._warmup_image(p),
             "strength": p.strength,
             per_prompt: p.num_outputs,
         }
