@@ -126,3 +126,13 @@ def test_bench_pipeline_fp8_forced_reuse_tiny(tmp_path):
     assert rows[0]["dit_forwards"] == {"computed": 1, "cached": 2}  # round(0.5 * 3) of 3 steps reused
     assert rows[0]["quantization"] == "fp8" and rows[0]["step_cache_forced"] == 0.5
     assert all(r["diffusers_over_ours"] > 0 for r in rows)
+
+
+def test_bench_qwen_image_tiny(tmp_path):
+    bench = _load("bench_qwen_image")
+    results = tmp_path / "results.jsonl"
+    assert bench.main(["--tiny", "--iters", "2", "--warmup", "1", "--results", str(results)]) == 0
+    rows = [json.loads(line) for line in Path("/tmp/bench_qwen_image_tiny.jsonl").read_text().splitlines()[-8:]]
+    assert [r["benchmark"] for r in rows].count("qwen_image_dit_forward") == 6
+    # float32 tiny model: ours matches diffusers (the DiT parity tests hold it to 1e-5)
+    assert all(r["rel_err_vs_diffusers_eager"] < 1e-4 for r in rows if "rel_err_vs_diffusers_eager" in r)
