@@ -40,8 +40,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-batch",
         type=int,
         default=d.max_batch,
-        help=f"outputs merged into one runner call for identical unseeded image requests; batch sizes 1, 2, "
-        f"4, ... up to it are warmed up at start (default {d.max_batch})",
+        help=f"samples in one runner call: image requests of the same model, size, steps and settings share a "
+        f"forward (each keeps its prompt, seed, guidance); batch sizes 1, 2, 4, ... up to it are warmed up at "
+        f"start (default {d.max_batch})",
     )
     a(
         "--batch-wait-ms",
@@ -51,7 +52,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "before it runs alone; requests that cannot be merged never wait. Under load batches form anyway "
         "from the requests queued while the accelerator is busy, so the wait only helps bursts reaching an "
         "idle server, at the cost of delaying every lone mergeable request: hence the default "
-        f"{d.batch_wait_ms:g}; try 5-20 for bursty clients of identical requests",
+        f"{d.batch_wait_ms:g}; try 5-20 for bursty clients",
     )
     a(
         "--encode-threads",

@@ -43,7 +43,7 @@ class ServerConfig:
     ui: bool = True  # the playground page at GET / (--no-ui turns it off)
     output_dir: Path = Path("diffserve-output")
     max_queue: int = 16  # requests waiting for the worker (not counting the batch it runs)
-    max_batch: int = 4  # outputs merged into one runner call (identical unseeded image requests)
+    max_batch: int = 4  # samples in one runner call: image requests that share a forward (api.batch_key)
     # How long a request that could share a runner call (tickets.merge_key) may wait, after its admission,
     # for company before it goes alone; 0: never waits. Requests that cannot merge never wait.
     batch_wait_ms: float = 0.0
