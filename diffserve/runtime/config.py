@@ -8,6 +8,7 @@ No torch here: the server process builds it (and ships it to its worker by pickl
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from diffserve.platforms.backends import AttentionBackendEnum
@@ -49,6 +50,9 @@ class RuntimeConfig:
     quantization: str | None = None  # "fp8": DiT linears in FP8 e4m3 (runtime/layers/fp8.py); None: as loaded
     step_cache: str | None = None  # "first-block": reuse the DiT's tail on steps that change little
     step_cache_threshold: float | None = None  # None: the policy's default (runtime/step_cache.py)
+    # LoRA adapters (runtime/lora.py): ((name, path), ...); "NAME=PATH" strings are accepted and split here
+    loras: tuple = ()
+    max_loras: int = 4  # adapters resident on the device at once (LRU); the rest wait in host memory
 
     def __post_init__(self) -> None:
         # frozen: normalise through object.__setattr__, once, here
@@ -66,6 +70,13 @@ class RuntimeConfig:
             )
         if self.step_cache is not None or self.step_cache_threshold is not None:
             self.step_cache_config()  # raises ValueError (one line) on a bad policy or threshold
+        object.__setattr__(self, "loras", parse_loras(self.loras))
+        if isinstance(self.max_loras, bool) or not isinstance(self.max_loras, int) or self.max_loras < 1:
+            raise ValueError(f"--max-loras must be an integer of at least 1, got {self.max_loras!r}")
+
+    @property
+    def lora_names(self) -> list[str]:
+        return [name for name, _ in self.loras]
 
     def step_cache_config(self):
         """The pipelines' default StepCacheConfig (None: off). A threshold alone implies the default policy."""
@@ -87,6 +98,33 @@ class RuntimeConfig:
         from diffserve.runtime.distributed.config import ParallelConfig
 
         return ParallelConfig(self.ulysses_degree, self.cfg_parallel)
+
+
+LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def parse_loras(specs) -> tuple[tuple[str, str], ...]:
+    """--lora values ("NAME=PATH" or (name, path) pairs) -> ((name, path), ...), names unique and of the form
+    LORA_NAME (they travel in request JSON and in /v1/models). The files are read at load (runtime/lora.py)."""
+    out: list[tuple[str, str]] = []
+    for spec in specs or ():
+        if isinstance(spec, str):
+            name, sep, path = spec.partition("=")
+            if not sep:
+                raise ValueError(f"--lora must be NAME=PATH, got {spec!r}")
+        else:
+            name, path = spec
+        name, path = str(name).strip(), str(path).strip()
+        if not LORA_NAME.match(name):
+            raise ValueError(
+                f"--lora name {name!r}: use letters, digits, '.', '_' or '-' (at most 64, starting alphanumeric)"
+            )
+        if not path:
+            raise ValueError(f"--lora {name}: the path is empty")
+        if name in {n for n, _ in out}:
+            raise ValueError(f"--lora {name} is given twice")
+        out.append((name, path))
+    return tuple(out)
 
 
 def add_runtime_arguments(parser) -> None:
@@ -131,6 +169,21 @@ def add_runtime_arguments(parser) -> None:
         help="relative L1 change of the first block's output under which a step is reused, 0..1; implies "
         "--step-cache first-block (default 0.15)",
     )
+    a(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a LoRA adapter (safetensors, diffusers/PEFT or kohya format) that requests may apply by NAME "
+        "(native FLUX and Wan DiTs; repeatable)",
+    )
+    a(
+        "--max-loras",
+        type=int,
+        default=4,
+        metavar="N",
+        help="LoRA adapters resident on the GPU at once, least recently used out (default 4)",
+    )
     add_parallel_arguments(parser)  # --ulysses-degree, --cfg-parallel (multi-GPU; also under torchrun)
 
 
@@ -150,4 +203,6 @@ def runtime_config_from_args(args) -> RuntimeConfig:
         quantization=args.quantization,
         step_cache=None if args.step_cache == "off" else args.step_cache,
         step_cache_threshold=args.step_cache_threshold,
+        loras=tuple(args.lora or ()),
+        max_loras=args.max_loras,
     )

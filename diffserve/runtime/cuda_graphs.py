@@ -35,7 +35,8 @@ How a call runs (GraphedForward.__call__):
 What a graph holds on to: the static inputs and outputs, and the ADDRESSES of every tensor the forward
 read, the weights included. In-place updates of the weights (load_state_dict copies) are seen by later
 replays; replacing a parameter tensor (model.to(), fuse_projections() after the first call, swapping a
-LoRA by assignment) is not: call reset() after changing the model that way.
+LoRA by assignment) is not: call reset() after changing the model that way. LoRA adapters (layers/lora.py)
+are filled into fixed slot buffers in place, and the active set is part of the key (state_key).
 
 Memory: each graph keeps its pool (the forward's peak activations at that shape) for as long as it is
 cached, where eager execution would hand that memory back between forwards; max_graphs bounds it.
@@ -166,6 +167,16 @@ def graph_key(kwargs: dict[str, Any]) -> tuple:
         else:
             parts.append((name, "value", v))
     return (torch.is_inference_mode_enabled(), tuple(parts))
+
+
+def state_key(fn) -> Hashable:
+    """What the module's own state adds to the graph key: `graph_state_key()` of the module (or of a bound
+    method's object), if it has one. LoRA sets it (runtime/lora.py): the active ((adapter, slot), ...) decide
+    which kernels a forward launches, so each adapter set gets its own graphs (its scales and factors are
+    read from fixed device buffers, so they need none)."""
+    owner = getattr(fn, "__self__", fn)
+    key = getattr(owner, "graph_state_key", None)
+    return key() if callable(key) else None
 
 
 @contextlib.contextmanager
@@ -303,7 +314,7 @@ class GraphedForward:
     def __call__(self, *args, **kwargs):
         if self.disabled is not None or why_eager(args, kwargs) is not None:
             return self._eager(*args, **kwargs)
-        key = graph_key(kwargs)
+        key = (*graph_key(kwargs), state_key(self.fn))
         graph = self.graphs.get(key)
         if graph is not None:
             self.graphs.move_to_end(key)

@@ -14,6 +14,7 @@ from diffserve.runtime.api import (
     CancelCheck,
     GenerationRequest,
     GenerationResult,
+    InvalidRequest,
     Outcome,
     StepCallback,
     batch_key,
@@ -43,6 +44,22 @@ class Runner:
         self.defaults: dict[str, Any] = dict(pipeline.defaults)
         # Several requests' samples in one forward (generate_batch); else only identical ones merge.
         self.batches_samples: bool = bool(getattr(pipeline, "batches_samples", False))
+        self.loras = None  # runtime/lora.LoraManager when the config has --lora adapters
+
+    @property
+    def lora_names(self) -> list[str]:
+        return self.loras.names if self.loras is not None else []
+
+    def _adapters(self, req: GenerationRequest):
+        """The request's LoRA adapter set (extra["lora"]), applied for the duration of its runner call."""
+        import contextlib
+
+        scales = (req.extra or {}).get("lora")
+        if self.loras is None:
+            if scales:
+                raise InvalidRequest("this model serves no LoRA adapters (start it with --lora NAME=PATH)")
+            return contextlib.nullcontext()
+        return self.loras.applied(scales)
 
     @property
     def step_cache(self) -> bool:
@@ -59,7 +76,8 @@ class Runner:
         import torch
 
         try:
-            return self.pipeline(req, on_step=on_step, should_cancel=should_cancel)
+            with self._adapters(req):
+                return self.pipeline(req, on_step=on_step, should_cancel=should_cancel)
         except torch.OutOfMemoryError:
             raise self._out_of_memory(req, req.num_outputs) from None
 
@@ -78,7 +96,8 @@ class Runner:
 
         def run_samples(group: list[GenerationRequest]) -> list[Outcome]:
             try:
-                return self.pipeline.generate_samples(group, on_step=on_step, should_cancel=should_cancel)
+                with self._adapters(group[0]):  # one batch_key: one adapter set
+                    return self.pipeline.generate_samples(group, on_step=on_step, should_cancel=should_cancel)
             except torch.OutOfMemoryError:
                 raise self._out_of_memory(group[0], sum(r.num_outputs for r in group)) from None
 
@@ -221,7 +240,26 @@ def load_runner(
         str(torch_dtype).replace("torch.", ""),
         time.perf_counter() - start,
     )
-    return Runner(pipeline, spec.model_id, spec.path, device, torch_dtype)
+    runner = Runner(pipeline, spec.model_id, spec.path, device, torch_dtype)
+    if config.loras:
+        runner.loras = attach_pipeline_loras(pipeline, spec, config)
+    return runner
+
+
+def attach_pipeline_loras(pipeline, spec, config: RuntimeConfig):
+    """The config's LoRA adapters on the pipeline's native DiT (runtime/lora.py); ModelLoadError otherwise."""
+    from diffserve.runtime.lora import LoraFileError, attach_loras
+    from diffserve.runtime.models.base import NativeDiT
+
+    dit = getattr(pipeline, "transformer", None)
+    if spec.family not in ("flux", "wan") or not isinstance(dit, NativeDiT):
+        raise ModelLoadError(
+            f"--lora: LoRA adapters run on the native FLUX and Wan DiTs; {spec.model_id} is {spec.family}"
+        )
+    try:
+        return attach_loras(dit, config.loras, config.max_loras)
+    except LoraFileError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def check_attention_backend(name: str | None, spec, device: str, dtype) -> None:

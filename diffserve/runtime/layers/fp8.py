@@ -77,7 +77,9 @@ def fp8_layers(*layers: nn.Module) -> bool:
     """Whether every one of `layers` is an Fp8Linear: then their shared input is worth writing quantised (by
     the kernel that computes it, once) instead of in bf16. If only some are, the input stays bf16 and each
     Fp8Linear quantises it itself (right, one pass slower): a custom selection may split a block that way."""
-    return all(isinstance(layer, Fp8Linear) for layer in layers)
+    # takes_quantized: a LoRA layer over a bf16 base (layers/lora.py) is called like an Fp8Linear but must
+    # get its input unquantised
+    return all(isinstance(layer, Fp8Linear) and layer.takes_quantized for layer in layers)
 
 
 # ---------------------------------------------------------------- fused producers of GEMM inputs
@@ -163,6 +165,8 @@ class Fp8Linear(nn.Module):
     read), so that code reading the weight directly keeps working; such code does not get the FP8 GEMM.
     `weight_reads` counts those reads: a wired model should leave it at 0.
     """
+
+    takes_quantized = True  # fp8_layers: its input may arrive quantised (False for a LoRA over bf16)
 
     def __init__(
         self,

@@ -62,13 +62,14 @@ class FeedForward(nn.Module):
         writes its pre-activation output and that pass reads it back."""
         proj_in, proj_out = self.net[0].proj, self.net[2]
         if fp8_layers(proj_out):
-            pre = proj_in(x) if fp8_layers(proj_in) else F.linear(x, proj_in.weight, proj_in.bias)
+            # a layer that must be called (FP8, or LoRA: layers/lora.py) is; a plain one is read
+            pre = proj_in(x) if isinstance(proj_in, Fp8Linear) else F.linear(x, proj_in.weight, proj_in.bias)
             return proj_out(gelu_quant(pre))
         return proj_out(self.hidden(x))
 
     def hidden(self, x: torch.Tensor | Quantized) -> torch.Tensor:
         """GELU(proj_in(x)): the input of the output projection."""
         proj_in = self.net[0].proj
-        if fp8_layers(proj_in):
+        if isinstance(proj_in, Fp8Linear):  # FP8 or LoRA (layers/lora.py): called, not read
             return F.gelu(proj_in(x), approximate="tanh")
         return linear_gelu(x, proj_in.weight, proj_in.bias)
