@@ -105,6 +105,8 @@ def batch_key(
     if req.image is not None or req.mask is not None or req.is_warmup:
         return None
     extra = dict(req.extra or {})
+    if "lora" in extra:  # one key per adapter set, however the request spelled it
+        extra["lora"] = lora_set(extra["lora"])
     threshold = extra.get(STEP_CACHE_KEY)
     caching = step_cache if threshold is None else threshold != 0
     if samples and family in PER_SAMPLE_EXTRA and not caching:
@@ -126,6 +128,18 @@ def batch_key(
         req.fps,
         repr(sorted(extra.items())),
     )
+
+
+def lora_set(value: Any) -> Hashable:
+    """A request's `lora` extension as its adapter set: ((name, scale), ...) sorted, zero scales dropped
+    (a zero adds nothing: the base model's batch); anything malformed as its repr (it fails alone later).
+    Requests with different sets never share a batch: each batch runs one set (runtime/lora.py)."""
+    if not isinstance(value, Mapping):
+        return repr(value)
+    try:
+        return tuple(sorted((str(k), float(v)) for k, v in value.items() if float(v) != 0.0)) or None
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 def _samples_key(req: GenerationRequest, family: str, defaults: Mapping[str, Any], extra: dict):

@@ -18,7 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from diffserve.runtime.config import RuntimeConfig, add_runtime_arguments, runtime_config_from_args
+from diffserve.runtime.config import (
+    RuntimeConfig,
+    add_runtime_arguments,
+    parse_loras,
+    runtime_config_from_args,
+)
 from diffserve.runtime.limits import LimitError, Limits, check_request, parse_size, rules_of
 
 
@@ -54,6 +59,13 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="output file: .png, .jpg, .webp (images) or .mp4 (videos)",
     )
+    parser.add_argument(
+        "--lora-scale",
+        action="append",
+        default=[],
+        metavar="NAME=S",
+        help="scale of the --lora adapter NAME (default 1 for every --lora given; 0 leaves it out; repeatable)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -85,9 +97,25 @@ def check_writable(path: Path) -> None:
         raise PermissionError(f"{path} is not writable")
 
 
+def lora_scales(args: argparse.Namespace) -> dict[str, float]:
+    """The request's `lora` extension: every --lora adapter at 1, unless --lora-scale NAME=S says otherwise.
+    A name that no --lora loads is left for check_lora to refuse, with the server's words."""
+    scales = {name: 1.0 for name, _ in parse_loras(getattr(args, "lora", None))}
+    for spec in getattr(args, "lora_scale", None) or ():
+        name, sep, value = spec.partition("=")
+        try:
+            scales[name.strip()] = float(value)
+        except ValueError:
+            raise LimitError(f"--lora-scale must be NAME=NUMBER, got {spec!r}", "lora") from None
+        if not sep:
+            raise LimitError(f"--lora-scale must be NAME=NUMBER, got {spec!r}", "lora")
+    return scales
+
+
 def generation_request(args: argparse.Namespace, image: bytes | None):
     from diffserve.runtime.api import GenerationRequest
 
+    loras = lora_scales(args)
     width, height = args.size or (None, None)
     return GenerationRequest(
         prompt=args.prompt,
@@ -102,6 +130,7 @@ def generation_request(args: argparse.Namespace, image: bytes | None):
         image=image,
         strength=args.strength,
         fps=args.fps,
+        extra={"lora": loras} if loras else {},
     )
 
 
@@ -123,12 +152,13 @@ def run_generate(args: argparse.Namespace) -> int:
         image = args.image.read_bytes() if args.image is not None else None
     except OSError as e:
         return _fail(f"cannot read --image {args.image}: {e.strerror or e}")
-    req = generation_request(args, image)
     try:
+        req = generation_request(args, image)
         # What needs no model, before it loads; the size and frame count wait for the model's own rules (its
         # multiple, largest side, frame step), so that the message is the one the server gives.
         unsized = dataclasses.replace(req, width=None, height=None, num_frames=None)
-        check_request(unsized, limits.for_model(None), wants)
+        lora_rules = {"loras": config.lora_names, "max_loras": config.max_loras}
+        check_request(unsized, limits.for_model(lora_rules), wants)
     except LimitError as e:
         return _fail(str(e))
     return _generate(args, config, req, limits, wants)

@@ -13,6 +13,7 @@ No torch here: the API process imports this module.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, fields
 from typing import Any
@@ -83,6 +84,8 @@ class Limits:
             max_side=min(self.max_side, rules.get("max_side") or self.max_side),
             frame_step=rules.get("frame_step"),
             max_frames=min(self.max_frames, rules.get("max_frames") or self.max_frames),
+            loras=None if rules.get("loras") is None else tuple(rules["loras"]),
+            max_loras=rules.get("max_loras"),
         )
 
 
@@ -93,12 +96,45 @@ class ModelLimits:
     max_side: int
     frame_step: int | None  # None: the model makes images
     max_frames: int
+    loras: tuple[str, ...] | None = None  # the LoRA adapters served (--lora); None: not known here
+    max_loras: int | None = None  # adapters one request may combine (--max-loras)
 
 
 def rules_of(runner) -> dict[str, Any]:
-    """A runner's size/frame rules as a plain dict (what the worker reports to the API process)."""
+    """A runner's size/frame rules as a plain dict (what the worker reports to the API process), with the
+    LoRA adapters it serves."""
     rules = getattr(getattr(runner, "pipeline", None), "rules", None)
-    return {k: getattr(rules, k, None) for k in ("multiple", "max_side", "frame_step", "max_frames")}
+    out = {k: getattr(rules, k, None) for k in ("multiple", "max_side", "frame_step", "max_frames")}
+    return {**out, **lora_rules(runner)}
+
+
+def lora_rules(runner) -> dict[str, Any]:
+    """{"loras": the adapter names a runner serves, "max_loras": how many one request may combine}."""
+    loras = getattr(runner, "loras", None)
+    names = list(getattr(runner, "lora_names", None) or [])
+    slots = getattr(getattr(loras, "state", None), "slots", None)
+    return {"loras": names, "max_loras": slots}
+
+
+def check_lora(value: Any, lim: ModelLimits) -> None:
+    """The request extension `lora`: {"NAME": scale, ...}, names among the served adapters, scales finite
+    numbers, at most max_loras adapters with a non-zero scale (those must be resident at once)."""
+    example = 'e.g. {"style": 0.8}'
+    if not isinstance(value, dict):
+        raise LimitError(f"'lora' must be an object of adapter names and scales, {example}", "lora")
+    known = lim.loras
+    for name, scale in value.items():
+        if known is not None and name not in known:
+            served = f"known adapters are {', '.join(known)}" if known else "this server has no LoRA adapters"
+            raise LimitError(f"unknown LoRA adapter {name!r}: {served}", "lora", "unknown_lora")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise LimitError(f"'lora' scale of {name!r} must be a finite number, got {scale!r}", "lora")
+    used = sum(1 for scale in value.values() if scale != 0)
+    if lim.max_loras is not None and used > lim.max_loras:
+        raise LimitError(
+            f"'lora': at most {lim.max_loras} adapters at once on this server (--max-loras), got {used}",
+            "lora",
+        )
 
 
 def check_size(width: int, height: int, lim: ModelLimits, param: str = "size") -> None:
@@ -164,6 +200,8 @@ def check_request(req: GenerationRequest, lim: ModelLimits, task: str) -> None:
             or not (0.0 < req.strength <= 1.0)
         ):
             raise LimitError(f"'strength' must be in (0, 1], got {req.strength!r}", "strength")
+    if req.extra.get("lora") is not None:
+        check_lora(req.extra["lora"], lim)
     threshold = req.extra.get("step_cache_threshold")
     if threshold is not None:
         _in_range("step_cache_threshold", threshold, 0.0, 1.0, integer=False)  # step_cache.MAX_THRESHOLD

@@ -17,7 +17,8 @@ from diffserve.runtime.limits import LimitError, ModelLimits
 from diffserve.server.config import ServerConfig
 from diffserve.server.errors import APIError
 
-EXTENSIONS = ("step_cache_threshold", "true_cfg_scale")  # _Body fields that go to GenerationRequest.extra
+# _Body fields that go to GenerationRequest.extra
+EXTENSIONS = ("step_cache_threshold", "true_cfg_scale", "lora")
 
 
 class _Body(BaseModel):
@@ -37,6 +38,9 @@ class _Body(BaseModel):
     step_cache_threshold: float | None = None  # runtime/step_cache.py; 0 turns caching off for this request
     # True CFG with negative_prompt (FLUX: off unless > 1; Qwen-Image: 4.0 by default, as diffusers)
     true_cfg_scale: float | None = None
+    # LoRA adapters by name with their scales, {"NAME": scale, ...} (runtime/lora.py); any JSON here, so
+    # that runtime/limits.check_lora gives the one message the CLI gives too
+    lora: Any = None
 
     def extra(self) -> dict[str, Any]:
         """The extension fields the request gives, as GenerationRequest.extra."""

@@ -33,6 +33,7 @@ import traceback
 from typing import Any
 
 from diffserve.runtime.api import GenerationCancelled, InvalidRequest, batch_key, run_grouped
+from diffserve.runtime.limits import lora_rules
 from diffserve.server.config import WorkerConfig
 from diffserve.server.messages import (
     Batch,
@@ -73,7 +74,15 @@ def runner_meta(runner) -> dict[str, Any]:
         "defaults": dict(runner.defaults),
         # How many processes (GPUs) serve each request: ulysses_degree x (2 with --cfg-parallel), else 1.
         "world_size": int(getattr(getattr(runner, "parallel", None), "world_size", 1)),
-        "rules": {k: getattr(rules, k, None) for k in ("multiple", "max_side", "frame_step", "max_frames")},
+        "rules": {
+            **{k: getattr(rules, k, None) for k in ("multiple", "max_side", "frame_step", "max_frames")},
+            **lora_rules(runner),  # the adapter names the API checks requests against, and --max-loras
+        },
+        # LoRA adapters as GET /v1/models lists them
+        "loras": [
+            {"name": a.name, "path": a.path}
+            for a in getattr(getattr(runner, "loras", None), "adapters", {}).values()
+        ],
         # How the engine may batch (tickets.merge_key): "samples" when the runner's generate_batch runs
         # different requests' samples in one forward; "merge" (identical unseeded requests only) otherwise.
         # Looked up on the class: a wrapper that forwards unknown attributes (the parallel runner) must not

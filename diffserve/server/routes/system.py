@@ -69,6 +69,22 @@ async def models(request: Request):
                 "accepts_image": meta["accepts_image"],
             }
             for name in names
+        ]
+        + [
+            # LoRA adapters as vLLM lists its LoRA modules: an id a request names (extension `lora`), the
+            # base model as parent, the file as root
+            {
+                "id": lora["name"],
+                "object": "model",
+                "created": request.app.state.started,
+                "owned_by": "diffserve",
+                "parent": meta["model_id"],
+                "root": lora["path"],
+                "family": meta["family"],
+                "task": meta["task"],
+                "accepts_image": meta["accepts_image"],
+            }
+            for lora in meta.get("loras", [])
         ],
     }
 
