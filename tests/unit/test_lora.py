@@ -1,0 +1,255 @@
+"""LoRA adapters (issue 20) on the native FLUX and Wan DiTs against diffusers' load_lora_weights + set_adapters.
+
+Pixel tolerance: the same as tests/unit/test_pipelines.py (0.5 rounding + 0.02): float32 on the CPU, and the
+low-rank term is the same product diffusers' PEFT layers compute, (x A^T) B^T * scale added to the base
+output, in a different association (our alpha/rank folded into B; PEFT scales the (M, out) product), which
+moves values by ~1e-7 relative: far inside the 1e-5 relative the 0.02 allows for.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffserve.runtime.api import GenerationRequest, batch_key
+from diffserve.runtime.config import RuntimeConfig
+from diffserve.runtime.limits import LimitError, Limits, check_request
+from diffserve.runtime.loader import ModelLoadError
+from diffserve.runtime.runner import load_runner
+from diffserve.testing.tiny_loras import make_tiny_lora
+from tests.unit.test_pipelines import _assert_same_picture, _pixels
+
+FLUX_KW = dict(prompt="a red fox", width=48, height=32, num_inference_steps=2, guidance_scale=4.0, seed=3)
+WAN_KW = dict(
+    prompt="waves", width=32, height=32, num_frames=5, num_inference_steps=2, guidance_scale=5.0, seed=3
+)
+# A LoRA must visibly change the picture, or the parity tests would pass with it ignored: these random
+# adapters move pixels by 15-100 levels (uint8); 8 is well clear of rounding and well below that.
+VISIBLE = 8.0
+
+
+def _frames(result) -> np.ndarray:
+    return _pixels(result.images if result.images else result.videos[0])
+
+
+@pytest.fixture(scope="module")
+def flux_loras(tiny_flux_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("flux-loras")
+    twins = {
+        "style": make_tiny_lora(tiny_flux_dir, d / "style.safetensors", fmt="peft", seed=1),
+        "kohya": make_tiny_lora(tiny_flux_dir, d / "kohya.safetensors", fmt="kohya", seed=2),
+    }
+    return d, twins
+
+
+@pytest.fixture(scope="module")
+def flux(tiny_flux_dir, flux_loras):
+    d, _ = flux_loras
+    loras = (f"style={d / 'style.safetensors'}", f"kohya={d / 'kohya.safetensors'}")
+    return load_runner(RuntimeConfig(str(tiny_flux_dir), "cpu", loras=loras))
+
+
+@pytest.fixture(scope="module")
+def flux_reference(tiny_flux_dir, flux_loras):
+    from diffusers import FluxPipeline
+
+    _, twins = flux_loras
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
+    pipe.set_progress_bar_config(disable=True)
+    # diffusers converts kohya FLUX files with FLUX.1's real widths hard-coded, so the tiny kohya file is
+    # checked through its PEFT twin (the same factors, alpha folded in): see diffserve/testing/tiny_loras.py
+    for name, twin in twins.items():
+        pipe.load_lora_weights(dict(twin), adapter_name=name)
+    return pipe
+
+
+def _flux_ref(pipe, names, scales):
+    pipe.set_adapters(names, scales)
+    kw = {k: v for k, v in FLUX_KW.items() if k not in ("prompt", "seed")}
+    out = pipe(FLUX_KW["prompt"], generator=torch.Generator().manual_seed(3), output_type="np", **kw)
+    return out.images
+
+
+def test_flux_lora_matches_diffusers_one_and_two_adapters_and_base_is_untouched(flux, flux_reference):
+    base = _pixels(flux.generate(GenerationRequest(**FLUX_KW)).images)
+    style = _pixels(flux.generate(GenerationRequest(**FLUX_KW, extra={"lora": {"style": 0.7}})).images)
+    _assert_same_picture(style, _flux_ref(flux_reference, ["style"], [0.7]))
+    both = flux.generate(GenerationRequest(**FLUX_KW, extra={"lora": {"kohya": 1.0, "style": -0.5}}))
+    _assert_same_picture(_pixels(both.images), _flux_ref(flux_reference, ["kohya", "style"], [1.0, -0.5]))
+    assert np.abs(style - base).max() > VISIBLE and np.abs(_pixels(both.images) - style).max() > VISIBLE
+    # base weights never change: the base model after adapters gives the very same pixels
+    again = _pixels(flux.generate(GenerationRequest(**FLUX_KW, extra={"lora": {"style": 0}})).images)
+    assert np.array_equal(again, base)
+
+
+def test_flux_batch_never_mixes_adapter_sets(flux):
+    reqs = [
+        GenerationRequest(**FLUX_KW, extra={"lora": {"style": 1.0}}),
+        GenerationRequest(**{**FLUX_KW, "seed": 4}),
+        GenerationRequest(**{**FLUX_KW, "seed": 5}, extra={"lora": {"style": 1.0, "kohya": 0}}),
+    ]
+    keys = [batch_key(r, "flux", flux.defaults) for r in reqs]
+    assert keys[0] != keys[1] and keys[0] == keys[2]  # a zero scale is the same set
+    assert (
+        batch_key(GenerationRequest(**FLUX_KW, extra={"lora": {"style": 0.5}}), "flux", flux.defaults)
+        != keys[0]
+    )
+    calls = []
+    original = flux.pipeline.generate_samples
+
+    def spy(group, **kw):
+        calls.append((len(group), [name for name, _ in flux.loras.state.active]))
+        return original(group, **kw)
+
+    flux.pipeline.generate_samples = spy
+    try:
+        outcomes = flux.generate_batch(reqs)
+    finally:
+        del flux.pipeline.generate_samples
+    # one shared forward for the two "style" requests, under "style"; the base request ran alone (a group
+    # of one goes through Runner.generate, not generate_samples)
+    assert calls == [(2, ["style"])]
+    alone = [_pixels(flux.generate(r).images) for r in reqs]
+    for outcome, single in zip(outcomes, alone, strict=True):
+        # batched samples are what each gets alone up to float rounding (api.batch_key's contract): 1 level
+        assert np.abs(_pixels(outcome.images) - single).max() <= 1
+
+
+def test_flux_fp8_applies_lora_on_quantised_layers(tiny_flux_dir, flux_loras, flux):
+    from diffserve.runtime.layers.fp8 import Fp8Linear
+    from diffserve.runtime.layers.lora import LoraLinear
+
+    d, _ = flux_loras
+    fp8 = load_runner(
+        RuntimeConfig(
+            str(tiny_flux_dir), "cpu", quantization="fp8", loras=(f"style={d / 'style.safetensors'}",)
+        )
+    )
+    dit = fp8.pipeline.transformer
+    qkv = dit.transformer_blocks[0].attn.qkv  # the fused FP8 q|k|v GEMM carries the three LoRAs
+    assert isinstance(qkv, LoraLinear) and isinstance(qkv.base, Fp8Linear) and qkv.takes_quantized
+    exact = _pixels(flux.generate(GenerationRequest(**FLUX_KW, extra={"lora": {"style": 1.0}})).images)
+    base = _pixels(fp8.generate(GenerationRequest(**FLUX_KW)).images)
+    with_lora = _pixels(fp8.generate(GenerationRequest(**FLUX_KW, extra={"lora": {"style": 1.0}})).images)
+    # FP8 (e4m3, ~3% per GEMM) moves the picture a little; the adapter moves it a lot (VISIBLE). So the FP8
+    # LoRA picture is near the float32 LoRA picture and far from the FP8 base one: half the distance is a
+    # bound that an ignored adapter (distance ratio ~1) fails and e4m3 rounding (ratio 0.04 here) passes.
+    assert np.abs(with_lora - exact).mean() < 0.5 * np.abs(base - exact).mean()
+    assert sum(m.weight_reads for m in dit.modules() if type(m) is Fp8Linear) == 0
+
+
+def test_lora_linear_over_fp8_reads_the_quantised_input_exactly():
+    from diffserve.kernels.fp8_quant import quantize_activation
+    from diffserve.runtime.layers.fp8 import Fp8Linear, Quantized
+    from diffserve.runtime.layers.lora import LoraLinear, LoraState
+
+    gen = torch.Generator().manual_seed(0)
+    base = Fp8Linear.from_weight(torch.randn(48, 32, generator=gen), torch.randn(48, generator=gen))
+    state = LoraState(2, "cpu")
+    layer = LoraLinear(base, state, 4, torch.float32, "cpu")
+    a, bt = torch.randn(4, 32, generator=gen), torch.randn(4, 48, generator=gen)
+    layer.load_slot(1, "x", a, bt)
+    state.active, state.scales[1] = (("x", 1),), 0.75
+    xq, s = quantize_activation(torch.randn(2, 5, 32, generator=gen))
+    got = layer(Quantized(xq, s), out_dtype=torch.float32)
+    x = xq.double() * s.double()  # the FP8 GEMM's own input, dequantised
+    want = (
+        base(Quantized(xq, s), out_dtype=torch.float32).double() + 0.75 * (x @ a.double().t()) @ bt.double()
+    )
+    # float32 GEMMs of K=32 and rank 4 against float64: ~1e-6 relative; 1e-5 leaves margin on any CPU
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def wan_loras(tiny_wan_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("wan-loras")
+    make_tiny_lora(tiny_wan_dir, d / "peft.safetensors", fmt="peft", seed=1)
+    make_tiny_lora(tiny_wan_dir, d / "kohya.safetensors", fmt="kohya", seed=2)
+    return d
+
+
+def test_wan_lora_matches_diffusers_peft_and_kohya(tiny_wan_dir, wan_loras):
+    from diffusers import WanPipeline
+
+    d = wan_loras
+    loras = (f"p={d / 'peft.safetensors'}", f"k={d / 'kohya.safetensors'}")
+    ours = load_runner(RuntimeConfig(str(tiny_wan_dir), "cpu", loras=loras, max_loras=1))
+    pipe = WanPipeline.from_pretrained(tiny_wan_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(d / "peft.safetensors"), adapter_name="p")
+    pipe.load_lora_weights(str(d / "kohya.safetensors"), adapter_name="k")  # diffusers' own kohya reader
+    kw = {k: v for k, v in WAN_KW.items() if k not in ("prompt", "seed")}
+    base = _frames(ours.generate(GenerationRequest(**WAN_KW)))
+    # max_loras=1: "p" then "k" take the one slot in turn (LRU), and "p" comes back
+    for names, scales in ((["p"], [0.8]), (["k"], [1.2]), (["p"], [0.8])):
+        got = _frames(
+            ours.generate(GenerationRequest(**WAN_KW, extra={"lora": dict(zip(names, scales, strict=True))}))
+        )
+        pipe.set_adapters(names, scales)
+        ref = pipe(WAN_KW["prompt"], generator=torch.Generator().manual_seed(3), output_type="np", **kw)
+        _assert_same_picture(got, ref.frames[0])
+        assert np.abs(got - base).max() > VISIBLE
+    with pytest.raises(Exception, match="at most 1 LoRA adapters at once"):
+        ours.generate(GenerationRequest(**WAN_KW, extra={"lora": {"p": 1.0, "k": 1.0}}))
+
+
+def test_bad_lora_files_and_flags_are_one_line_errors(tiny_flux_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(ValueError, match="--lora must be NAME=PATH"):
+        RuntimeConfig(loras=("nopath",))
+    with pytest.raises(ValueError, match="given twice"):
+        RuntimeConfig(loras=("a=x", "a=y"))
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_runner(RuntimeConfig(str(tiny_flux_dir), "cpu", loras=(f"a={tmp_path / 'none.safetensors'}",)))
+    modulation = tmp_path / "mod.safetensors"  # kohya's img_mod: fused into our adaLN GEMV, refused by name
+    save_file(
+        {
+            "lora_unet_double_blocks_0_img_mod_lin.lora_down.weight": torch.zeros(2, 32),
+            "lora_unet_double_blocks_0_img_mod_lin.lora_up.weight": torch.zeros(192, 2),
+        },
+        str(modulation),
+    )
+    with pytest.raises(
+        ModelLoadError, match=r"LoRA on transformer_blocks\.0\.norm1\.linear is not supported"
+    ):
+        load_runner(RuntimeConfig(str(tiny_flux_dir), "cpu", loras=(f"m={modulation}",)))
+
+
+def test_request_checks_name_the_known_adapters():
+    lim = Limits().for_model({"loras": ["style", "kohya"], "max_loras": 1})
+
+    def check(value):
+        check_request(GenerationRequest("x", extra={"lora": value}), lim, "image")
+
+    check({"style": 0.5, "kohya": 0})  # a zero scale is not an adapter in use
+    with pytest.raises(LimitError, match="unknown LoRA adapter 'nope': known adapters are style, kohya") as e:
+        check({"nope": 1})
+    assert (e.value.param, e.value.code) == ("lora", "unknown_lora")
+    for bad in (math.nan, math.inf, "1", True, None):
+        with pytest.raises(LimitError, match="must be a finite number"):
+            check({"style": bad})
+    with pytest.raises(LimitError, match="must be an object"):
+        check(["style"])
+    with pytest.raises(LimitError, match="at most 1 adapters at once"):
+        check({"style": 1, "kohya": 1})
+    with pytest.raises(LimitError, match="this server has no LoRA adapters"):
+        check_request(
+            GenerationRequest("x", extra={"lora": {"a": 1}}), Limits().for_model({"loras": []}), "image"
+        )
+
+
+def test_graph_key_includes_the_adapter_set():
+    from diffserve.runtime.cuda_graphs import state_key
+    from diffserve.runtime.layers.lora import LoraState
+
+    state = LoraState(2, "cpu")
+    module = torch.nn.Linear(2, 2)
+    module.graph_state_key = state.graph_key
+    assert state_key(module) == () and state_key(torch.nn.Linear(2, 2)) is None
+    state.active = (("a", 0),)
+    assert state_key(module) == (("a", 0),)
+    assert state_key(module.forward) == (("a", 0),)  # bound methods (the step cache's head/tail) too
