@@ -53,6 +53,9 @@ class RuntimeConfig:
     # LoRA adapters (runtime/lora.py): ((name, path), ...); "NAME=PATH" strings are accepted and split here
     loras: tuple = ()
     max_loras: int = 4  # adapters resident on the device at once (LRU); the rest wait in host memory
+    # "model": text encoders + VAE in host memory except while they run; "layerwise": also the DiT's blocks,
+    # streamed (runtime/offload.py); None: everything resident on the device
+    offload: str | None = None
 
     def __post_init__(self) -> None:
         # frozen: normalise through object.__setattr__, once, here
@@ -71,6 +74,8 @@ class RuntimeConfig:
         if self.step_cache is not None or self.step_cache_threshold is not None:
             self.step_cache_config()  # raises ValueError (one line) on a bad policy or threshold
         object.__setattr__(self, "loras", parse_loras(self.loras))
+        if self.offload is not None:
+            check_offload(self)
         if isinstance(self.max_loras, bool) or not isinstance(self.max_loras, int) or self.max_loras < 1:
             raise ValueError(f"--max-loras must be an integer of at least 1, got {self.max_loras!r}")
 
@@ -98,6 +103,23 @@ class RuntimeConfig:
         from diffserve.runtime.distributed.config import ParallelConfig
 
         return ParallelConfig(self.ulysses_degree, self.cfg_parallel)
+
+
+OFFLOADS = ("model", "layerwise")
+
+
+def check_offload(config: RuntimeConfig) -> None:
+    """--offload and the flags it cannot run with (one line each)."""
+    if config.offload not in OFFLOADS:
+        raise ValueError(f"--offload must be one of {', '.join(OFFLOADS)}, got {config.offload!r}")
+    if config.offload == "layerwise":
+        # compile traces blocks whose weights move between calls; LoRA slots sit beside the block weights
+        if config.compile:
+            raise ValueError(
+                "--offload layerwise cannot run with --compile (the streamed blocks run eagerly)"
+            )
+        if config.loras:
+            raise ValueError("--offload layerwise cannot run with --lora (use --offload model)")
 
 
 LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -184,6 +206,13 @@ def add_runtime_arguments(parser) -> None:
         metavar="N",
         help="LoRA adapters resident on the GPU at once, least recently used out (default 4)",
     )
+    a(
+        "--offload",
+        choices=OFFLOADS,
+        help="model: text encoders and VAE in host memory, on the GPU only while they run; layerwise: also "
+        "the DiT's blocks, streamed from pinned host memory one ahead (no CUDA graphs for the DiT) "
+        "(default: everything resident)",
+    )
     add_parallel_arguments(parser)  # --ulysses-degree, --cfg-parallel (multi-GPU; also under torchrun)
 
 
@@ -205,4 +234,5 @@ def runtime_config_from_args(args) -> RuntimeConfig:
         step_cache_threshold=args.step_cache_threshold,
         loras=tuple(args.lora or ()),
         max_loras=args.max_loras,
+        offload=args.offload,
     )

@@ -395,12 +395,19 @@ def load_components(
     attention_backend: str | None = None,
     compile: bool = False,
     quantization: str | None = None,
+    offload: str | None = None,
 ) -> dict:
-    """Every component of a flux/wan model: DiTs native, the rest through transformers/diffusers."""
+    """Every component of a flux/wan model: DiTs native, the rest through transformers/diffusers. With
+    `offload` (--offload), the components it keeps in host memory load on the CPU (offload.offloaded):
+    runtime/offload.apply then pins them and moves what stays resident."""
+    from diffserve.runtime.offload import offloaded
+
     out = {}
+    target = device
     for name, (library, cls) in spec.components().items():
         folder = spec.path / name
         kind = _kind(cls)
+        device = "cpu" if offloaded(name, offload) else target
         try:
             if kind == "scheduler":
                 out[name] = load_scheduler(folder, cls)

@@ -47,13 +47,15 @@ class NativePipeline:
     @classmethod
     def load(cls, spec, device: str, dtype, config) -> NativePipeline:
         """Load `spec` onto `device` in `dtype` (a torch.dtype) with the rest of `config` (RuntimeConfig)."""
+        from diffserve.runtime import offload
         from diffserve.runtime.loader import load_components
 
         components = load_components(
-            spec, device, dtype, config.attention_backend, config.compile, config.quantization
+            spec, device, dtype, config.attention_backend, config.compile, config.quantization, config.offload
         )
         index = {k: v for k, v in spec.index.items() if not isinstance(v, list)}
         pipeline = cls(components, spec.config("transformer"), device, index)
+        offload.apply(pipeline, config.offload)  # --offload: host memory, hooks, graphs off where they move
         pipeline.defaults.update(spec.runtime_defaults())
         pipeline.step_cache = config.step_cache_config()  # None: off (a request may still turn it on)
         return pipeline
@@ -97,6 +99,9 @@ class NativePipeline:
                 raise
             torch.cuda.empty_cache()
             return run()
+        finally:
+            for manager in getattr(self, "offload", None) or ():  # --offload: the VAE goes home too
+                manager.release()
 
     @torch.inference_mode()
     def __call__(

@@ -407,6 +407,9 @@ def denoise(
     everything else: StepPacer's wait for the step before last, and, with step caching on, the one read of
     two floats per step that decides whether the DiT's tail runs (runtime/step_cache.py; none at all when
     step caching is off)."""
+    from diffserve.runtime import offload
+
+    offload.release_all()  # --offload: the text encoders are done; the DiT gets the memory
     total = len(timesteps)
     pacer = StepPacer(latents.device, total, on_step)
     with cuda_graphs.no_host_sync(latents.device):
@@ -482,14 +485,19 @@ def to_pil(images: torch.Tensor) -> list:
 def decode_images(vae, latents: torch.Tensor) -> list:
     """AutoencoderKL latents (batch, C, h, w), already un-normalised -> PIL images. Decoded by
     kl_vae_decode (= vae.decode, with each GroupNorm + SiLU as one bandwidth-bound kernel on CUDA)."""
+    from diffserve.runtime import offload
     from diffserve.runtime.kl_vae_decode import decode_kl_latents
 
+    offload.onload(vae)  # --offload: the walk reads the VAE's weights without calling it
     return to_pil(decode_kl_latents(vae, latents.to(vae.dtype)))
 
 
 def decode_videos(vae, latents: torch.Tensor) -> list[list]:
     """AutoencoderKLWan latents (batch, C, f, h, w), already un-normalised -> one list of frames per video."""
+    from diffserve.runtime import offload
     from diffserve.runtime.vae_decode import decode_wan_latents
+
+    offload.onload(vae)  # --offload: the walk reads the VAE's weights without calling it
 
     videos = decode_wan_latents(vae, latents.to(vae.dtype))  # (batch, 3, frames, H, W), = vae.decode
     return [to_pil(v.transpose(0, 1)) for v in videos]

@@ -66,6 +66,9 @@ class TextEncoder(cuda_graphs.GraphedForward):
 
     def encode(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The output for these ids, on the encoder's device and in its dtype."""
+        from diffserve.runtime import offload
+
+        offload.onload(self.module)  # --offload: the fused T5 reads weights without calling the module
         device = encoder_device(self.module)
         inputs = {"input_ids": upload(ids, device)}
         if mask is not None:
