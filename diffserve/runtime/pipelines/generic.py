@@ -101,12 +101,15 @@ class GenericPipeline:
     @classmethod
     def load(cls, spec, device: str, dtype, config) -> GenericPipeline:
         """Any diffusers pipeline, loaded by diffusers; `config` (RuntimeConfig) gives the attention backend
-        (--compile applies to native DiTs only; --quantization and --step-cache are refused: they need our DiTs)."""
+        (--compile applies to native DiTs only; --quantization, --step-cache and --offload are refused: they need
+        our DiTs. --offload is refused rather than mapped onto diffusers' enable_model_cpu_offload or group
+        offloading, whose placement and memory we would neither control nor test here)."""
         from diffserve.runtime.loader import ModelLoadError
 
         for flag, value in (
             ("--quantization", config.quantization),
             ("--step-cache", config.step_cache_config()),
+            ("--offload", config.offload),
         ):
             if value is not None:
                 raise ModelLoadError(
