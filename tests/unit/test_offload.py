@@ -191,3 +191,35 @@ def test_cuda_layerwise_prefetches_on_a_side_stream_and_bounds_memory(tiny_flux_
     # bit of an 8-bit pixel for a different GEMM algorithm choice inside a capture.
     assert np.abs(got.astype(int) - reference.astype(int)).max() <= 1
     assert streamer.resident() == []
+
+
+def test_bench_offload_tiny(tmp_path):
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    benchmarks = Path(__file__).resolve().parents[2] / "benchmarks"
+    sys.path.insert(0, str(benchmarks))
+    spec = importlib.util.spec_from_file_location("bench_offload", benchmarks / "bench_offload.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = tmp_path / "results.jsonl"
+    argv = [
+        "--tiny",
+        "--configs",
+        "none",
+        "layerwise@24",
+        "model+fp8",
+        "--runs",
+        "1",
+        "--results",
+        str(results),
+    ]
+    assert bench.main(argv) == 0
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["impl"] for r in rows] == ["diffserve-none", "diffserve-layerwise@24", "diffserve-model+fp8"]
+    assert all(r["benchmark"] == "offload_flux_64_2steps_tiny_cpu" and len(r["runs_s"]) == 1 for r in rows)
+    assert rows[0]["slowdown"] == 1.0 and all(r["slowdown"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="MODE"):
+        bench.parse_config("disk@24")

@@ -1,0 +1,184 @@
+"""--offload on a small GPU: FLUX.1-dev 1024^2, 28 steps, end to end (text encoders, denoise, VAE decode,
+through diffserve's runner), each configuration in its own process, optionally capped with
+torch.cuda.set_per_process_memory_fraction (the cap the issue sets: 24 GB of the H200's 141). Reports per
+configuration the median seconds per generation, the peak memory the caching allocator reserved (what
+the cap limits; nvidia-smi shows ~0.5 GB more, the CUDA context) and allocated, and the slowdown against
+the first configuration (by default the uncapped resident model), and appends one row each to
+benchmarks/results.jsonl (record.py).
+
+    # full-size random FLUX.1-dev (33.7 GB, built on the GPU once, bench_serving.make_checkpoint), then the runs
+    python benchmarks/bench_offload.py --model /tmp/flux-dev
+    # pick the configurations: MODE[+fp8][@CAP_GB], MODE none|model|layerwise
+    python benchmarks/bench_offload.py --model /tmp/flux-dev --configs none layerwise@24 layerwise+fp8@24
+    # the tiny model on the CPU (a check of the script; caps are ignored there)
+    python benchmarks/bench_offload.py --tiny --no-record
+
+Why these configurations: the FLUX.1-dev DiT alone is 23.8 GB in bf16, so under a 24 GB cap only
+`layerwise` fits in bf16; with --quantization fp8 (DiT linears halved) `model` may fit too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.record import RESULTS, record  # noqa: E402
+
+DEFAULT_CONFIGS = ["none", "layerwise@24", "model+fp8@24", "layerwise+fp8@24"]
+
+
+def parse_config(text: str) -> dict:
+    """'layerwise+fp8@24' -> {'offload': 'layerwise', 'quantization': 'fp8', 'cap_gb': 24.0}."""
+    spec, _, cap = text.partition("@")
+    mode, *flags = spec.split("+")
+    if mode not in ("none", "model", "layerwise") or any(f != "fp8" for f in flags):
+        raise ValueError(f"configuration {text!r}: use MODE[+fp8][@CAP_GB], MODE none|model|layerwise")
+    return {
+        "name": text,
+        "offload": None if mode == "none" else mode,
+        "quantization": "fp8" if flags else None,
+        "cap_gb": float(cap) if cap else None,
+    }
+
+
+def measure(config: dict, model: str, device: str, size: int, steps: int, runs: int) -> dict:
+    """One configuration in this process: load, one warm-up generation, `runs` timed ones."""
+    import torch
+
+    from diffserve.runtime.api import GenerationRequest
+    from diffserve.runtime.config import RuntimeConfig
+    from diffserve.runtime.runner import load_runner
+
+    cuda = device.startswith("cuda")
+    if cuda and config["cap_gb"] is not None:
+        # Before the first allocation: the caching allocator refuses to reserve beyond this fraction.
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, config["cap_gb"] * 2**30 / total))
+    start = time.perf_counter()
+    runner = load_runner(
+        RuntimeConfig(
+            model=model, device=device, offload=config["offload"], quantization=config["quantization"]
+        )
+    )
+    load_s = time.perf_counter() - start
+    req = dict(prompt="a lighthouse at dusk", width=size, height=size, num_inference_steps=steps, seed=0)
+    times, stages = [], []
+    for i in range(runs + 1):  # the first: warm-up (graph captures, first kernel launches)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        result = runner.generate(GenerationRequest(**req))
+        if cuda:
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+            stages.append(result.timings)
+    out = {
+        "config": config["name"],
+        "load_s": round(load_s, 1),
+        "runs_s": [round(t, 3) for t in times],
+        "s": statistics.median(times),
+        "denoise_s": statistics.median(s.get("denoise", 0.0) for s in stages),
+    }
+    if cuda:
+        out["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+        out["peak_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return out
+
+
+def run_child(config: dict, args) -> dict:
+    """measure() in a fresh process: its own cap, its own peak, nothing cached from the previous one."""
+    cmd = [sys.executable, __file__, "--child", json.dumps(config), "--model", args.model]
+    cmd += ["--size", str(args.size), "--steps", str(args.steps), "--runs", str(args.runs)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        oom = "OutOfMemoryError" in proc.stderr or "out of memory" in proc.stderr
+        return {"config": config["name"], "error": "out of memory" if oom else tail}
+    return json.loads(lines[-1])
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="a FLUX.1-dev directory (default: build random full-size weights there)")
+    p.add_argument(
+        "--configs", nargs="+", default=None, help=f"MODE[+fp8][@CAP_GB] (default {DEFAULT_CONFIGS})"
+    )
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--runs", type=int, default=2, help="timed generations per configuration (median)")
+    p.add_argument("--tiny", action="store_true", help="CPU, the tiny FLUX model, in this process")
+    p.add_argument("--no-record", dest="record", action="store_false")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--child", help=argparse.SUPPRESS)  # one configuration as JSON (run_child)
+    args = p.parse_args(argv)
+    try:
+        args.parsed = [parse_config(c) for c in (args.configs or DEFAULT_CONFIGS)]
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        print(
+            json.dumps(measure(json.loads(args.child), args.model, "cuda", args.size, args.steps, args.runs))
+        )
+        return 0
+    tiny_dir = None
+    if args.tiny:
+        from diffserve.testing import make_tiny_model
+
+        tiny_dir = tempfile.TemporaryDirectory(prefix="bench-offload-tiny-")
+        args.model = str(make_tiny_model("flux", Path(tiny_dir.name) / "flux"))
+        if args.size == 1024:
+            args.size, args.steps = 64, 2
+        rows = [measure(c, args.model, "cpu", args.size, args.steps, args.runs) for c in args.parsed]
+        tiny_dir.cleanup()
+    else:
+        if args.model is None or not (Path(args.model) / "model_index.json").exists():
+            from benchmarks.bench_serving import make_checkpoint
+
+            args.model = args.model or "/tmp/flux-dev-random"
+            make_checkpoint(Path(args.model), "dev")
+        rows = [run_child(c, args) for c in args.parsed]
+    base = rows[0].get("s")
+    print(f"FLUX.1 {args.size}^2, {args.steps} steps; slowdown against {rows[0]['config']}")
+    print("| config | s / generation | denoise s | peak reserved GB | peak allocated GB | slowdown |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        if "error" in row:
+            print(f"| {row['config']} | {row['error']} | | | | |")
+            continue
+        if base:
+            row["slowdown"] = round(row["s"] / base, 2)
+        cells = [row["s"], row["denoise_s"], row.get("peak_reserved_gb"), row.get("peak_allocated_gb")]
+        print(
+            f"| {row['config']} | "
+            + " | ".join(f"{c:.2f}" if c else "n/a" for c in cells)
+            + f" | {row.get('slowdown')}x |"
+        )
+        if args.record:
+            record(
+                f"offload_flux_{args.size}_{args.steps}steps{'_tiny_cpu' if args.tiny else ''}",
+                f"diffserve-{row['config']}",
+                row["s"] * 1000,
+                path=args.results,
+                **{k: v for k, v in row.items() if k not in ("s",)},
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
