@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 
 MODES = ("model", "layerwise")
 _managers: weakref.WeakSet = weakref.WeakSet()  # every live ComponentOffload (release_all)
+# For tests on the CPU, where a weight read outside a visit would silently find the same numbers on the
+# host: between visits the tensors then point at a copy whose bytes are all 0xFF (NaN in every float
+# format, -1 in integers), so that such a read shows in the output.
+POISON_BETWEEN_VISITS = False
 
 
 class StorageGroup:
@@ -49,6 +53,7 @@ class StorageGroup:
             by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(t)
         # (host bytes as a flat uint8 tensor, the tensors viewing it)
         self.storages: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+        self.homes: list[torch.Tensor] = []  # where the tensors point between visits: the host copy
         with torch.inference_mode(False), torch.no_grad():
             for views in by_storage.values():
                 raw = _bytes(views[0])
@@ -56,7 +61,8 @@ class StorageGroup:
                 if self.pin:
                     host = host.pin_memory()
                 self.storages.append((host, views))
-                _point(views, host)  # the device copy (if any) is freed with its last view
+                self.homes.append(torch.full_like(host, 255) if POISON_BETWEEN_VISITS else host)
+                _point(views, self.homes[-1])  # the device copy (if any) is freed with its last view
         self.on_device: list[torch.Tensor] | None = None  # the visiting copies, while on the device
         self.ready: torch.cuda.Event | None = None  # recorded on the copy stream after the copy
 
@@ -94,8 +100,8 @@ class StorageGroup:
         if self.on_device is None:
             return
         with torch.inference_mode(False), torch.no_grad():
-            for host, views in self.storages:
-                _point(views, host)
+            for (_, views), home in zip(self.storages, self.homes, strict=True):
+                _point(views, home)
         self.on_device, self.ready = None, None
 
 
@@ -263,10 +269,10 @@ def apply(pipeline, mode: str | None) -> None:
     from diffserve.runtime.cuda_graphs import GraphedForward
 
     device = pipeline.device
-    components = {
+    components = {  # the whole-component visitors; the DiT (layerwise) is the BlockStreamer's alone
         name: c
         for name, c in pipeline.components.items()
-        if isinstance(c, nn.Module) and offloaded(name, mode)
+        if isinstance(c, nn.Module) and offloaded(name, mode) and not name.startswith("transformer")
     }
     managers = [ComponentOffload(components, device)] if components else []
     if mode == "layerwise":

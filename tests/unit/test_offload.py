@@ -6,6 +6,8 @@ by the GPU tests at the end, skipped without a GPU."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ from diffserve.runtime.api import GenerationRequest
 from diffserve.runtime.config import RuntimeConfig
 from diffserve.runtime.loader import ModelLoadError
 from diffserve.runtime.runner import load_runner
+from diffserve.testing.tiny_models import make_tiny_model
 
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned memory, streams)"
@@ -38,10 +41,26 @@ def _runner(model_dir, mode, device="cpu", **kw):
     return load_runner(RuntimeConfig(model=str(model_dir), device=device, offload=mode, **kw))
 
 
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Between visits, offloaded tensors point at NaN bytes: a weight read outside a visit changes the output
+    (on the CPU the host copy would otherwise give the same numbers)."""
+    monkeypatch.setattr(offload, "POISON_BETWEEN_VISITS", True)
+
+
 def _on_host(module: nn.Module, group: offload.StorageGroup) -> bool:
-    """Every tensor of `module` in the group views one of the group's host copies."""
-    hosts = {host.untyped_storage().data_ptr() for host, _ in group.storages}
+    """Every tensor of `module` in the group points at the group's home (between visits)."""
+    hosts = {home.untyped_storage().data_ptr() for home in group.homes}
     return all(t.untyped_storage().data_ptr() in hosts for t in offload._tensors(module))
+
+
+_TINY: dict[str, object] = {}
+
+
+def _tiny_dir(family: str, tmp_path_factory):
+    if family not in _TINY:
+        _TINY[family] = make_tiny_model(family, tmp_path_factory.mktemp(family) / family)
+    return _TINY[family]
 
 
 # ---- the storage mechanism ------------------------------------------------------------------------------
@@ -54,8 +73,9 @@ def test_storage_group_moves_shared_views_as_one_buffer_and_returns():
     before = (a.clone(), b.clone())
     group = offload.StorageGroup([a, b], torch.device("cpu"))
     assert len(group.storages) == 1 and group.nbytes == 24 * 4  # one storage, not one per view
-    host = group.storages[0][0].untyped_storage().data_ptr()
+    host = group.homes[0].untyped_storage().data_ptr()
     assert a.untyped_storage().data_ptr() == host
+    assert a.isnan().all()  # poisoned between visits (the fixture)
 
     group.load()
     visiting = a.untyped_storage().data_ptr()
@@ -64,6 +84,8 @@ def test_storage_group_moves_shared_views_as_one_buffer_and_returns():
     assert torch.equal(a, before[0]) and torch.equal(b, before[1])
     group.release()
     assert a.untyped_storage().data_ptr() == host and group.on_device is None
+    assert a.isnan().all() and b.isnan().all()  # home again (poisoned); the host copy is intact:
+    group.load()
     assert torch.equal(a, before[0]) and torch.equal(b, before[1])
 
 
@@ -112,12 +134,31 @@ def test_model_mode_components_visit_for_their_stage_only(tiny_flux_dir):
     assert manager.resident() == []  # the VAE went home when the generation ended
 
 
-def test_offload_pixels_are_bitwise_the_resident_ones(tiny_flux_dir, tiny_wan_dir):
-    for model_dir, kw in ((tiny_flux_dir, {}), (tiny_wan_dir, {"num_frames": 5, "width": 64})):
-        reference = _pixels(_runner(model_dir, None), **kw)
-        for mode in ("model", "layerwise"):
-            got = _pixels(_runner(model_dir, mode), **kw)
-            assert np.array_equal(got, reference), (model_dir.name, mode)
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "family,kw",
+    [
+        ("flux", {}),
+        ("flux", {"image": "png", "strength": 0.6}),  # image-to-image: the VAE encodes too
+        ("wan", {"num_frames": 5, "width": 64}),
+        ("flux-kontext", {"image": "png", "width": 64}),
+        ("qwen-image", {"width": 64}),
+        ("qwen-image-edit", {"image": "png", "width": 64}),
+    ],
+)
+def test_offload_pixels_are_bitwise_the_resident_ones(family, kw, tmp_path_factory):
+    # With the poison fixture: every weight the offloaded stages read was read during a visit.
+    model_dir = _tiny_dir(family, tmp_path_factory)
+    kw = {**kw, "image": _png()} if "image" in kw else kw
+    reference = _pixels(_runner(model_dir, None), **kw)
+    for mode in ("model", "layerwise"):
+        got = _pixels(_runner(model_dir, mode), **kw)
+        assert np.array_equal(got, reference), (family, mode)
 
 
 # ---- layerwise ------------------------------------------------------------------------------------------
@@ -131,6 +172,8 @@ def test_layerwise_streams_at_most_two_blocks_and_keeps_fused_adaln_resident(tin
     dit = pipe.transformer
     n = len(dit.transformer_blocks) + len(dit.single_transformer_blocks)
     assert len(streamer.blocks) == n and streamer.resident() == []
+    # The text encoders and VAE visit whole; the DiT is the streamer's alone (never copied over whole).
+    assert sorted(pipe.offload[0].groups) == ["text_encoder", "text_encoder_2", "vae"]
     assert pipe.dit.disabled  # the DiT's CUDA graphs are off: the blocks' addresses change every step
     # FLUX's fused adaLN buffer (every block's projections are views into it) is read up front at every
     # request, so it stays resident rather than streamed with any block.
