@@ -8,8 +8,9 @@ benchmarks/results.jsonl (record.py).
 
     # full-size random FLUX.1-dev (33.7 GB, built on the GPU once, bench_serving.make_checkpoint), then the runs
     python benchmarks/bench_offload.py --model /tmp/flux-dev
-    # pick the configurations: MODE[+fp8][@CAP_GB], MODE none|model|layerwise
-    python benchmarks/bench_offload.py --model /tmp/flux-dev --configs none layerwise@24 layerwise+fp8@24
+    # pick the configurations: MODE[+fp8][@CAP_GB], MODE none|model|layerwise; --baseline S: the slowdown
+    # against an earlier run's seconds per generation (when the configurations are split over several runs)
+    python benchmarks/bench_offload.py --model /tmp/flux-dev --configs layerwise@24 layerwise+fp8@24 --baseline 3.4
     # the tiny model on the CPU (a check of the script; caps are ignored there)
     python benchmarks/bench_offload.py --tiny --no-record
 
@@ -33,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.record import RESULTS, record  # noqa: E402
 
-DEFAULT_CONFIGS = ["none", "layerwise@24", "model+fp8@24", "layerwise+fp8@24"]
+DEFAULT_CONFIGS = ["none", "model", "layerwise@24", "layerwise+fp8@24", "model+fp8@24"]
 
 
 def parse_config(text: str) -> dict:
@@ -117,6 +118,12 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--runs", type=int, default=2, help="timed generations per configuration (median)")
+    p.add_argument(
+        "--baseline",
+        type=float,
+        help="seconds per generation to state slowdowns against (an earlier run's `none`); default: the first "
+        "configuration of this run",
+    )
     p.add_argument("--tiny", action="store_true", help="CPU, the tiny FLUX model, in this process")
     p.add_argument("--no-record", dest="record", action="store_false")
     p.add_argument("--results", type=Path, default=RESULTS)
@@ -153,8 +160,9 @@ def main(argv=None) -> int:
             args.model = args.model or "/tmp/flux-dev-random"
             make_checkpoint(Path(args.model), "dev")
         rows = [run_child(c, args) for c in args.parsed]
-    base = rows[0].get("s")
-    print(f"FLUX.1 {args.size}^2, {args.steps} steps; slowdown against {rows[0]['config']}")
+    base = args.baseline or rows[0].get("s")
+    against = f"{args.baseline} s" if args.baseline else rows[0]["config"]
+    print(f"FLUX.1 {args.size}^2, {args.steps} steps; slowdown against {against}")
     print("| config | s / generation | denoise s | peak reserved GB | peak allocated GB | slowdown |")
     print("|---|---|---|---|---|---|")
     for row in rows:

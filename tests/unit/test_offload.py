@@ -218,8 +218,10 @@ def test_cuda_model_mode_pins_host_copies_and_matches(tiny_flux_dir):
         assert all(host.is_pinned() for host, _ in group.storages), name
         assert next(runner.pipeline.components[name].parameters()).device.type == "cpu"
     assert next(runner.pipeline.transformer.parameters()).device.type == "cuda"
-    # Same kernels on the same weights; only the text encoders' graphs are off, which replay the same ops.
-    assert np.array_equal(_pixels(runner), reference)
+    # Same kernels on the same weights; only the text encoders' graphs are off, which replay the same ops
+    # (a capture may pick another cuBLASLt algorithm: allow the last bit of an 8-bit pixel).
+    assert np.abs(_pixels(runner).astype(int) - reference.astype(int)).max() <= 1
+    assert manager.resident() == []
 
 
 @needs_cuda
