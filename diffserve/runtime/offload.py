@@ -4,7 +4,8 @@
              (text encoding, VAE encode/decode); the DiT stays resident.
 - layerwise: as model, and the DiT's blocks also live in pinned host memory: each block is copied to the
              GPU just before it runs, the next one is prefetched on a side stream meanwhile, and a block's
-             GPU copy is dropped as soon as its kernels are queued. At most two blocks are on the GPU.
+             GPU copy is dropped as soon as its kernels are queued (its memory reused once they ran). At
+             most two blocks are held, and three block copies allocated (the third one finishing).
 
 The unit moved is a tensor *storage*, not a parameter: our fused layers (models.base.fuse_linears, the
 fused T5) make several parameters views into one buffer, and moving storages keeps those views shared
@@ -25,6 +26,7 @@ mechanism (where each tensor lives, visits and returns, same outputs) is testabl
 
 from __future__ import annotations
 
+import collections
 import logging
 import weakref
 
@@ -203,6 +205,7 @@ class BlockStreamer:
         _move([t for t in _tensors(dit) if id(t) not in streamed], self.device)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.loads = 0  # for tests: block copies made
+        self.done: collections.deque = collections.deque()  # events after released blocks' kernels
         for i, block in enumerate(self.blocks):
             block.register_forward_pre_hook(lambda _m, _a, i=i: self._before(i))
             block.register_forward_hook(lambda _m, _a, _o, i=i: self._after(i))
@@ -227,6 +230,13 @@ class BlockStreamer:
                 group.release()
         self._load(i)
         self.groups[i].wait_ready()
+        # The host runs far ahead of the GPU (queueing a block takes well under its copy time), and a
+        # released copy's memory is reusable only once the kernels that read it ran: without a brake the
+        # host would allocate every block of a step before the GPU finished the first. So wait here
+        # until all released blocks but the latest (i-1, whose kernels may still run) are done: at most
+        # three block copies are allocated (i-1 finishing, i, and the prefetched one).
+        while len(self.done) > 1:
+            self.done.popleft().synchronize()
         self._load(nxt)  # the prefetch: its copy overlaps block i's kernels on the side stream
 
     def _after(self, i: int) -> None:
@@ -234,6 +244,10 @@ class BlockStreamer:
         # wait_ready). With one block, it is its own successor: keep it.
         if len(self.blocks) > 1:
             self.groups[i].release()
+            if self.stream is not None:
+                event = torch.cuda.Event()
+                event.record()  # on the current stream, after block i's kernels
+                self.done.append(event)
 
     def release(self) -> None:
         for group in self.groups:
