@@ -194,6 +194,18 @@ def test_layerwise_streams_at_most_two_blocks_and_keeps_fused_adaln_resident(tin
     assert streamer.resident() == []  # home after the request
 
 
+def test_layerwise_with_the_step_cache(tiny_flux_dir):
+    # The cache runs the head blocks alone on reused steps, breaking the streaming order: the leftover
+    # prefetched block goes home and the head's blocks are fetched in turn, the output unchanged.
+    kw = dict(num_inference_steps=10, extra={"step_cache_threshold": 1.0})
+    reference = _runner(tiny_flux_dir, None, step_cache="first-block").generate(_request(**kw))
+    runner = _runner(tiny_flux_dir, "layerwise", step_cache="first-block")
+    got = runner.generate(_request(**kw))
+    assert got.dit_forwards == reference.dit_forwards and got.dit_forwards["cached"] > 0
+    assert np.array_equal(np.asarray(got.images[0]), np.asarray(reference.images[0]))
+    assert runner.pipeline.offload[-1].resident() == []
+
+
 def test_cli_generate_offload_same_file(tiny_flux_dir, tmp_path):
     def run(*extra):
         out = tmp_path / f"out{'-'.join(extra)}.png"
