@@ -1,14 +1,14 @@
 """--offload on a small GPU: FLUX.1-dev 1024^2, 28 steps, end to end (text encoders, denoise, VAE decode,
 through diffserve's runner), each configuration in its own process, optionally capped with
-torch.cuda.set_per_process_memory_fraction (the cap the issue sets: 24 GB of the H200's 141). Reports per
-configuration the median seconds per generation, the peak memory the caching allocator reserved (what
+torch.cuda.set_per_process_memory_fraction (the issue's cap: 24 GiB, a "24 GB" card's memory, of the
+H200's 139 GiB). Reports per configuration the median seconds per generation, the peak memory the caching allocator reserved (what
 the cap limits; nvidia-smi shows ~0.5 GB more, the CUDA context) and allocated, and the slowdown against
 the first configuration (by default the uncapped resident model), and appends one row each to
 benchmarks/results.jsonl (record.py).
 
     # full-size random FLUX.1-dev (33.7 GB, built on the GPU once, bench_serving.make_checkpoint), then the runs
     python benchmarks/bench_offload.py --model /tmp/flux-dev
-    # pick the configurations: MODE[+fp8][@CAP_GB], MODE none|model|layerwise; --baseline S: the slowdown
+    # pick the configurations: MODE[+fp8][@CAP_GIB], MODE none|model|layerwise; --baseline S: the slowdown
     # against an earlier run's seconds per generation (when the configurations are split over several runs)
     python benchmarks/bench_offload.py --model /tmp/flux-dev --configs layerwise@24 layerwise+fp8@24 --baseline 3.4
     # the tiny model on the CPU (a check of the script; caps are ignored there)
@@ -38,16 +38,16 @@ DEFAULT_CONFIGS = ["none", "model", "layerwise@24", "layerwise+fp8@24", "model+f
 
 
 def parse_config(text: str) -> dict:
-    """'layerwise+fp8@24' -> {'offload': 'layerwise', 'quantization': 'fp8', 'cap_gb': 24.0}."""
+    """'layerwise+fp8@24' -> {'offload': 'layerwise', 'quantization': 'fp8', 'cap_gib': 24.0}."""
     spec, _, cap = text.partition("@")
     mode, *flags = spec.split("+")
     if mode not in ("none", "model", "layerwise") or any(f != "fp8" for f in flags):
-        raise ValueError(f"configuration {text!r}: use MODE[+fp8][@CAP_GB], MODE none|model|layerwise")
+        raise ValueError(f"configuration {text!r}: use MODE[+fp8][@CAP_GIB], MODE none|model|layerwise")
     return {
         "name": text,
         "offload": None if mode == "none" else mode,
         "quantization": "fp8" if flags else None,
-        "cap_gb": float(cap) if cap else None,
+        "cap_gib": float(cap) if cap else None,
     }
 
 
@@ -60,10 +60,10 @@ def measure(config: dict, model: str, device: str, size: int, steps: int, runs: 
     from diffserve.runtime.runner import load_runner
 
     cuda = device.startswith("cuda")
-    if cuda and config["cap_gb"] is not None:
+    if cuda and config["cap_gib"] is not None:
         # Before the first allocation: the caching allocator refuses to reserve beyond this fraction.
         total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, config["cap_gb"] * 2**30 / total))
+        torch.cuda.set_per_process_memory_fraction(min(1.0, config["cap_gib"] * 2**30 / total))
     start = time.perf_counter()
     runner = load_runner(
         RuntimeConfig(
@@ -91,8 +91,8 @@ def measure(config: dict, model: str, device: str, size: int, steps: int, runs: 
         "denoise_s": statistics.median(s.get("denoise", 0.0) for s in stages),
     }
     if cuda:
-        out["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
-        out["peak_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+        out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return out
 
 
@@ -113,7 +113,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="a FLUX.1-dev directory (default: build random full-size weights there)")
     p.add_argument(
-        "--configs", nargs="+", default=None, help=f"MODE[+fp8][@CAP_GB] (default {DEFAULT_CONFIGS})"
+        "--configs", nargs="+", default=None, help=f"MODE[+fp8][@CAP_GIB] (default {DEFAULT_CONFIGS})"
     )
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=28)
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     base = args.baseline or rows[0].get("s")
     against = f"{args.baseline} s" if args.baseline else rows[0]["config"]
     print(f"FLUX.1 {args.size}^2, {args.steps} steps; slowdown against {against}")
-    print("| config | s / generation | denoise s | peak reserved GB | peak allocated GB | slowdown |")
+    print("| config | s / generation | denoise s | peak reserved GiB | peak allocated GiB | slowdown |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
             continue
         if base:
             row["slowdown"] = round(row["s"] / base, 2)
-        cells = [row["s"], row["denoise_s"], row.get("peak_reserved_gb"), row.get("peak_allocated_gb")]
+        cells = [row["s"], row["denoise_s"], row.get("peak_reserved_gib"), row.get("peak_allocated_gib")]
         print(
             f"| {row['config']} | "
             + " | ".join(f"{c:.2f}" if c else "n/a" for c in cells)
