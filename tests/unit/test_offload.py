@@ -206,6 +206,18 @@ def test_layerwise_with_the_step_cache(tiny_flux_dir):
     assert runner.pipeline.offload[-1].resident() == []
 
 
+def test_model_mode_with_lora(tiny_flux_dir, tmp_path):
+    # The DiT stays resident in model mode, so LoRA adapters work as without offload.
+    from diffserve.testing.tiny_loras import make_tiny_lora
+
+    make_tiny_lora(tiny_flux_dir, tmp_path / "style.safetensors", seed=1)
+    loras = (f"style={tmp_path / 'style.safetensors'}",)
+    kw = dict(extra={"lora": {"style": 0.7}})
+    reference = _pixels(_runner(tiny_flux_dir, None, loras=loras), **kw)
+    assert not np.array_equal(reference, _pixels(_runner(tiny_flux_dir, None)))  # the adapter shows
+    assert np.array_equal(_pixels(_runner(tiny_flux_dir, "model", loras=loras), **kw), reference)
+
+
 def test_cli_generate_offload_same_file(tiny_flux_dir, tmp_path):
     def run(*extra):
         out = tmp_path / f"out{'-'.join(extra)}.png"
