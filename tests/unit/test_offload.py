@@ -206,6 +206,13 @@ def test_layerwise_with_the_step_cache(tiny_flux_dir):
     assert runner.pipeline.offload[-1].resident() == []
 
 
+def test_offload_with_fp8(tiny_flux_dir):
+    # Under layerwise the DiT is quantised on the host before its blocks are pinned: the same FP8 weights.
+    reference = _pixels(_runner(tiny_flux_dir, None, quantization="fp8"))
+    for mode in ("model", "layerwise"):
+        assert np.array_equal(_pixels(_runner(tiny_flux_dir, mode, quantization="fp8")), reference), mode
+
+
 def test_model_mode_with_lora(tiny_flux_dir, tmp_path):
     # The DiT stays resident in model mode, so LoRA adapters work as without offload.
     from diffserve.testing.tiny_loras import make_tiny_lora
