@@ -3,7 +3,10 @@ cross-attention to the text, and a GELU MLP, each modulated by the timestep (ada
 Parameter names match diffusers' WanTransformer3DModel, so its checkpoints load unchanged.
 
 Wan2.2 TI2V-5B passes one timestep per token (shape (batch, seq)); the modulation then varies per token.
-Image-to-video conditioning (image_dim / added_kv_proj_dim) is not supported.
+Wan2.1 I2V (image_dim / added_kv_proj_dim): the CLIP image states, through the condition embedder's
+image_embedder, lead the cross-attention context; every cross-attention attends to them with its own key/value
+projections (add_k_proj/add_v_proj, norm_added_k) and adds that to its text attention. The last TEXT_TOKENS
+context rows are the text, as in the reference.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from diffserve.runtime.layers.rope import grid_rope, norm_rope
 from diffserve.runtime.models.base import DiTConfig, NativeDiT, fuse_linears
 from diffserve.runtime.step_cache import unpadded_rows
 
+TEXT_TOKENS = 512  # the UMT5 context length; image context rows come first (the reference hard-codes it too)
+
 
 @dataclasses.dataclass
 class WanConfig(DiTConfig):
@@ -60,10 +65,13 @@ class WanConfig(DiTConfig):
 
     def __post_init__(self):
         self.patch_size = tuple(self.patch_size)
-        if self.image_dim is not None or self.added_kv_proj_dim is not None:
+        if self.pos_embed_seq_len is not None:
             raise ValueError(
-                "Wan image-to-video conditioning (image_dim / added_kv_proj_dim in config.json) is not "
-                "supported; use a text-to-video (or TI2V) Wan transformer"
+                "Wan first-last-frame conditioning (pos_embed_seq_len in config.json, FLF2V) is not supported"
+            )
+        if (self.image_dim is None) != (self.added_kv_proj_dim is None):
+            raise ValueError(
+                "a Wan image-to-video DiT needs both image_dim and added_kv_proj_dim in config.json"
             )
         if len(self.patch_size) != 3:
             raise ValueError(f"patch_size must have 3 entries (t, h, w), got {self.patch_size}")
@@ -87,14 +95,18 @@ class WanAttention(nn.Module):
     layers.fp8.quantize_linears a quantised fused projection is the Fp8Linear `qkv` (`kv`), and the input x
     may arrive quantised (a Quantized written by the block's adaLN pass)."""
 
-    def __init__(self, dim: int, heads: int, eps: float):
+    def __init__(self, dim: int, heads: int, eps: float, added_kv_dim: int | None = None):
         super().__init__()
         self.heads = heads
         self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Identity()])  # .1 was dropout
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
-        for name in ("qkv_weight", "qkv_bias", "kv_weight", "kv_bias"):
+        self.add_k_proj = self.add_v_proj = self.norm_added_k = None
+        if added_kv_dim is not None:  # I2V cross-attention: the image context's own keys and values
+            self.add_k_proj, self.add_v_proj = nn.Linear(added_kv_dim, dim), nn.Linear(added_kv_dim, dim)
+            self.norm_added_k = nn.RMSNorm(dim, eps=eps)
+        for name in ("qkv_weight", "qkv_bias", "kv_weight", "kv_bias", "add_kv_weight", "add_kv_bias"):
             self.register_buffer(name, None, persistent=False)
 
     def query_fp8(self, cross: bool) -> bool:
@@ -127,12 +139,23 @@ class WanAttention(nn.Module):
         self, x: torch.Tensor | Quantized, context: torch.Tensor | None = None, rope=None
     ) -> torch.Tensor:
         """The attention output before the output projection, (batch, seq, dim)."""
+        image = None
+        if context is not None and self.add_k_proj is not None:  # I2V: [image rows | TEXT_TOKENS text rows]
+            image, context = context[:, :-TEXT_TOKENS], context[:, -TEXT_TOKENS:]
         q, k, v = self._project(x, context)
         head_dim = q.shape[-1] // self.heads
         q, k = norm_rope(q, self.norm_q, rope, head_dim), norm_rope(k, self.norm_k, rope, head_dim)
         v = v.unflatten(-1, (self.heads, head_dim))
         # Cross-attention keys are the text, whole on every rank: no exchange even when sequence-parallel.
         out = attention(q, k, v) if context is not None else sequence_parallel_attention(q, k, v)
+        if image is not None:
+            dim = self.add_k_proj.out_features
+            if self.add_kv_weight is not None:
+                k_img, v_img = F.linear(image, self.add_kv_weight, self.add_kv_bias).split(dim, dim=-1)
+            else:
+                k_img, v_img = self.add_k_proj(image), self.add_v_proj(image)
+            k_img = norm_rope(k_img, self.norm_added_k, None, head_dim)
+            out = out + attention(q, k_img, v_img.unflatten(-1, (self.heads, head_dim)))
         return out.flatten(2)
 
 
@@ -142,7 +165,7 @@ class WanBlock(nn.Module):
         dim = c.inner_dim
         self.eps = c.eps
         self.attn1 = WanAttention(dim, c.num_attention_heads, c.eps)
-        self.attn2 = WanAttention(dim, c.num_attention_heads, c.eps)
+        self.attn2 = WanAttention(dim, c.num_attention_heads, c.eps, c.added_kv_proj_dim)
         # norm1/norm3 have no parameters (their scale and shift come from the modulation).
         self.norm2 = nn.LayerNorm(dim, eps=c.eps) if c.cross_attn_norm else None
         self.ffn = FeedForward(dim, c.ffn_dim)
@@ -151,6 +174,8 @@ class WanBlock(nn.Module):
     def fuse_projections(self) -> None:
         fuse_linears(self.attn1, ("to_q", "to_k", "to_v"), "qkv")
         fuse_linears(self.attn2, ("to_k", "to_v"), "kv")
+        if self.attn2.add_k_proj is not None:
+            fuse_linears(self.attn2, ("add_k_proj", "add_v_proj"), "add_kv")
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, temb6: torch.Tensor, rope, offset=None):
         """(x, offset) -> (x, offset): the residual stream is x + offset, offset a float32 (batch, 1, dim)
@@ -210,8 +235,40 @@ class WanBlock(nn.Module):
         return gated_residual(x, self.ffn(h), mlp_gate)  # float32 gate: the sum is taken in float32
 
 
+class _ImageEmbedder(nn.Module):
+    """CLIP image states -> model width: float32 LayerNorm, a GELU (erf) MLP of the same width, LayerNorm.
+    Submodule names as diffusers' WanImageEmbedding (ff.net.0.proj, ff.net.2)."""
+
+    def __init__(self, image_dim: int, dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(image_dim)
+        self.ff = nn.Module()
+        self.ff.net = nn.ModuleList([nn.Module(), nn.Identity(), nn.Linear(image_dim, dim)])
+        self.ff.net[0].proj = nn.Linear(image_dim, image_dim)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        dtype = image.dtype
+        h = F.layer_norm(
+            image.float(),
+            self.norm1.normalized_shape,
+            self.norm1.weight.float(),
+            self.norm1.bias.float(),
+            self.norm1.eps,
+        ).to(dtype)
+        h = self.ff.net[2](F.gelu(self.ff.net[0].proj(h)))
+        return F.layer_norm(
+            h.float(),
+            self.norm2.normalized_shape,
+            self.norm2.weight.float(),
+            self.norm2.bias.float(),
+            self.norm2.eps,
+        ).to(dtype)
+
+
 class _ConditionEmbedder(nn.Module):
-    """Timestep -> (temb, 6 modulation vectors per block); text embeddings -> model width."""
+    """Timestep -> (temb, 6 modulation vectors per block); text embeddings -> model width; I2V: the image
+    states -> model width, placed before the text in the cross-attention context."""
 
     def __init__(self, c: WanConfig):
         super().__init__()
@@ -220,11 +277,24 @@ class _ConditionEmbedder(nn.Module):
         self.time_embedder = MLPEmbedder(c.freq_dim, dim)
         self.time_proj = nn.Linear(dim, 6 * dim)
         self.text_embedder = MLPEmbedder(c.text_dim, dim, act="gelu_tanh")
+        self.image_embedder = _ImageEmbedder(c.image_dim, dim) if c.image_dim is not None else None
 
-    def forward(self, timestep: torch.Tensor, text: torch.Tensor):
+    def forward(self, timestep: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None = None):
         t = timestep_sinusoid(timestep, self.freq_dim).to(self.time_embedder.linear_1.weight.dtype)
         temb = self.time_embedder(t).to(text.dtype)
-        return temb, self.time_proj(F.silu(temb)), self.text_embedder(text)
+        context = self.text_embedder(text)
+        if (image is None) != (self.image_embedder is None):
+            raise ValueError(
+                "this Wan DiT needs the image states (encoder_hidden_states_image)"
+                if image is None
+                else "this Wan DiT takes no image states (encoder_hidden_states_image)"
+            )
+        if image is not None:
+            if text.shape[1] != TEXT_TOKENS:
+                raise ValueError(f"an I2V Wan DiT takes {TEXT_TOKENS} text tokens, got {text.shape[1]}")
+            image = self.image_embedder(image)
+            context = torch.cat([image.expand(context.shape[0], -1, -1), context], dim=1)
+        return temb, self.time_proj(F.silu(temb)), context
 
 
 class WanTransformer(NativeDiT):
@@ -283,9 +353,7 @@ class WanTransformer(NativeDiT):
         """hidden_states (batch, C, frames, H, W) latents; timestep (batch,) or per token (batch, seq) in
         scheduler units; encoder_hidden_states (batch, text_seq, text_dim). Extra keyword arguments that
         diffusers' pipelines pass (attention_kwargs, ...) are accepted and ignored."""
-        if encoder_hidden_states_image is not None:
-            raise ValueError("image conditioning (encoder_hidden_states_image) is not supported")
-        r = self._start(hidden_states, timestep, encoder_hidden_states)
+        r = self._start(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image)
         x, offset = self._blocks(r, r.x, None, 0, len(self.blocks))
         return self._output(self._finish(r, x, offset), return_dict)
 
@@ -344,7 +412,14 @@ class WanTransformer(NativeDiT):
             )
         return head_blocks
 
-    def _start(self, hidden_states, timestep, encoder_hidden_states, embed: bool = True) -> _WanRun:
+    def _start(
+        self,
+        hidden_states,
+        timestep,
+        encoder_hidden_states,
+        encoder_hidden_states_image=None,
+        embed: bool = True,
+    ) -> _WanRun:
         """What every block reads (modulation, text context, RoPE, the sequence layout), and with `embed` the
         patch-embedded tokens (this rank's share)."""
         c = self.config
@@ -363,7 +438,9 @@ class WanTransformer(NativeDiT):
         rope = tuple(seq.shard(r, 0) for r in rope)
 
         timestep = self._per_sample(timestep, b, device)
-        temb, temb6, context = self.condition_embedder(timestep.flatten(), encoder_hidden_states)
+        temb, temb6, context = self.condition_embedder(
+            timestep.flatten(), encoder_hidden_states, encoder_hidden_states_image
+        )
         # One modulation per sample (batch, 1, ...) or per token (batch, seq, ...), broadcast over tokens.
         temb = temb.reshape(b, -1, 1, temb.shape[-1])
         temb6 = temb6.reshape(b, -1, 6, temb.shape[-1])
@@ -400,10 +477,10 @@ class _WanRun:
 def _forward_inputs(inputs: dict) -> dict:
     """forward's keyword arguments -> _start's (return_dict and unknown extras dropped, as forward drops
     them)."""
-    if inputs.get("encoder_hidden_states_image") is not None:
-        raise ValueError("image conditioning (encoder_hidden_states_image) is not supported")
     names = ("hidden_states", "timestep", "encoder_hidden_states")
     missing = [name for name in names if name not in inputs]
     if missing:
         raise TypeError(f"missing Wan DiT inputs {missing}")
-    return {name: inputs[name] for name in names}
+    out = {name: inputs[name] for name in names}
+    out["encoder_hidden_states_image"] = inputs.get("encoder_hidden_states_image")
+    return out
