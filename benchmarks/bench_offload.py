@@ -11,8 +11,11 @@ benchmarks/results.jsonl (record.py).
     # pick the configurations: MODE[+fp8][@CAP_GIB], MODE none|model|layerwise; --baseline S: the slowdown
     # against an earlier run's seconds per generation (when the configurations are split over several runs)
     python benchmarks/bench_offload.py --model /tmp/flux-dev --configs layerwise@24 layerwise+fp8@24 --baseline 3.4
+    # through a live `diffserve serve` (HTTP, the worker capping its own memory: capped_runner), one
+    # request at a time; the peak is nvidia-smi's memory.used of the GPU (the CUDA context included)
+    python benchmarks/bench_offload.py --model /tmp/flux-dev --serve --configs layerwise@24 --baseline 3.6
     # the tiny model on the CPU (a check of the script; caps are ignored there)
-    python benchmarks/bench_offload.py --tiny --no-record
+    python benchmarks/bench_offload.py --tiny --no-record [--serve]
 
 Why these configurations: the FLUX.1-dev DiT alone is 23.8 GB in bf16, so under a 24 GB cap only
 `layerwise` fits in bf16; with --quantization fp8 (DiT linears halved) `model` may fit too.
@@ -96,6 +99,89 @@ def measure(config: dict, model: str, device: str, size: int, steps: int, runs: 
     return out
 
 
+def capped_runner(runtime):
+    """`diffserve serve --runner-factory benchmarks.bench_offload:capped_runner` (the --serve mode): the
+    worker caps its own CUDA memory at $BENCH_OFFLOAD_CAP_GIB (a variable of this script only) before
+    loading, then loads as the default factory does."""
+    import os
+
+    import torch
+
+    from diffserve.runtime.distributed.launch import load_parallel_runner
+
+    cap = os.environ.get("BENCH_OFFLOAD_CAP_GIB")
+    if cap and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, float(cap) * 2**30 / total))
+    return load_parallel_runner(runtime)
+
+
+def gpu_memory_used_gib() -> float | None:
+    """nvidia-smi's memory.used of GPU 0 (every process on it; n/a without nvidia-smi)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+        return float(out.split()[0]) / 1024
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+def serve_config(config: dict, args, device: str | None) -> dict:
+    """One configuration through a live server: warm-up at the size, then `runs` requests one at a time,
+    GPU memory sampled every 100 ms from the start of the server."""
+    import threading
+
+    import httpx
+
+    from benchmarks.bench_serving import Server
+
+    serve = ["--model", args.model, "--warmup-resolutions", f"{args.size}x{args.size}"]
+    serve += ["--runner-factory", "benchmarks.bench_offload:capped_runner"]
+    serve += ["--offload", config["offload"]] if config["offload"] else []
+    serve += ["--quantization", config["quantization"]] if config["quantization"] else []
+    serve += ["--device", device] if device else []
+    env = {"PYTHONPATH": str(REPO), "BENCH_OFFLOAD_CAP_GIB": str(config["cap_gib"] or "")}
+    peak, sampling = [0.0], threading.Event()
+
+    def sample():
+        while not sampling.wait(0.1):
+            peak[0] = max(peak[0], gpu_memory_used_gib() or 0.0)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    server = Server(serve, timeout=900, env=env)
+    try:
+        start = time.perf_counter()
+        server.wait_healthy()
+        ready_s = time.perf_counter() - start
+        body = {"prompt": "a lighthouse at dusk", "size": f"{args.size}x{args.size}", "seed": 0}
+        body |= {"num_inference_steps": args.steps, "response_format": "b64_json"}
+        times = []
+        for _ in range(args.runs):
+            t0 = time.perf_counter()
+            r = httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=600)
+            if r.status_code != 200:
+                return {"config": config["name"], "error": f"HTTP {r.status_code}: {r.text[:200]}"}
+            times.append(time.perf_counter() - t0)
+    except RuntimeError as e:
+        tail = server.tail(400)
+        oom = "OutOfMemoryError" in tail or "out of memory" in tail
+        return {"config": config["name"], "error": "out of memory" if oom else str(e).splitlines()[0]}
+    finally:
+        server.stop()
+        sampling.set()
+        sampler.join()
+    out = {"config": config["name"], "via": "http", "ready_s": round(ready_s, 1)}
+    out |= {"runs_s": [round(t, 3) for t in times], "s": statistics.median(times), "denoise_s": None}
+    if gpu_memory_used_gib() is not None:
+        out["peak_gpu_used_gib"] = round(peak[0], 2)
+    return out
+
+
 def run_child(config: dict, args) -> dict:
     """measure() in a fresh process: its own cap, its own peak, nothing cached from the previous one."""
     cmd = [sys.executable, __file__, "--child", json.dumps(config), "--model", args.model]
@@ -124,6 +210,7 @@ def parse_args(argv=None):
         help="seconds per generation to state slowdowns against (an earlier run's `none`); default: the first "
         "configuration of this run",
     )
+    p.add_argument("--serve", action="store_true", help="through a live `diffserve serve` (HTTP) per config")
     p.add_argument("--tiny", action="store_true", help="CPU, the tiny FLUX model, in this process")
     p.add_argument("--no-record", dest="record", action="store_false")
     p.add_argument("--results", type=Path, default=RESULTS)
@@ -151,7 +238,10 @@ def main(argv=None) -> int:
         args.model = str(make_tiny_model("flux", Path(tiny_dir.name) / "flux"))
         if args.size == 1024:
             args.size, args.steps = 64, 2
-        rows = [measure(c, args.model, "cpu", args.size, args.steps, args.runs) for c in args.parsed]
+        if args.serve:
+            rows = [serve_config(c, args, "cpu") for c in args.parsed]
+        else:
+            rows = [measure(c, args.model, "cpu", args.size, args.steps, args.runs) for c in args.parsed]
         tiny_dir.cleanup()
     else:
         if args.model is None or not (Path(args.model) / "model_index.json").exists():
@@ -159,27 +249,28 @@ def main(argv=None) -> int:
 
             args.model = args.model or "/tmp/flux-dev-random"
             make_checkpoint(Path(args.model), "dev")
-        rows = [run_child(c, args) for c in args.parsed]
+        rows = [serve_config(c, args, None) if args.serve else run_child(c, args) for c in args.parsed]
     base = args.baseline or rows[0].get("s")
     against = f"{args.baseline} s" if args.baseline else rows[0]["config"]
     print(f"FLUX.1 {args.size}^2, {args.steps} steps; slowdown against {against}")
-    print("| config | s / generation | denoise s | peak reserved GiB | peak allocated GiB | slowdown |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| config | s / generation | denoise s | peak reserved GiB | peak allocated GiB "
+        "| nvidia-smi peak GiB | slowdown |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    keys = ("s", "denoise_s", "peak_reserved_gib", "peak_allocated_gib", "peak_gpu_used_gib")
     for row in rows:
         if "error" in row:
-            print(f"| {row['config']} | {row['error']} | | | | |")
+            print(f"| {row['config']} | {row['error']} | | | | | |")
             continue
         if base:
             row["slowdown"] = round(row["s"] / base, 2)
-        cells = [row["s"], row["denoise_s"], row.get("peak_reserved_gib"), row.get("peak_allocated_gib")]
-        print(
-            f"| {row['config']} | "
-            + " | ".join(f"{c:.2f}" if c else "n/a" for c in cells)
-            + f" | {row.get('slowdown')}x |"
-        )
+        cells = [f"{row[k]:.2f}" if row.get(k) else "n/a" for k in keys]
+        print(f"| {row['config']} | " + " | ".join(cells) + f" | {row.get('slowdown')}x |")
         if args.record:
+            where = ("_http" if args.serve else "") + ("_tiny_cpu" if args.tiny else "")
             record(
-                f"offload_flux_{args.size}_{args.steps}steps{'_tiny_cpu' if args.tiny else ''}",
+                f"offload_flux_{args.size}_{args.steps}steps{where}",
                 f"diffserve-{row['config']}",
                 row["s"] * 1000,
                 path=args.results,

@@ -300,6 +300,14 @@ def test_bench_offload_tiny(tmp_path):
     with pytest.raises(ValueError, match="MODE"):
         bench.parse_config("disk@24")
 
+    # --serve: the same configuration through a live server whose worker loads with capped_runner
+    results.unlink()
+    argv = ["--tiny", "--serve", "--configs", "layerwise@24", "--runs", "1", "--results", str(results)]
+    assert bench.main(argv) == 0
+    (row,) = [json.loads(line) for line in results.read_text().splitlines()]
+    assert row["benchmark"] == "offload_flux_64_2steps_http_tiny_cpu" and row["via"] == "http"
+    assert row["impl"] == "diffserve-layerwise@24" and len(row["runs_s"]) == 1
+
 
 class _Stack(nn.Module):
     """A DiT-shaped stand-in: a resident embedder, then `blocks` of 16 MB each (fp32 2048x2048)."""
