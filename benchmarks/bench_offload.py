@@ -141,6 +141,9 @@ def serve_config(config: dict, args, device: str | None) -> dict:
 
     serve = ["--model", args.model, "--warmup-resolutions", f"{args.size}x{args.size}"]
     serve += ["--runner-factory", "benchmarks.bench_offload:capped_runner"]
+    # One request per forward: a batch's activations (and its VAE decode) would not fit a 24 GiB card anyway,
+    # and the warm-up then runs batch 1 only.
+    serve += ["--max-batch", "1"]
     serve += ["--offload", config["offload"]] if config["offload"] else []
     serve += ["--quantization", config["quantization"]] if config["quantization"] else []
     serve += ["--device", device] if device else []
