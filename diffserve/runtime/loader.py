@@ -25,6 +25,7 @@ FAMILY_BY_PIPELINE = {
     "FluxImg2ImgPipeline": "flux",
     "FluxKontextPipeline": "flux-kontext",  # FLUX.1 Kontext: the FLUX DiT, reference-image tokens
     "WanPipeline": "wan",
+    "WanImageToVideoPipeline": "wan-i2v",  # Wan2.1-I2V, Wan2.2-I2V-A14B: the Wan DiT with image conditioning
     "QwenImagePipeline": "qwen-image",
     "QwenImageEditPipeline": "qwen-image-edit",
 }
@@ -343,7 +344,7 @@ def dit_class(family: str):
         from diffserve.runtime.models.flux import FluxTransformer
 
         return FluxTransformer
-    if family == "wan":
+    if family in ("wan", "wan-i2v"):
         from diffserve.runtime.models.wan import WanTransformer
 
         return WanTransformer
@@ -414,9 +415,9 @@ def load_components(
             elif kind == "tokenizer":
                 out[name] = load_tokenizer(folder, cls)
             elif kind == "processor":
-                if spec.family != "qwen-image-edit":
+                if spec.family not in ("qwen-image-edit", "wan-i2v"):
                     continue  # image encoders for IP-adapters: not used by our pipelines
-                # Qwen-Image-Edit: the VL encoder's image patches. Only the image processor: the processor
+                # Qwen-Image-Edit: the VL encoder's image patches; Wan2.1-I2V: the CLIP vision encoder's. Only the image processor: the processor
                 # class itself cannot be built without torchvision in transformers 5 (its video processor).
                 import transformers
 

@@ -148,9 +148,45 @@ def test_wan_per_token_timesteps_match_diffusers():
     assert _rel_err(got, expected) < TOL
 
 
-def test_wan_rejects_image_conditioning_config():
-    with pytest.raises(ValueError, match="image-to-video"):
-        WanTransformer.from_config({**WAN_CFG, "image_dim": 32, "added_kv_proj_dim": 64})
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+def test_wan_i2v_image_context_matches_diffusers(fused):
+    """Wan2.1-I2V: CLIP image states (here 9 tokens of width 20) through the image embedder lead the
+    cross-attention context; each block's add_k/add_v (+ norm_added_k) attend to them. The text must be
+    the reference's 512 tokens (its split point)."""
+    dim = WAN_CFG["num_attention_heads"] * WAN_CFG["attention_head_dim"]
+    cfg = {**WAN_CFG, "in_channels": 36, "image_dim": 20, "added_kv_proj_dim": dim}
+    ref = _randomise(diffusers.WanTransformer3DModel(**cfg))
+    ours = WanTransformer.from_config(dict(ref.config)).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    if fused:  # what the loader runs: q|k|v, text k|v and image k|v each one GEMM
+        for block in ours.blocks:
+            block.fuse_projections()
+    g = torch.Generator().manual_seed(5)
+    inputs = dict(
+        hidden_states=torch.randn(2, 36, 2, 6, 8, generator=g),
+        timestep=torch.tensor([700.0, 300.0]),
+        encoder_hidden_states=torch.randn(2, 512, WAN_CFG["text_dim"], generator=g),
+        encoder_hidden_states_image=torch.randn(2, 9, 20, generator=g),
+    )
+    with torch.no_grad():
+        expected = ref(**inputs, return_dict=False)[0]
+        got = ours(**inputs)
+        without_image = ref(**{**inputs, "encoder_hidden_states_image": None}, return_dict=False)[0]
+    assert _rel_err(got, expected) < TOL
+    assert _rel_err(without_image, expected) > 1e-3  # the image context moves the output
+    with pytest.raises(ValueError, match="needs the image states"):
+        ours(**{**inputs, "encoder_hidden_states_image": None})
+    with pytest.raises(ValueError, match="512 text tokens"):
+        ours(**{**inputs, "encoder_hidden_states": inputs["encoder_hidden_states"][:, :500]})
+
+
+def test_wan_rejects_first_last_frame_config():
+    with pytest.raises(ValueError, match="FLF2V"):
+        WanTransformer.from_config(
+            {**WAN_CFG, "image_dim": 32, "added_kv_proj_dim": 64, "pos_embed_seq_len": 514}
+        )
+    with pytest.raises(ValueError, match="both image_dim and added_kv_proj_dim"):
+        WanTransformer.from_config({**WAN_CFG, "image_dim": 32})
 
 
 def _param_dtypes(model: torch.nn.Module) -> dict[str, torch.dtype]:

@@ -68,7 +68,7 @@ def test_wan21_i2v(tmp_path):
     assert (dit["in_channels"], dit["out_channels"], vae["z_dim"]) == (36, 16, 16)  # 16 noise + 4 mask + 16
     encoder = json.loads((path / "image_encoder" / "config.json").read_text())
     assert dit["image_dim"] == encoder["hidden_size"] and dit["added_kv_proj_dim"] == 2 * 12
-    assert inspect_model(path).family == "generic"  # until the native Wan I2V pipeline claims it
+    assert inspect_model(path).family == "wan-i2v"  # the native Wan I2V pipeline (pipelines/wan_i2v.py)
     pipe = WanImageToVideoPipeline.from_pretrained(path)
     assert pipe.image_encoder is not None and pipe.transformer.condition_embedder.image_embedder is not None
     _one_step(pipe, 32, 48, image=_image())

@@ -17,6 +17,10 @@ def pipeline_class(family: str):
         from diffserve.runtime.pipelines.wan import WanPipeline
 
         return WanPipeline
+    if family == "wan-i2v":
+        from diffserve.runtime.pipelines.wan_i2v import WanI2VPipeline
+
+        return WanI2VPipeline
     if family in ("qwen-image", "qwen-image-edit"):
         from diffserve.runtime.pipelines import qwen_image
 

@@ -3,7 +3,8 @@
 Same numbers as diffusers' WanPipeline for the same seed: UMT5 states with the padding zeroed,
 float32 latents, classifier-free guidance as two passes when guidance_scale > 1, the scheduler that ships
 with the model (UniPC flow for Wan2.1, stepped by schedulers/unipc.py without host syncs). Wan2.2 A14B's second expert (transformer_2, below
-boundary_ratio) and TI2V-5B's per-token timesteps (expand_timesteps) follow the pipeline config.
+boundary_ratio) and TI2V-5B's per-token timesteps (expand_timesteps) follow the pipeline config. TI2V-5B
+also takes an image (its first frame): that request runs wan_i2v.run_i2v.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ class WanPipeline(NativePipeline):
         has_second = getattr(self, "transformer_2", None) is not None
         self.boundary = ratio * self.scheduler.config.num_train_timesteps if ratio and has_second else None
         self.expand_timesteps = bool(self.pipeline_config.get("expand_timesteps", False))
+        # Wan2.2 TI2V-5B: an image, if sent, is the first frame (pipelines/wan_i2v.py)
+        if self.expand_timesteps:
+            self.accepts_image = self.rules.accepts_image = True
         # CUDA graphs on a GPU, the plain modules elsewhere; one per expert.
         self.dits = [GraphedForward(self.transformer)]
         if has_second:
@@ -67,6 +71,10 @@ class WanPipeline(NativePipeline):
         return states.to(self.device, self.transformer.dtype)
 
     def run(self, p: stages.Plan, timings, on_step, should_cancel) -> GenerationResult:
+        if p.image is not None:  # TI2V with an image (plan_i2v); image requests never batch (api.batch_key)
+            from diffserve.runtime.pipelines.wan_i2v import run_i2v
+
+            return run_i2v(self, p, timings, on_step, should_cancel)
         return self.run_samples([p], timings, on_step, should_cancel)[0]
 
     def run_samples(
@@ -169,6 +177,10 @@ class WanPipeline(NativePipeline):
         ]
 
     def plan(self, req: GenerationRequest) -> stages.Plan:
+        if req.image is not None and self.accepts_image:
+            from diffserve.runtime.pipelines.wan_i2v import plan_i2v
+
+            return plan_i2v(self, req)
         plan = stages.plan_request(req, self.defaults, self.rules)
         # Wan2.2 A14B's guidance for the second expert; the same as guidance_scale unless given.
         stages.extra_number(plan, "guidance_scale_2", plan.guidance, 0.0, 100.0)
