@@ -289,8 +289,12 @@ def apply(pipeline, mode: str | None) -> None:
         if isinstance(c, nn.Module) and offloaded(name, mode) and not name.startswith("transformer")
     }
     managers = [ComponentOffload(components, device)] if components else []
-    if mode == "layerwise":
-        managers.append(BlockStreamer(pipeline.transformer, device))
+    if mode == "layerwise":  # every DiT: Wan2.2 A14B has two (transformer_2 for the low-noise steps)
+        managers += [
+            BlockStreamer(c, device)
+            for name, c in pipeline.components.items()
+            if name.startswith("transformer") and isinstance(c, nn.Module)
+        ]
     pipeline.offload = managers
     # CUDA graphs that would replay addresses an offloaded module no longer holds: off, with one line each.
     for value in vars(pipeline).values():

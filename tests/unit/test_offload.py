@@ -146,6 +146,7 @@ def _png() -> bytes:
         ("flux", {}),
         ("flux", {"image": "png", "strength": 0.6}),  # image-to-image: the VAE encodes too
         ("wan", {"num_frames": 5, "width": 64}),
+        ("wan2.2", {"num_frames": 5, "width": 64}),  # two DiTs (high- and low-noise steps): both streamed
         ("flux-kontext", {"image": "png", "width": 64}),
         ("qwen-image", {"width": 64}),
         ("qwen-image-edit", {"image": "png", "width": 64}),
