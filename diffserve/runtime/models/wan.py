@@ -155,7 +155,8 @@ class WanAttention(nn.Module):
             else:
                 k_img, v_img = self.add_k_proj(image), self.add_v_proj(image)
             k_img = norm_rope(k_img, self.norm_added_k, None, head_dim)
-            out = out + attention(q, k_img, v_img.unflatten(-1, (self.heads, head_dim)))
+            # the text and image attentions summed in place (out is this call's own tensor)
+            out = out.add_(attention(q, k_img, v_img.unflatten(-1, (self.heads, head_dim))))
         return out.flatten(2)
 
 
