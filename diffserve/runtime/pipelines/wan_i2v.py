@@ -47,16 +47,8 @@ def plan_i2v(pipe: WanPipeline, req: GenerationRequest) -> stages.Plan:
         )
     plan = stages.plan_request(req, pipe.defaults, pipe.rules)
     plan.strength = None
-    if req.width is None and req.height is None:  # plan_request took the image's size
-        plan.width, plan.height = pipe.defaults["width"], pipe.defaults["height"]
-        if req.image is not None:
-            stages.plan_request(  # the defaults checked against the rules like a given size
-                GenerationRequest(
-                    req.prompt, width=plan.width, height=plan.height, num_frames=req.num_frames
-                ),
-                pipe.defaults,
-                pipe.rules,
-            )
+    if req.width is None and req.height is None:  # plan_request took the image's size: the model's instead
+        plan.width, plan.height = pipe.defaults["width"], pipe.defaults["height"]  # (fitted to the rules)
     if plan.image is None and req.is_warmup:
         from PIL import Image
 
