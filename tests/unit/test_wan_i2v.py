@@ -153,6 +153,8 @@ def test_size_policy_cover_and_centre_crop(model_dirs):
     assert reference_frame(wide, 200, 50) is wide  # already the size: untouched
     tall = reference_frame(_image(40, 100), 64, 32)  # 40x100 -> 64x160, rows 64..96
     assert tall.size == (64, 32)
+    p = runner.pipeline.plan(GenerationRequest("x", image=_png(_image(3000, 2000))))  # larger than allowed
+    assert (p.width, p.height) == (runner.defaults["width"], runner.defaults["height"])
     p = runner.pipeline.plan(GenerationRequest("x", image=_png(wide)))
     assert (p.width, p.height, p.image.size) == (
         runner.defaults["width"],

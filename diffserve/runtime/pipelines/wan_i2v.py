@@ -16,6 +16,8 @@ Without a size the video is 832x480 (diffusers' default, Wan's 480p), whatever t
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from diffserve.runtime import step_cache
@@ -45,10 +47,14 @@ def plan_i2v(pipe: WanPipeline, req: GenerationRequest) -> stages.Plan:
         raise InvalidRequest(
             f"this model ({pipe.rules.label}) starts the video from the image and takes no strength"
         )
-    plan = stages.plan_request(req, pipe.defaults, pipe.rules)
+    # a missing width or height is the model's (fitted to its rules), never the image's (plan_request's rule
+    # for edits): a 4000x3000 photo still makes an 832x480 video
+    width = pipe.defaults["width"] if req.width is None else req.width
+    height = pipe.defaults["height"] if req.height is None else req.height
+    plan = stages.plan_request(
+        dataclasses.replace(req, width=width, height=height), pipe.defaults, pipe.rules
+    )
     plan.strength = None
-    if req.width is None and req.height is None:  # plan_request took the image's size: the model's instead
-        plan.width, plan.height = pipe.defaults["width"], pipe.defaults["height"]  # (fitted to the rules)
     if plan.image is None and req.is_warmup:
         from PIL import Image
 
