@@ -12,6 +12,9 @@ to cover the requested size (aspect ratio kept, Lanczos) and centre-cropped to i
   frame before every forward and at the end, and those tokens get timestep 0 (per-token timesteps).
 
 Without a size the video is 832x480 (diffusers' default, Wan's 480p), whatever the image's size.
+Where the image's aspect ratio differs from the video's, diffusers instead stretches it (VideoProcessor) and
+gives CLIP the image as sent; we crop, and CLIP sees the cropped first frame. For an image of the video's
+size the two are the same numbers (the parity tests).
 """
 
 from __future__ import annotations
