@@ -311,6 +311,9 @@ _DIT_LINEARS = re.compile(
     r"transformer_blocks\.\d+\.(?:attn\.(?:to_q|to_k|to_v|to_out\.0)|ff\.net\.(?:0\.proj|2))"
     # FLUX single-stream blocks: the joint sequence's q|k|v, MLP in and the output projection
     r"|single_transformer_blocks\.\d+\.(?:attn\.(?:to_q|to_k|to_v)|proj_mlp|proj_out)"
+    # Qwen-Image blocks: the image stream as FLUX's (attn.to_q|to_k|to_v|to_out.0 match the FLUX pattern
+    # above; its MLP is img_mlp); the text stream (add_*, to_add_out, txt_mlp) stays bf16, as FLUX's
+    r"|transformer_blocks\.\d+\.img_mlp\.net\.(?:0\.proj|2)"
     # Wan blocks: self-attention q|k|v and out, cross-attention q (video tokens) and out, the FFN; not the
     # cross-attention k|v, which project the 512 text tokens
     r"|blocks\.\d+\.(?:attn1\.(?:to_q|to_k|to_v|to_out\.0)|attn2\.(?:to_q|to_out\.0)|ffn\.net\.(?:0\.proj|2))"
@@ -319,13 +322,15 @@ _DIT_LINEARS = re.compile(
 
 
 def dit_linears(name: str, linear: nn.Linear) -> bool:
-    """The default selection for FLUX.1 and Wan2.x DiTs: the big image/video-token GEMMs of the repeated
+    """The default selection for FLUX.1, Wan2.x and Qwen-Image DiTs: the big image/video-token GEMMs of the repeated
     blocks. Names, relative to the DiT (i = block index):
 
     FLUX dual-stream  transformer_blocks.i.attn.to_q|to_k|to_v (fused: attn.qkv), attn.to_out.0,
                       ff.net.0.proj, ff.net.2                                      — 4 GEMMs a block
     FLUX single       single_transformer_blocks.i.attn.to_q|to_k|to_v (fused: attn.qkv), proj_mlp, proj_out
                                                                                    — 3 GEMMs a block
+    Qwen-Image        transformer_blocks.i.attn.to_q|to_k|to_v (attn.qkv), attn.to_out.0, img_mlp.net.0.proj,
+                      img_mlp.net.2                                                — 4 GEMMs a block
     Wan               blocks.i.attn1.to_q|to_k|to_v (fused: attn1.qkv), attn1.to_out.0, attn2.to_q,
                       attn2.to_out.0, ffn.net.0.proj, ffn.net.2                    — 6 GEMMs a block
     Left in bf16: the embedders (x_embedder, context_embedder, time_text_embed.*, condition_embedder.*,
