@@ -44,6 +44,13 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--steps", type=int, metavar="N", help="denoising steps (default: the model's)")
     parser.add_argument("--guidance", type=float, metavar="G", help="guidance scale (default: the model's)")
+    parser.add_argument(
+        "--true-cfg-scale",
+        type=float,
+        metavar="S",
+        help="true CFG scale with --negative-prompt (Qwen-Image, FLUX; request extra true_cfg_scale; "
+        "default: the model's)",
+    )
     parser.add_argument("--seed", type=int, metavar="S", help="random seed (default: random, printed)")
     parser.add_argument("--image", type=Path, metavar="PATH", help="input image for image-to-image")
     parser.add_argument(
@@ -130,7 +137,10 @@ def generation_request(args: argparse.Namespace, image: bytes | None):
         image=image,
         strength=args.strength,
         fps=args.fps,
-        extra={"lora": loras} if loras else {},
+        extra={
+            **({"lora": loras} if loras else {}),
+            **({"true_cfg_scale": args.true_cfg_scale} if args.true_cfg_scale is not None else {}),
+        },
     )
 
 

@@ -367,3 +367,25 @@ def test_fp8_pipeline_and_step_cache(qwen_dir, qwen):
     # and the VAE; the image's spread is 31 levels std). Like the DiT's error it is e4m3's rounding of the
     # same values on any CPU; 3 levels leaves 4x, while a broken FP8 path (a term dropped) moves tens.
     assert a.shape == b.shape and np.abs(a - b).mean() < 3.0
+
+
+def test_generate_true_cfg_scale_flag(qwen):
+    """`diffserve generate --true-cfg-scale S` is the request extension true_cfg_scale (left out: the
+    model's default, 4), and it reaches the true-CFG loop."""
+    import argparse
+    import dataclasses
+
+    from diffserve.runtime.cli import add_generate_arguments, generation_request
+
+    parser = argparse.ArgumentParser()
+    add_generate_arguments(parser)
+    base = ["--prompt", "a red fox", "--negative-prompt", "dark", "--size", "32x32", "--steps", "2"]
+    base += ["--seed", "1", "-o", "out.png"]
+    plain = generation_request(parser.parse_args(base), None)
+    assert "true_cfg_scale" not in plain.extra
+    scaled = generation_request(parser.parse_args([*base, "--true-cfg-scale", "1.5"]), None)
+    assert scaled.extra["true_cfg_scale"] == 1.5
+    default = _pixels(qwen.generate(plain).images)
+    four = dataclasses.replace(plain, extra={"true_cfg_scale": 4.0})
+    np.testing.assert_array_equal(default, _pixels(qwen.generate(four).images))
+    assert np.abs(default - _pixels(qwen.generate(scaled).images)).mean() > 0.5
