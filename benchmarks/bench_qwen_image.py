@@ -7,8 +7,19 @@ full-size weights (60 blocks, 3,072 wide; bf16), in one run:
     renormalised combination, Euler flow-matching steps): ours (graphs, the adaLN schedule up front) and
     diffusers' loop body.
 
-    python benchmarks/bench_qwen_image.py            # GPU; rows to benchmarks/results.jsonl
-    python benchmarks/bench_qwen_image.py --tiny     # CPU check with a tiny config (a temporary file)
+  * --quantization fp8: also the forward with our DiT in FP8 (layers/fp8.quantize_linears' default
+    selection after fusing, as `--quantization fp8` loads it), after the bf16 rows;
+  * --end-to-end (instead of the above): whole generations at 1024^2, 50 steps, true CFG (a negative
+    prompt, true_cfg_scale 4): Qwen2.5-VL-7B text encoder (full config, random weights) + the 20B DiT +
+    the Qwen-Image VAE decode to PIL, diffusers' QwenImagePipeline and ours on the very same components
+    (our DiT shares diffusers' tensors), built on the GPU. Median of --runs after one warm-up each: ours
+    bf16, diffusers, then ours with FP8 at each --step-cache-force fraction (forced reuse: random weights
+    make the cache's own decision meaningless). The tokenizer is diffserve.testing's tiny offline one:
+    prompt ids differ from the real tokenizer's.
+
+    python benchmarks/bench_qwen_image.py [--quantization fp8]   # GPU; rows to benchmarks/results.jsonl
+    python benchmarks/bench_qwen_image.py --end-to-end --step-cache-force 0 0.5
+    python benchmarks/bench_qwen_image.py --tiny [--end-to-end]  # CPU check, tiny config (a temporary file)
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,6 +64,11 @@ def inputs(cfg: dict, side: int, txt: int, device, dtype, seed: int = 0):
     )
 
 
+def _out_file(args) -> Path:
+    """--results; under --tiny without one, a temporary file (CPU figures never mix with GPU results)."""
+    return results_file(args.tiny and args.results == RESULTS, "bench_qwen_image", args.results)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny config on the CPU (checks the script)")
@@ -61,16 +78,33 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--quantization", choices=("fp8",), default=None, help="also time our DiT in FP8")
+    ap.add_argument("--end-to-end", action="store_true", help="whole generations, ours vs diffusers")
+    ap.add_argument("--runs", type=int, default=3, help="--end-to-end: timed generations (median)")
+    ap.add_argument(
+        "--step-cache-force",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.5],
+        metavar="F",
+        help="--end-to-end: ours in FP8 timed at each forced step-cache reuse fraction in [0, 1) "
+        "(default 0 0.5; none: --step-cache-force with no value is refused, use --no-fp8-runs)",
+    )
+    ap.add_argument("--no-fp8-runs", action="store_true", help="--end-to-end: bf16 ours and diffusers only")
     args = ap.parse_args(argv)
+    if any(not 0.0 <= f < 1.0 for f in args.step_cache_force):
+        ap.error(f"--step-cache-force fractions must be in [0, 1), got {args.step_cache_force}")
     device = bench_device(args.tiny, "bench_qwen_image")
     if device is None:
         return 1
+    if args.end_to_end:
+        return end_to_end(args, device)
     import diffusers
 
     from diffserve.runtime.cuda_graphs import GraphedForward
     from diffserve.runtime.models.qwen_image import QwenImageTransformer
 
-    out_file = results_file(args.tiny, "bench_qwen_image", args.results)
+    out_file = _out_file(args)
     cfg = TINY if args.tiny else FULL
     dtype = torch.float32 if args.tiny else torch.bfloat16
     sizes = [64, 96] if args.tiny else [int(s) for s in args.sizes.split(",")]
@@ -137,9 +171,185 @@ def main(argv=None) -> int:
         for impl, ms in (("ours-graph", ms_ours), ("diffusers-eager", ms_ref)):
             rows.append(record("qwen_image_denoise_true_cfg", impl, ms, None, out_file, size=side, steps=steps,
                                rel_err_vs_diffusers_eager=rel_err(got, expected), **common))  # fmt: skip
+        if args.quantization == "fp8":
+            from diffserve.runtime.layers.fp8 import quantize_linears
+
+            stats = quantize_linears(ours)  # in place, after fusing (as loader.load_dit)
+            print(f"fp8: {stats['count']} GEMMs quantised", flush=True)
+            graphed = GraphedForward(ours)
+            for side in sizes:
+                x = inputs(cfg, side, args.txt, device, dtype)
+                ref_in = dict(x, img_shapes=[list(x["img_shapes"])])
+                flop = tflop(cfg, x["hidden_states"].shape[1], args.txt)
+                expected = ref(**ref_in, return_dict=False)[0]
+                ms, _, got = time_ms(
+                    lambda x=x: graphed(**x, return_dict=False)[0], device, args.warmup, args.iters
+                )
+                rows.append(record("qwen_image_dit_forward", "ours-fp8-graph", ms, flop / (ms / 1e3), out_file,
+                                   size=side, rel_err_vs_diffusers_eager=rel_err(got, expected),
+                                   quantized_gemms=stats["count"], **common))  # fmt: skip
+                free(device)
     for r in rows:
         print(
             f"{r['benchmark']:32s} {r['impl']:16s} {r.get('size')}^2 {r['ms']:10.2f} ms  tflops {r['tflops']}"
+        )
+    print(f"rows in {out_file}")
+    return 0
+
+
+# Qwen2.5-VL-7B-Instruct (Qwen-Image's text_encoder/config.json): the decoder and the vision tower.
+TEXT_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+               num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
+               rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+               tie_word_embeddings=False)  # fmt: skip
+VISION_7B = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                 patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                 fullatt_block_indexes=[7, 15, 23, 31])  # fmt: skip
+PROMPT = "a red fox running through fresh snow at dawn, cinematic lighting, highly detailed fur"
+NEGATIVE = "blurry, low quality, distorted"
+
+
+def full_pipeline(device: torch.device, dtype: torch.dtype):
+    """diffusers' QwenImagePipeline at full size with random weights, every component built on the GPU."""
+    import diffusers
+    import transformers
+    from harness import on_device
+    from pipeline_specs import keep_fp32_like_diffusers
+
+    from diffserve.testing.tiny_qwen import SPECIAL_TOKENS, make_tiny_qwen_pipeline, qwen_tokenizer
+
+    tok = qwen_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    te_config = transformers.Qwen2_5_VLConfig(
+        text_config=dict(TEXT_7B, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"]),
+        vision_config=VISION_7B,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )  # fmt: skip
+    dit = on_device(device, dtype, lambda: diffusers.QwenImageTransformer2DModel(**FULL))
+    init_weights_(dit)
+    keep_fp32_like_diffusers(dit)
+    tiny = make_tiny_qwen_pipeline()  # for its scheduler config (Qwen-Image's) only
+    return diffusers.QwenImagePipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(tiny.scheduler.config),
+        vae=on_device(device, dtype, lambda: diffusers.AutoencoderKLQwenImage()),
+        text_encoder=on_device(
+            device, dtype, lambda: transformers.Qwen2_5_VLForConditionalGeneration(te_config)
+        ),
+        tokenizer=tok,
+        transformer=dit,
+    )
+
+
+def end_to_end(args, device: torch.device) -> int:
+    """Whole 1024^2 true-CFG generations: ours (bf16), diffusers, ours FP8 + forced step-cache reuse."""
+    import statistics
+    import time
+
+    from harness import synchronize
+    from pipeline_specs import ours_from
+
+    from diffserve.runtime.api import GenerationRequest
+    from diffserve.runtime.step_cache import StepCacheConfig
+
+    out_file = _out_file(args)
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    side = 64 if args.tiny else 1024
+    steps = min(args.steps, 3) if args.tiny else args.steps
+    t0 = time.perf_counter()
+    if args.tiny:
+        from diffserve.testing.tiny_qwen import make_tiny_qwen_pipeline
+
+        torch.manual_seed(0)
+        reference = make_tiny_qwen_pipeline().to(device)
+    else:
+        reference = full_pipeline(device, dtype)
+    reference.set_progress_bar_config(disable=True)
+    ours = ours_from(reference, "qwen-image", device)
+    synchronize(device)
+    build_s = time.perf_counter() - t0
+    print(f"built in {build_s:.1f} s", flush=True)
+
+    def run_ours():
+        req = GenerationRequest(PROMPT, negative_prompt=NEGATIVE, width=side, height=side,
+                                num_inference_steps=steps, seed=0, extra={"true_cfg_scale": 4.0})  # fmt: skip
+        return ours(req)
+
+    def run_diffusers():
+        return reference(PROMPT, negative_prompt=NEGATIVE, true_cfg_scale=4.0, width=side, height=side,
+                         num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                         output_type="pil")  # fmt: skip
+
+    entries = [("diffserve", run_ours, None, None), ("diffusers", run_diffusers, None, None)]
+    if not args.no_fp8_runs:
+        entries += [("diffserve+fp8", run_ours, "fp8", f) for f in args.step_cache_force]
+    rows, quantized = [], None
+    for impl, run, quant, fraction in entries:
+        if quant == "fp8" and quantized is None:
+            from diffserve.runtime.layers.fp8 import quantize_linears
+
+            # a fresh pipeline of ours (its bf16 rows are done; its graphs go with it), quantised before its
+            # first forward, as the loader does; diffusers' DiT keeps the bf16 tensors both fused from
+            del ours
+            free(device)
+            ours = ours_from(reference, "qwen-image", device)
+            quantized = quantize_linears(ours.transformer)["count"]
+        is_ours = impl.startswith("diffserve")
+        if fraction is not None:
+            impl = f"{impl}+reuse{fraction:.0%}"
+        if is_ours:
+            ours.step_cache = None if fraction is None else StepCacheConfig.forced_fraction(steps, fraction)
+        synchronize(device)
+        t = time.perf_counter()
+        run()  # warm-up (graph capture for these shapes)
+        synchronize(device)
+        warmup_s = time.perf_counter() - t
+        seconds, stages, result = [], [], None
+        for _ in range(args.runs):
+            synchronize(device)
+            t = time.perf_counter()
+            result = run()  # PIL out: the decode's copy to the host waits for the GPU
+            synchronize(device)
+            seconds.append(time.perf_counter() - t)
+            if is_ours:
+                stages.append(result.timings)
+        row = dict(impl=impl, s=statistics.median(seconds), runs_s=[round(v, 4) for v in seconds],
+                   warmup_s=round(warmup_s, 2))  # fmt: skip
+        if is_ours:
+            for stage in ("encode_text", "denoise", "decode"):
+                row[f"{stage}_ms"] = round(statistics.median(s[stage] for s in stages) * 1e3, 2)
+            row.update(quantization=quant, quantized_gemms=quantized if quant else None,
+                       step_cache_forced=fraction, dit_forwards=dict(result.dit_forwards))  # fmt: skip
+        if device.type == "cuda":
+            row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        row["_pixels"] = np.asarray(result.images[0].convert("RGB"), dtype=np.float64)
+        rows.append(row)
+        print(f"  {impl:24s} {row['s']:.3f} s per generation (runs {row['runs_s']}), warm-up {warmup_s:.1f} s"
+              + (f", DiT forwards {row['dit_forwards']}" if is_ours else ""), flush=True)  # fmt: skip
+    ours.step_cache = None
+    diffusers_s = next(r["s"] for r in rows if r["impl"] == "diffusers")
+    diffusers_px = next(r["_pixels"] for r in rows if r["impl"] == "diffusers")
+    for row in rows:
+        # the same seed and request: the first image's mean |pixel difference| from diffusers' (0-255)
+        row["pixels_mean_abs_diff_vs_diffusers"] = round(
+            float(np.abs(row.pop("_pixels") - diffusers_px).mean()), 3
+        )
+        row["diffusers_over_ours"] = round(diffusers_s / row["s"], 3) if row["impl"] != "diffusers" else None
+        record(
+            "qwen_image_end_to_end",
+            row.pop("impl"),
+            row.pop("s") * 1e3,
+            None,
+            out_file,
+            size=side,
+            steps=steps,
+            true_cfg_scale=4.0,
+            dtype=str(dtype).replace("torch.", ""),
+            build_s=round(build_s, 1),
+            **row,
         )
     print(f"rows in {out_file}")
     return 0
