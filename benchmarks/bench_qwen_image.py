@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import bench_device, free, init_weights_, rel_err, results_file, time_ms  # noqa: E402
+from harness import bench_device, free, init_weights_, native_twin, rel_err, results_file, time_ms  # noqa: E402
 from record import RESULTS, record  # noqa: E402
 
 FULL = dict(num_layers=60, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584)
@@ -102,18 +102,20 @@ def main(argv=None) -> int:
     import diffusers
 
     from diffserve.runtime.cuda_graphs import GraphedForward
-    from diffserve.runtime.models.qwen_image import QwenImageTransformer
 
     out_file = _out_file(args)
     cfg = TINY if args.tiny else FULL
     dtype = torch.float32 if args.tiny else torch.bfloat16
     sizes = [64, 96] if args.tiny else [int(s) for s in args.sizes.split(",")]
     steps = min(args.steps, 3) if args.tiny else args.steps
-    with torch.device(device):
-        ref = diffusers.QwenImageTransformer2DModel(**cfg).to(dtype).eval()
+    from harness import on_device
+
+    ref = on_device(
+        device, dtype, lambda: diffusers.QwenImageTransformer2DModel(**cfg)
+    )  # bf16 from the start
     init_weights_(ref)
-    ours = QwenImageTransformer.from_config(dict(ref.config)).to(device, dtype).eval()
-    ours.load_state_dict(ref.state_dict())
+    # built on the meta device and given diffusers' tensors (no CPU init of 20B parameters, one copy)
+    ours = native_twin(ref, "qwen-image")
     ours.fuse_projections()
     graphed = GraphedForward(ours)
     rows = []
