@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffserve.runtime.api import GenerationRequest, batch_key
+from diffserve.runtime.api import GenerationRequest, InvalidRequest, batch_key
 from diffserve.runtime.config import RuntimeConfig
 from diffserve.runtime.limits import LimitError, Limits, check_request
 from diffserve.runtime.loader import ModelLoadError
@@ -192,7 +192,7 @@ def test_wan_lora_matches_diffusers_peft_and_kohya(tiny_wan_dir, wan_loras):
         ref = pipe(WAN_KW["prompt"], generator=torch.Generator().manual_seed(3), output_type="np", **kw)
         _assert_same_picture(got, ref.frames[0])
         assert np.abs(got - base).max() > VISIBLE
-    with pytest.raises(Exception, match="at most 1 LoRA adapters at once"):
+    with pytest.raises(InvalidRequest, match="at most 1 LoRA adapters at once"):
         ours.generate(GenerationRequest(**WAN_KW, extra={"lora": {"p": 1.0, "k": 1.0}}))
 
 
