@@ -24,8 +24,15 @@ Variants (run in the order given):
                                        on a copy of diffusers' model (every nn.Linear, torchao's default
                                        filter), eager / torch.compile of the whole model. torchao is imported
                                        only here; without it the variants are skipped with a message.
+  ours-graph-lora, ours-fp8-lora       issue 20: ours-graph / ours-fp8 with one random LoRA adapter of rank
+                                       --lora-rank (default 32) on every attention and MLP linear of the
+                                       repeated blocks (runtime/lora.SUPPORTED), written as a diffusers/PEFT
+                                       file and attached through runtime/lora.attach_loras, active at scale 1
+                                       during the timed forwards: the server's path, CUDA graph included.
+                                       The slowdown against the base variant of the same run is printed.
 ours-plain must come before the fused variants (fusing changes the model in place), ours-compile last;
-ours-fp8 after every bf16 ours variant and not with ours-compile (quantisation is in place).
+ours-fp8 after every bf16 ours variant and not with ours-compile (quantisation is in place). A -lora variant
+comes last and alone (the adapter wraps the layers in place), after its base variant.
 The FP8 variants' relative error against diffusers-eager is their error against bf16; for scale, pass
 --fp32-reference to also get every variant's error against float32 (ours bf16 vs fp32 included).
 Ours always uses diffserve's attention selection (FA3 on Hopper).
@@ -84,11 +91,13 @@ VARIANTS = (
     "ours-compile+inductor",
     "ours-fp8",
     "ours-fp8-eager",
+    "ours-graph-lora",
+    "ours-fp8-lora",
     "diffusers-torchao-fp8",
     "diffusers-torchao-fp8-compile",
 )
 # What runs without --variants: the bf16 variants (ours-fp8 cannot share a run with ours-compile).
-DEFAULT_VARIANTS = tuple(v for v in VARIANTS if "fp8" not in v)
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if "fp8" not in v and "lora" not in v)
 BF16_PEAK_TFLOPS = {"H100": 798.0}  # measured 8192^3 bf16 matmul on H100 (DESIGN.md); for "% of peak"
 
 
@@ -157,6 +166,10 @@ def prepare_variant(variant: str, models: dict, args, state: dict):
         )
         return torch.compile(ref, mode=args.compile_mode) if mode == "compile" else ref
     ours = models["ours"]
+    if mode.endswith("-lora"):
+        model = prepare_variant(variant.removesuffix("-lora"), models, args, state)
+        attach_bench_lora(ours, args.lora_rank, state)
+        return model
     if state.get("quantized") and not mode.startswith("fp8"):
         raise SystemExit("ours bf16 variants come before ours-fp8 (quantisation is in place)")
     if mode.startswith("fp8"):
@@ -186,6 +199,36 @@ def prepare_variant(variant: str, models: dict, args, state: dict):
     elif state.get("compiled"):
         raise SystemExit("ours-compile variants come last (compilation is in place)")
     return ours
+
+
+def attach_bench_lora(ours: torch.nn.Module, rank: int, state: dict) -> None:
+    """One random rank-`rank` adapter on every LoRA-able linear of `ours` (runtime/lora.SUPPORTED), written
+    as a diffusers/PEFT safetensors file and loaded the way `--lora bench=FILE` loads it, then activated at
+    scale 1 (what a request's `lora: {"bench": 1}` does). A and B are scaled so the low-rank term is a small
+    perturbation (~1% of each layer's output), as trained adapters are; the speed does not depend on it."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from diffserve.runtime.lora import SUPPORTED, attach_loras
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, layer in ours.named_modules():
+        if SUPPORTED.match(name) and hasattr(layer, "in_features"):
+            tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(
+                rank, layer.in_features, generator=g
+            ) / (layer.in_features**0.5)
+            tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(
+                layer.out_features, rank, generator=g
+            ) * (0.01 / rank**0.5)
+    with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
+        path = f"{tmp}/bench.safetensors"
+        save_file(tensors, path)
+        manager = attach_loras(ours, [("bench", path)], max_loras=1)
+    manager.activate({"bench": 1.0})
+    state["lora"] = manager
+    print(f"  lora: rank {rank} on {len(tensors) // 2} linears, active at scale 1", flush=True)
 
 
 def prepare_fp8(ours: torch.nn.Module, mode: str, args, state: dict):
@@ -280,7 +323,14 @@ def run_family(family: str, spec: dict, args, device: torch.device, dtype: torch
                 + ("" if exact is None else f"  rel err vs float32 {row['rel_err_fp32']:.2e}"),
                 flush=True,
             )
-            if variant in ("ours-graph", "ours-fp8") and device.type == "cuda" and not model.replays:
+            base = next((r for r in rows if r["impl"] == variant.removesuffix("-lora")), None)
+            if variant.endswith("-lora") and base is not None:
+                row["slowdown_vs_base"] = ms / base["ms"] - 1
+                print(
+                    f"  {variant}: {100 * row['slowdown_vs_base']:+.1f}% against {base['impl']}", flush=True
+                )
+            graphed = variant.removesuffix("-lora") in ("ours-graph", "ours-fp8")
+            if graphed and device.type == "cuda" and not model.replays:
                 print(f"  {variant} ran eagerly: {'; '.join(model.uncapturable.values())}", flush=True)
             if args.record:
                 ours_variant = variant.startswith("ours")
@@ -318,7 +368,7 @@ def run_family(family: str, spec: dict, args, device: torch.device, dtype: torch
                     ),
                     # Whether the timed calls were CUDA graph replays (ours-graph / ours-fp8 on a GPU whose
                     # capture worked); None for the variants that never try.
-                    cuda_graph=bool(model.replays) if variant in ("ours-graph", "ours-fp8") else None,
+                    cuda_graph=bool(model.replays) if graphed else None,
                     torch=torch.__version__,
                     quantization=(
                         (
@@ -330,6 +380,10 @@ def run_family(family: str, spec: dict, args, device: torch.device, dtype: torch
                         else None
                     ),  # fmt: skip
                     fp8_gemms=state["quantized"]["count"] if fp8 and ours_variant else None,
+                    lora_rank=args.lora_rank if variant.endswith("-lora") else None,
+                    lora_slowdown_vs_base=(
+                        round(row["slowdown_vs_base"], 4) if "slowdown_vs_base" in row else None
+                    ),
                 )
             del out
             if variant.startswith("ours-compile"):
@@ -407,6 +461,7 @@ def parse_args(argv=None):
         action="store_true",
         help="also hold every output to diffusers' model in float32 (needs 3x the bf16 weights' memory)",
     )
+    p.add_argument("--lora-rank", type=int, default=32, help="the -lora variants' adapter rank")
     p.add_argument("--kernels", action="store_true", help="time each fused op at the family's shape (GPU)")
     p.add_argument("--tiny", action="store_true", help="CPU, tiny configs: an end-to-end check of the script")
     p.add_argument("--no-record", dest="record", action="store_false", help="do not append to results")
@@ -421,6 +476,9 @@ def parse_args(argv=None):
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {VARIANTS}")
+    loras = [i for i, v in enumerate(args.variants) if v.endswith("-lora")]
+    if loras and (len(loras) > 1 or loras[0] != len(args.variants) - 1):
+        p.error("a -lora variant comes last and alone (the adapter wraps the layers in place)")
     if args.iters < 5:
         p.error("--iters must be at least 5 (the median of fewer is not a figure)")
     if args.results is None:

@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
@@ -55,6 +57,22 @@ def test_bench_dit_graph_variant_tiny(tmp_path):
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [r["impl"] for r in rows] == ["ours-eager", "ours-graph"]
     assert rows[1]["cuda_graph"] is False and rows[1]["rel_err_vs_diffusers_eager"] < 1e-2
+
+
+def test_bench_dit_lora_variant_tiny(tmp_path):
+    # ours-graph-lora: ours-graph with a random rank-4 adapter on every attention and MLP linear, loaded
+    # through runtime/lora and active while timed: its output moves away from the base's (the adapter is on),
+    # by about the adapter's ~1% perturbation per layer, and its slowdown against the base row is recorded.
+    bench = _load("bench_dit")
+    results = tmp_path / "results.jsonl"
+    argv = ["--tiny", "--family", "flux", "--variants", "ours-graph,ours-graph-lora", "--lora-rank", "4"]
+    assert bench.main([*argv, "--iters", "5", "--warmup", "1", "--results", str(results)]) == 0
+    base, lora = [json.loads(line) for line in results.read_text().splitlines()]
+    assert (base["impl"], lora["impl"]) == ("ours-graph", "ours-graph-lora")
+    assert lora["lora_rank"] == 4 and lora["lora_slowdown_vs_base"] is not None
+    assert lora["rel_err_vs_diffusers_eager"] > 10 * max(base["rel_err_vs_diffusers_eager"], 1e-6)
+    with pytest.raises(SystemExit):  # the wrapping is in place: a -lora variant comes last
+        bench.parse_args(["--tiny", "--variants", "ours-graph-lora,ours-graph"])
 
 
 def test_bench_vae_flux_tiny(tmp_path):
