@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -103,7 +104,6 @@ def capped_runner(runtime):
     """`diffserve serve --runner-factory benchmarks.bench_offload:capped_runner` (the --serve mode): the
     worker caps its own CUDA memory at $BENCH_OFFLOAD_CAP_GIB (a variable of this script only) before
     loading, then loads as the default factory does."""
-    import os
 
     import torch
 
@@ -147,7 +147,9 @@ def serve_config(config: dict, args, device: str | None) -> dict:
     serve += ["--offload", config["offload"]] if config["offload"] else []
     serve += ["--quantization", config["quantization"]] if config["quantization"] else []
     serve += ["--device", device] if device else []
-    env = {"PYTHONPATH": str(REPO), "BENCH_OFFLOAD_CAP_GIB": str(config["cap_gib"] or "")}
+    # the repo for --runner-factory, in front of the caller's PYTHONPATH (where its packages may live)
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {"PYTHONPATH": pythonpath, "BENCH_OFFLOAD_CAP_GIB": str(config["cap_gib"] or "")}
     peak, sampling = [0.0], threading.Event()
 
     def sample():
