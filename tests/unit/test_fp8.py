@@ -23,6 +23,7 @@ from torch import nn
 
 from diffserve.kernels import fp8_quant as fq
 from diffserve.kernels import fused_ops as fo
+from diffserve.runtime.layers import fp8
 from diffserve.runtime.layers.fp8 import Fp8Linear, dit_linears, quantize_linears, quantize_weight
 from tests.unit.gpu_helpers import rel_err
 
@@ -74,7 +75,10 @@ def _e4m3_step(v: torch.Tensor) -> torch.Tensor:
 def test_scaled_mm_on_the_cpu_takes_rowwise_scales():
     """What Fp8Linear relies on from the CPU implementation (torch 2.13): row-wise float32 scales (M, 1) and
     (1, N), any output dtype, a fused bias even with a float32 output; it dequantises to float32, runs a
-    float32 GEMM and rounds once. Other scale shapes are refused, as on CUDA."""
+    float32 GEMM and rounds once. Other scale shapes are refused, as on CUDA. A torch whose CPU _scaled_mm
+    takes tensor-wise scales only (2.11) gets fp8._scaled_mm_cpu_emulated instead: the same contract."""
+    rowwise = fp8.cpu_rowwise_scaled_mm()
+    scaled_mm = torch._scaled_mm if rowwise else fp8._scaled_mm_cpu_emulated
     g = torch.Generator().manual_seed(0)
     m, k, n = 5, 24, 7  # no multiple of 16 needed on the CPU
     a = torch.randn(m, k, generator=g).to(torch.float8_e4m3fn)
@@ -82,11 +86,13 @@ def test_scaled_mm_on_the_cpu_takes_rowwise_scales():
     sa, sb = torch.rand(m, 1, generator=g) + 0.5, torch.rand(1, n, generator=g) + 0.5
     bias = torch.randn(n, generator=g)
     dequant = (a.float() * sa) @ (b.float() * sb.t()).t()
-    out32 = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, bias=bias, out_dtype=torch.float32)
+    out32 = scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, bias=bias, out_dtype=torch.float32)
     bound = (k + 2) * U32 * ((a.float() * sa).abs() @ (b.float() * sb.t()).abs().t() + bias.abs())
     assert ((out32 - (dequant + bias)).abs() <= bound).all()  # the bias is added inside the GEMM
-    out16 = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+    out16 = scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, bias=None, out_dtype=torch.bfloat16)
     assert out16.dtype == torch.bfloat16 and torch.equal(out16, dequant.bfloat16())
+    if not rowwise:
+        return
     for bad_a, bad_b in [(sa.view(-1), sb.view(-1)), (sa.bfloat16(), sb.bfloat16()), (sa, torch.tensor(1.0))]:
         with pytest.raises((RuntimeError, ValueError), match="scaling"):
             torch._scaled_mm(a, b.t(), scale_a=bad_a, scale_b=bad_b, out_dtype=torch.float32)
