@@ -65,6 +65,20 @@ class WanPipeline(NativePipeline):
         self.step_cache_graphs = [graph for parts in self.dit_parts for graph in parts.graphs]
         self.t5 = text.TextEncoder(self.text_encoder, "last_hidden_state")
 
+    def schedule(self, steps: int):
+        """A fresh scheduler set for `steps`, and the expert (0 or 1) each step runs."""
+        scheduler = stages.fresh_scheduler(self.scheduler)
+        scheduler.set_timesteps(steps, device=self.device)
+        scheduler.set_begin_index(0)
+        # UniPC with its coefficients worked out here, on the host: diffusers' own step waits for the GPU.
+        scheduler = sync_free_scheduler(scheduler)
+        # Wan2.2 A14B: the second expert (dits[1]) takes the steps below the boundary. Decided here from one
+        # copy of the timesteps: comparing a GPU timestep in Python would wait for the GPU at every step.
+        expert = [0] * len(scheduler.timesteps)
+        if self.boundary is not None:
+            expert = [int(low) for low in (scheduler.timesteps < self.boundary).tolist()]
+        return scheduler, expert
+
     def encode(self, prompts: list[str]) -> torch.Tensor:
         prompts = [text.clean_prompt(p) for p in prompts]
         states = text.t5_states(self.tokenizer, self.t5, prompts, TEXT_LENGTH, zero_padding=True)
@@ -97,16 +111,7 @@ class WanPipeline(NativePipeline):
         # queued; then the noise, drawn on the CPU while they run. (FLUX's schedule uploads asynchronously,
         # so there the encoders go first.)
         with timings("prepare_latents"):
-            scheduler = stages.fresh_scheduler(self.scheduler)
-            scheduler.set_timesteps(p.steps, device=self.device)
-            scheduler.set_begin_index(0)
-            # UniPC with its coefficients worked out here, on the host: diffusers' own step waits for the GPU.
-            scheduler = sync_free_scheduler(scheduler)
-            # Wan2.2 A14B: the second expert (dits[1]) takes the steps below the boundary. Decided here from one
-            # copy of the timesteps: comparing a GPU timestep in Python would wait for the GPU at every step.
-            expert = [0] * len(scheduler.timesteps)
-            if self.boundary is not None:
-                expert = [int(low) for low in (scheduler.timesteps < self.boundary).tolist()]
+            scheduler, expert = self.schedule(p.steps)
         with timings("encode_text"):
             cond = stages.repeat_per_sample(
                 stages.encode_each(self.encode, [q.prompt for q in plans]), counts

@@ -27,7 +27,6 @@ from diffserve.runtime import step_cache
 from diffserve.runtime.api import GenerationRequest, GenerationResult, InvalidRequest
 from diffserve.runtime.pipelines import stages
 from diffserve.runtime.pipelines.wan import WanPipeline
-from diffserve.runtime.schedulers import sync_free_scheduler
 
 
 def reference_frame(image, width: int, height: int):
@@ -89,13 +88,7 @@ def run_i2v(pipe: WanPipeline, p: stages.Plan, timings, on_step, should_cancel) 
     scales = [p.guidance, p.extra["guidance_scale_2"]]
     vae, dtype = pipe.vae, pipe.transformer.dtype
     with timings("prepare_latents"):
-        scheduler = stages.fresh_scheduler(pipe.scheduler)
-        scheduler.set_timesteps(p.steps, device=pipe.device)
-        scheduler.set_begin_index(0)
-        scheduler = sync_free_scheduler(scheduler)
-        expert = [0] * len(scheduler.timesteps)
-        if pipe.boundary is not None:
-            expert = [int(low) for low in (scheduler.timesteps < pipe.boundary).tolist()]
+        scheduler, expert = pipe.schedule(p.steps)
     with timings("encode_text"):
         cond = pipe.encode([p.prompt]).repeat_interleave(n, 0)
         uncond = pipe.encode([p.negative_prompt or ""]).repeat_interleave(n, 0) if cfg else None
