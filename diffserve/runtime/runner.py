@@ -251,8 +251,11 @@ def attach_pipeline_loras(pipeline, spec, config: RuntimeConfig):
     from diffserve.runtime.lora import LoraFileError, attach_loras
     from diffserve.runtime.models.base import NativeDiT
 
+    # Wan2.2 A14B (T2V and I2V) has a second expert, pipeline.transformer_2: the adapters go on
+    # pipeline.transformer only, as diffusers' WanLoraLoaderMixin.load_lora_weights does by default
+    # (load_into_transformer_2=False), so a file made for diffusers gives the same video here.
     dit = getattr(pipeline, "transformer", None)
-    if spec.family not in ("flux", "wan") or not isinstance(dit, NativeDiT):
+    if spec.family not in ("flux", "wan", "wan-i2v") or not isinstance(dit, NativeDiT):
         raise ModelLoadError(
             f"--lora: LoRA adapters run on the native FLUX and Wan DiTs; {spec.model_id} is {spec.family}"
         )
