@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PARALLEL_FAMILIES = ("flux", "wan")
+# wan-i2v runs the same native Wan DiT: only the video tokens are sharded; its cross-attention context (CLIP
+# image rows + text rows) is whole on every rank (tests/unit/test_wan_i2v_parallel.py).
+PARALLEL_FAMILIES = ("flux", "wan", "wan-i2v")
 
 
 class ParallelConfigError(ValueError):
