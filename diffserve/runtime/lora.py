@@ -86,9 +86,12 @@ _ORIGINAL = [
     (r"single_blocks_(\d+)_modulation_lin", ["single_transformer_blocks.{}.norm.linear"]),
     (r"blocks_(\d+)_self_attn_(q|k|v|o)", "blocks.{}.attn1.{}"),
     (r"blocks_(\d+)_cross_attn_(q|k|v|o)", "blocks.{}.attn2.{}"),
+    # Wan I2V's image-context key/value: named so that the refusal below names the layer (not SUPPORTED)
+    (r"blocks_(\d+)_cross_attn_(k_img|v_img)", "blocks.{}.attn2.{}"),
     (r"blocks_(\d+)_ffn_(0|2)", "blocks.{}.ffn.{}"),
 ]
-_WAN_PROJ = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0", "0": "net.0.proj", "2": "net.2"}
+_WAN_PROJ = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0", "0": "net.0.proj", "2": "net.2",
+             "k_img": "add_k_proj", "v_img": "add_v_proj"}  # fmt: skip
 _PREFIXES = ("base_model.model.", "transformer.", "diffusion_model.", "lora_unet_", "lora_transformer_")
 _KEY = re.compile(
     r"^(?P<path>.+?)\.(?:(?P<a>lora_A|lora_down|lora\.down)|(?P<b>lora_B|lora_up|lora\.up))"
@@ -171,8 +174,14 @@ def convert(state: dict[str, torch.Tensor], model: nn.Module, where: str = "LoRA
             raise LoraFileError(f"{where}: {path} names no layer of this model")
         bad = [n for n in names if not SUPPORTED.match(n)]
         if bad:
+            image_kv = re.fullmatch(r"blocks\.\d+\.attn2\.add_[kv]_proj", bad[0])
             raise LoraFileError(
                 f"{where}: LoRA on {bad[0]} is not supported: only the blocks' attention and MLP projections"
+                + (
+                    "; Wan I2V's image-context key/value run as one fused GEMM that takes no LoRA"
+                    if image_kv
+                    else ""
+                )
             )
         a, b = parts["a"].float(), parts["b"].float()
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:

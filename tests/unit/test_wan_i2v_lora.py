@@ -84,14 +84,18 @@ def test_lora_on_the_image_projection_is_a_one_line_error(i2v_dirs, tmp_path):
     """attn2.add_k_proj / add_v_proj (the I2V image context) are fused into one GEMM (add_kv) that carries
     no low-rank term: a file naming them is refused at load, with the layer named."""
     model, _ = i2v_dirs["wan-i2v"]
-    bad = tmp_path / "image-kv.safetensors"
-    save_file(
-        {
-            "transformer.blocks.0.attn2.add_k_proj.lora_A.weight": torch.zeros(2, 16),
-            "transformer.blocks.0.attn2.add_k_proj.lora_B.weight": torch.zeros(16, 2),
-        },
-        str(bad),
-    )
-    with pytest.raises(ModelLoadError, match=r"blocks\.0\.attn2\.add_k_proj") as e:
-        load_runner(RuntimeConfig(str(model), "cpu", loras=(f"b={bad}",)))
-    assert "\n" not in str(e.value)
+    # diffusers/PEFT names, and musubi-tuner's (kohya) cross_attn_k_img / v_img, which diffusers reads as these
+    for prefix, down, up, layer in (
+        ("transformer.blocks.0.attn2.add_k_proj", "lora_A", "lora_B", "add_k_proj"),
+        ("lora_unet_blocks_1_cross_attn_v_img", "lora_down", "lora_up", "add_v_proj"),
+    ):
+        bad = tmp_path / f"{layer}.safetensors"
+        save_file(
+            {f"{prefix}.{down}.weight": torch.zeros(2, 32), f"{prefix}.{up}.weight": torch.zeros(24, 2)},
+            str(bad),
+        )
+        with pytest.raises(
+            ModelLoadError, match=rf"LoRA on blocks\.\d\.attn2\.{layer} is not supported"
+        ) as e:
+            load_runner(RuntimeConfig(str(model), "cpu", loras=(f"b={bad}",)))
+        assert "\n" not in str(e.value) and "image-context key/value" in str(e.value)
