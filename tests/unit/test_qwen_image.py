@@ -124,6 +124,25 @@ def test_dit_parts_and_adaln_schedule_compose_to_the_forward():
             assert _rel_err(ours(**step, adaln=schedule[i], return_dict=False)[0], ours(**step)) < 2e-6
 
 
+def test_bf16_timestep_conditioning_matches_diffusers():
+    """bf16 timesteps: the sinusoid's frequencies stay float32 as in diffusers' get_timestep_embedding.
+    Rounding them to bf16 moved 1000 * t * freq by up to ~2 rad: the conditioning was ~14% off and the
+    full-size bf16 forward 0.28 from diffusers' (float32 and the tiny tests could not see it)."""
+    from diffusers.models.embeddings import Timesteps
+
+    from diffserve.runtime.models.qwen_image import timestep_proj
+
+    t = torch.tensor([0.9, 0.5, 0.1, 0.0173], dtype=torch.bfloat16)
+    expected = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0, scale=1000)(t)
+    torch.testing.assert_close(timestep_proj(t), expected, rtol=1e-6, atol=1e-6)
+    ref, ours = _pair(fuse=True)
+    ref, ours = ref.to(torch.bfloat16), ours.to(torch.bfloat16)
+    with torch.no_grad():
+        want = torch.nn.functional.silu(ref.time_text_embed(t, torch.zeros(1, dtype=torch.bfloat16)))
+        got = ours.conditioning(t, 4, t.device)
+    assert _rel_err(got, want) < 1e-2
+
+
 def test_config_refuses_what_the_native_dit_does_not_run():
     with pytest.raises(ValueError, match="zero_cond_t"):
         QwenImageConfig(zero_cond_t=True)
