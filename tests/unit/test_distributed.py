@@ -232,6 +232,18 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def assert_matches_reference(got: dict, ref: dict, rank0: dict, where) -> None:
+    """A parallel run's outputs against the one-rank reference: pixels within one uint8 level (rounding
+    may land on the other side of .5), tensors within TOL; and bit for bit rank 0's (every rank steps its
+    scheduler identically)."""
+    for key, value in ref.items():
+        if key.endswith("pixels"):
+            assert (got[key] - value).abs().max() <= 1, (*where, key)
+        else:
+            assert _rel_err(got[key], value) < TOL, (*where, key)
+        assert torch.equal(got[key], rank0[key]), (*where, key)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_parallel_layouts_match_one_rank(world, wide_models, tmp_path):
     reports = _spawn_world(world, wide_models, tmp_path)
@@ -240,13 +252,7 @@ def test_parallel_layouts_match_one_rank(world, wide_models, tmp_path):
         name = config.describe()
         for rank in range(world):
             got = reports[rank][name]
-            for key, value in ref["out"].items():
-                if key.endswith("pixels"):  # uint8 after rounding: a value may land on the other side of .5
-                    assert (got["out"][key] - value).abs().max() <= 1, (name, rank, key)
-                else:
-                    assert _rel_err(got["out"][key], value) < TOL, (name, rank, key)
-                # Every rank ends with the same tensors, bit for bit: they step their schedulers identically.
-                assert torch.equal(got["out"][key], reports[0][name]["out"][key]), (name, rank, key)
+            assert_matches_reference(got["out"], ref["out"], reports[0][name]["out"], (name, rank))
             # The work really was split: with CFG parallelism each rank runs one DiT forward per step
             # instead of two (2 steps; FLUX: 2 forwards per step only with true CFG).
             # ... and each rank's blocks saw its share of the tokens: ceil(15 / P) image, ceil(45 / P) video.
@@ -386,6 +392,7 @@ def test_ranks_keep_cublas_workspace(monkeypatch):
     for name in ("CUBLAS_WORKSPACE_CONFIG", "CUBLASLT_WORKSPACE_SIZE", cuda_graphs.BLAS_WORKSPACE_ENV):
         monkeypatch.setenv(name, "")  # recorded, so that teardown also undoes what the code under test sets
         monkeypatch.delenv(name)
+
     class Loaded(Exception):  # raised right after load_runner has set cuBLAS up (by the dtype parse)
         pass
 
