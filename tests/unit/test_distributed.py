@@ -182,24 +182,31 @@ def _compiled_dits(flux, wan) -> dict:
     return out
 
 
-def _rank_main(rank: int, world: int, port: int, models: tuple[str, str], results: str) -> None:
-    from diffserve.runtime.runner import load_runner
-
-    torch.set_num_threads(1)
-    flux, wan = (load_runner(m, device="cpu") for m in models)
-    first, *others = LAYOUTS[world]
+def run_layouts(rank: int, world: int, port: int, layouts, run) -> tuple[dict, list]:
+    """One rank of a spawned gloo world: joins it with the first layout, builds the others, and returns
+    ({"reference": run() alone (rank 0 only), layout.describe(): run() under that layout}, the states)."""
+    first, *others = layouts
     states = [
         pg.init_distributed(first, "cpu", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     ]
     states += [pg.build_state(config, "cpu") for config in others]
     report = {}
+    if rank == 0:
+        pg.activate(None)
+        report["reference"] = run()
+    for state in states:
+        pg.activate(state)
+        report[state.config.describe()] = run()
+    return report, states
+
+
+def _rank_main(rank: int, world: int, port: int, models: tuple[str, str], results: str) -> None:
+    from diffserve.runtime.runner import load_runner
+
+    torch.set_num_threads(1)
+    flux, wan = (load_runner(m, device="cpu") for m in models)
     with torch.inference_mode():
-        if rank == 0:
-            pg.activate(None)
-            report["reference"] = _run_all(flux, wan)
-        for state in states:
-            pg.activate(state)
-            report[state.config.describe()] = _run_all(flux, wan)
+        report, states = run_layouts(rank, world, port, LAYOUTS[world], lambda: _run_all(flux, wan))
         # Cancellation decided on rank 0 stops every rank at the same step (synced over the control group).
         from diffserve.runtime.distributed.launch import synced_cancel
 

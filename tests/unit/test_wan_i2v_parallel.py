@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from diffserve.runtime.api import GenerationRequest
 from diffserve.runtime.distributed import group as pg
 from diffserve.runtime.distributed.config import ParallelConfig
-from tests.unit.test_distributed import _free_port, assert_matches_reference
+from tests.unit.test_distributed import _free_port, assert_matches_reference, run_layouts
 from tests.unit.test_wan_i2v import _image, _png
 
 NAMES = ("wan-i2v", "wan2.2-i2v")
@@ -105,19 +105,8 @@ def _rank_main(rank: int, world: int, port: int, models: tuple[str, ...], result
     _stub_ftfy()
     torch.set_num_threads(1)
     runners = [load_runner(m, device="cpu") for m in models]
-    first, *others = LAYOUTS
-    states = [
-        pg.init_distributed(first, "cpu", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
-    ]
-    states += [pg.build_state(config, "cpu") for config in others]
-    report = {}
     with torch.inference_mode():
-        if rank == 0:
-            pg.activate(None)
-            report["reference"] = _run_all(runners)
-        for state in states:
-            pg.activate(state)
-            report[state.config.describe()] = _run_all(runners)
+        report, _ = run_layouts(rank, world, port, LAYOUTS, lambda: _run_all(runners))
     torch.save(report, f"{results}/rank{rank}.pt")
     pg.shutdown_distributed()
 
