@@ -34,6 +34,17 @@ def decode_mp4(data: bytes) -> list:
         return [f.to_image() for f in container.decode(video=0)]
 
 
+def follow(client, video_id: str):
+    """Poll a video job until it ends: (the last retrieve, every (status, progress) seen on the way)."""
+    seen = []
+    while True:
+        v = client.videos.retrieve(video_id)
+        seen.append((v.status, v.progress))
+        if v.status not in ("queued", "in_progress"):
+            return v, seen
+        time.sleep(0.02)
+
+
 def wait_for(predicate, timeout: float = 60, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -55,13 +66,7 @@ def test_openai_video_flow(wan):
     )
     assert video.object == "video" and video.status == "queued" and video.progress == 0
     assert video.seconds == "0.5" and video.size == "64x48" and video.id.startswith("video_")
-    seen = []
-    while True:
-        v = client.videos.retrieve(video.id)
-        seen.append((v.status, v.progress))
-        if v.status not in ("queued", "in_progress"):
-            break
-        time.sleep(0.02)
+    v, seen = follow(client, video.id)
     assert v.status == "completed" and v.progress == 100 and v.completed_at >= v.created_at, v
     progress = [p for _, p in seen]
     assert progress == sorted(progress)  # never goes back

@@ -5,7 +5,6 @@ cancellation, and /v1/models naming the native family."""
 from __future__ import annotations
 
 import io
-import time
 
 import av
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.integration.conftest import CLEAN_EXIT, LiveServer
+from tests.integration.test_videos import follow, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # openai marks the Sora API deprecated
 
@@ -22,15 +22,6 @@ def _png(width: int, height: int, seed: int = 0) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _wait(predicate, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.02)
-    raise AssertionError("timed out waiting")
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +51,7 @@ def test_image_to_video_with_the_openai_client(i2v, tmp_path):
             extra_body={"num_frames": 5, "num_inference_steps": 12, "seed": 3},
         )
     assert video.status == "queued" and video.size == "64x32"
-    seen = []
-    while True:
-        v = client.videos.retrieve(video.id)
-        seen.append((v.status, v.progress))
-        if v.status not in ("queued", "in_progress"):
-            break
-        time.sleep(0.02)
+    v, seen = follow(client, video.id)
     assert v.status == "completed" and v.progress == 100, v
     assert [p for _, p in seen] == sorted(p for _, p in seen)
     assert any(s == "in_progress" and 0 < p < 100 for s, p in seen), seen  # real progress
@@ -82,7 +67,9 @@ def test_without_an_image_the_job_fails_with_the_reason(i2v):
     is accepted and fails with the pipeline's one-line reason."""
     client = i2v.openai()
     video = client.videos.create(model="i2v", prompt="x", size="32x32", extra_body={"num_frames": 5})
-    v = _wait(lambda: (r := client.videos.retrieve(video.id)).status not in ("queued", "in_progress") and r)
+    v = wait_for(
+        lambda: (r := client.videos.retrieve(video.id)).status not in ("queued", "in_progress") and r
+    )
     assert v.status == "failed" and "makes a video from an image: send one" in v.error.message, v
 
 
@@ -95,8 +82,8 @@ def test_cancel_an_image_to_video_job(i2v):
         input_reference=("first.png", _png(64, 64), "image/png"),
         extra_body={"num_frames": 17, "num_inference_steps": 200},
     )
-    _wait(lambda: client.videos.retrieve(job.id).progress > 0)
+    wait_for(lambda: client.videos.retrieve(job.id).progress > 0)
     with i2v.http() as http:
         assert http.delete(f"/v1/videos/{job.id}").json()["status"] == "cancelled"
-    v = _wait(lambda: (r := client.videos.retrieve(job.id)).status == "cancelled" and r)
+    v = wait_for(lambda: (r := client.videos.retrieve(job.id)).status == "cancelled" and r)
     assert v.progress < 100
