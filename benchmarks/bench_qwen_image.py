@@ -119,7 +119,8 @@ def main(argv=None) -> int:
     ours.fuse_projections()
     graphed = GraphedForward(ours)
     rows = []
-    common = dict(device=str(device), dtype=str(dtype).replace("torch.", ""), txt_tokens=args.txt)
+    # no device here: record() writes the GPU's name (or "cpu"), as every other bench row has it
+    common = dict(dtype=str(dtype).replace("torch.", ""), txt_tokens=args.txt)
     with torch.inference_mode():
         for side in sizes:
             x = inputs(cfg, side, args.txt, device, dtype)
