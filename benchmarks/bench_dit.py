@@ -20,6 +20,9 @@ Variants (run in the order given):
   ours-fp8, ours-fp8-eager             `--quantization fp8` (issue 17): ours-eager's model with the default FP8
                                        selection (runtime/layers/fp8.quantize_linears, as loader.load_dit
                                        does), replayed as a CUDA graph as served / eagerly
+  ours-fp8-attn                        `--quantization fp8-attention`: ours-fp8 with the attention in FP8 too
+                                       (kernels/fp8_attention.py, FA3's e4m3 kernel), as a CUDA graph; after
+                                       the ours-fp8 variants (the switch is in place)
   diffusers-torchao-fp8[-compile]      the peer: torchao's Float8DynamicActivationFloat8WeightConfig(PerRow())
                                        on a copy of diffusers' model (every nn.Linear, torchao's default
                                        filter), eager / torch.compile of the whole model. torchao is imported
@@ -91,6 +94,7 @@ VARIANTS = (
     "ours-compile+inductor",
     "ours-fp8",
     "ours-fp8-eager",
+    "ours-fp8-attn",
     "ours-graph-lora",
     "ours-fp8-lora",
     "diffusers-torchao-fp8",
@@ -251,6 +255,12 @@ def prepare_fp8(ours: torch.nn.Module, mode: str, args, state: dict):
             f"{stats['bytes_after'] / 1e9:.2f} GB",
             flush=True,
         )
+    if mode == "fp8-attn" and not state.get("fp8_attention"):
+        from diffserve.runtime.layers.attention import use_fp8_attention
+
+        state["fp8_attention"] = use_fp8_attention(ours)
+    elif mode != "fp8-attn" and state.get("fp8_attention"):
+        raise SystemExit("ours-fp8 variants come before ours-fp8-attn (the attention switch is in place)")
     if mode == "fp8-eager":
         return ours
     from diffserve.runtime.cuda_graphs import GraphedForward
@@ -329,7 +339,7 @@ def run_family(family: str, spec: dict, args, device: torch.device, dtype: torch
                 print(
                     f"  {variant}: {100 * row['slowdown_vs_base']:+.1f}% against {base['impl']}", flush=True
                 )
-            graphed = variant.removesuffix("-lora") in ("ours-graph", "ours-fp8")
+            graphed = variant.removesuffix("-lora") in ("ours-graph", "ours-fp8", "ours-fp8-attn")
             if graphed and device.type == "cuda" and not model.replays:
                 print(f"  {variant} ran eagerly: {'; '.join(model.uncapturable.values())}", flush=True)
             if args.record:
@@ -374,6 +384,8 @@ def run_family(family: str, spec: dict, args, device: torch.device, dtype: torch
                         (
                             "fp8 torchao Float8DynamicActivationFloat8WeightConfig(PerRow)"
                             if not ours_variant
+                            else "fp8-attention"
+                            if variant == "ours-fp8-attn"
                             else "fp8"
                         )
                         if fp8

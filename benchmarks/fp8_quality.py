@@ -11,8 +11,10 @@ colour / shape / all-attribute accuracy with and without. Settings:
   exact + step cache T          StepCacheConfig's defaults at threshold T (the default threshold)
   fp8 + step cache T            both
   fp8 + step cache T vs fp8     the last against fp8 uncached: what the cache adds on top of FP8
+  fp8-attention                 (--fp8-attention) quantization="fp8-attention": the attention in FP8 too (on
+                                the CPU the emulation of FA3's e4m3 forward, kernels/fp8_attention.py)
 
-    python benchmarks/fp8_quality.py [--count 32] [--threshold T] [--threads 1] [--record] [--json out.json]
+    python benchmarks/fp8_quality.py [--count 32] [--threshold T] [--fp8-attention] [--threads 1] [--record]
     python benchmarks/fp8_quality.py --tiny    # the tiny random FLUX model: checks this script only
 
 --record appends one row per setting to benchmarks/results.jsonl (record.py; --tiny: a temporary file).
@@ -50,6 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default: float32 on the CPU, bfloat16 on a GPU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--fp8-attention", action="store_true", help="also the fp8-attention setting")
     p.add_argument("--json", help="write the table here")
     p.add_argument("--record", action="store_true", help="append the rows to the results file")
     p.add_argument("--results", type=Path, default=None, help=f"results file (default {RESULTS})")
@@ -98,6 +101,11 @@ def main(argv=None) -> int:
         compare(f"fp8 + step cache {t}", both, base, examples),
         compare(f"fp8 + step cache {t} vs fp8", both, quantized, examples),
     ]
+    if args.fp8_attention:
+        attn = load_runner(
+            RuntimeConfig(model=model, device=args.device, dtype=dtype, quantization="fp8-attention")
+        )
+        rows.append(compare("fp8-attention", generate(attn, cached=False), base, examples))
 
     print(f"# {model or 'bundled model'} on {args.device} ({dtype}): {args.count} held-out prompts, "
           f"{size}x{size}, {steps} steps; step cache {cache}")  # fmt: skip

@@ -120,3 +120,8 @@ class FlashAttention3Backend(AttentionBackend):
         out = func(q, k, v, softmax_scale=scale, causal=causal)
         # Some upstream versions return (out, softmax_lse).
         return out[0] if isinstance(out, tuple) else out
+
+    @staticmethod
+    def fp8_func():
+        """flash_attn_func, for its e4m3 inputs with descales (kernels/fp8_attention.py)."""
+        return _flash_attn_func or _resolve_flash_attn_func()

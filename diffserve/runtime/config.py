@@ -24,7 +24,7 @@ DTYPES = {
     "float32": "float32",
     "float": "float32",
 }
-QUANTIZATIONS = ("fp8",)
+QUANTIZATIONS = ("fp8", "fp8-attention")
 DTYPE_HELP = "bf16|bfloat16, fp16|float16 or fp32|float32 (default: bf16 on GPUs, fp32 on the CPU)"
 
 
@@ -47,7 +47,9 @@ class RuntimeConfig:
     compile: bool = False  # torch.compile the DiT blocks (runtime/compile.py)
     ulysses_degree: int = 1  # every DiT forward split over this many GPUs
     cfg_parallel: bool = False  # the two guidance branches on two GPU groups
-    quantization: str | None = None  # "fp8": DiT linears in FP8 e4m3 (runtime/layers/fp8.py); None: as loaded
+    # "fp8": DiT linears in FP8 e4m3 (runtime/layers/fp8.py); "fp8-attention": those and the DiT's
+    # self-attention too (kernels/fp8_attention.py); None: as loaded
+    quantization: str | None = None
     step_cache: str | None = None  # "first-block": reuse the DiT's tail on steps that change little
     step_cache_threshold: float | None = None  # None: the policy's default (runtime/step_cache.py)
     # LoRA adapters (runtime/lora.py): ((name, path), ...); "NAME=PATH" strings are accepted and split here
@@ -176,7 +178,9 @@ def add_runtime_arguments(parser) -> None:
         "--quantization",
         choices=QUANTIZATIONS,
         help="fp8: DiT linear layers with FP8 e4m3 weights (per output channel) and per-token activation "
-        "scales; halves the DiT's weight memory, changes the output slightly (default: off)",
+        "scales; halves the DiT's weight memory, changes the output slightly. fp8-attention: also the "
+        "FLUX/Wan DiT self-attention in FP8 (FlashAttention-3 e4m3 on Hopper; emulated on the CPU), "
+        "faster on long videos, changes the output more (default: off)",
     )
     a(
         "--step-cache",

@@ -379,6 +379,8 @@ def load_dit(
 
     optimize_dit(model, compile=False)  # fuse first; compile (if asked) the quantised blocks
     stats = quantize_linears(model)
+    if quantization == "fp8-attention":
+        _fp8_attention(model, family, device)
     logger.info(
         "fp8: %d GEMMs quantised, DiT linear weights %.2f -> %.2f GB%s",
         stats["count"],
@@ -387,6 +389,27 @@ def load_dit(
         f", {len(stats['skipped'])} left as they were" if stats["skipped"] else "",
     )
     return optimize_dit(model, fuse=False, compile=compile)
+
+
+def _fp8_attention(model, family: str, device: str) -> None:
+    """`--quantization fp8-attention`'s attention half, or ModelLoadError (one line) where it cannot run."""
+    import torch
+
+    from diffserve.runtime.layers.attention import (
+        fp8_attention_unsupported,
+        get_attention_backend,
+        use_fp8_attention,
+    )
+
+    if not use_fp8_attention(model):
+        raise ModelLoadError(
+            f"--quantization fp8-attention: the {family} DiT has no FP8 attention (FLUX, Wan and Qwen-Image have)"
+        )
+    device_type = torch.device(device).type
+    backend = get_attention_backend(model.config.attention_head_dim, model.dtype, device_type)
+    reason = fp8_attention_unsupported(backend, device_type)
+    if reason:
+        raise ModelLoadError(reason)
 
 
 def load_components(

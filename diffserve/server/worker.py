@@ -359,6 +359,26 @@ def warmup(runner, cfg: WorkerConfig) -> None:
         if (cfg.warmup_batch or 1) > 1:
             log.info("this runner's warmup takes no max_batch: batch shapes above 1 are not warmed up")
         runner.warmup(cfg.warmup_resolutions)
+    warm_encoders(getattr(runner, "task", "image"))
+
+
+def warm_encoders(task: str) -> None:
+    """Encode a tiny picture in every image format (and, for video models, a tiny MP4) once: the first
+    encode in a process loads Pillow's plugins (and PyAV, libx264), which the first request would otherwise
+    wait for (issue 23: the first n=2 request must be no slower than the second). A failure here is
+    logged, not fatal: the request that needs the codec will report it."""
+    from PIL import Image
+
+    from diffserve.runtime.outputs import IMAGE_FORMATS, encode_image, encode_video
+
+    tiny = Image.new("RGB", (16, 16))
+    try:
+        for fmt in dict.fromkeys(IMAGE_FORMATS.values()):
+            encode_image(tiny, fmt.lower())
+        if task == "video":
+            encode_video([tiny, tiny])
+    except Exception as exc:  # noqa: BLE001 - a missing codec fails its own requests, with its message
+        log.warning("warming the output encoders failed: %s", exc)
 
 
 def worker_main(cfg: WorkerConfig, req_q, cancel_q, res_q) -> None:

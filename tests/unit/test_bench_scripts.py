@@ -93,22 +93,32 @@ def test_bench_dit_fp8_variants_tiny(tmp_path, capsys):
 
     bench = _load("bench_dit")
     results = tmp_path / "results.jsonl"
-    argv = ["--tiny", "--family", "flux", "--variants", "ours-eager,ours-fp8,diffusers-torchao-fp8"]
+    argv = [
+        "--tiny",
+        "--family",
+        "flux",
+        "--variants",
+        "ours-eager,ours-fp8,ours-fp8-attn,diffusers-torchao-fp8",
+    ]
     assert (
         bench.main([*argv, "--iters", "5", "--warmup", "1", "--fp32-reference", "--results", str(results)])
         == 0
     )
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     has_torchao = importlib.util.find_spec("torchao") is not None
-    assert [r["impl"] for r in rows] == ["ours-eager", "ours-fp8"] + (
+    assert [r["impl"] for r in rows] == ["ours-eager", "ours-fp8", "ours-fp8-attn"] + (
         ["diffusers-torchao-fp8"] if has_torchao else []
     )
-    ours_bf16, ours_fp8 = rows[0], rows[1]
+    ours_bf16, ours_fp8, ours_fp8_attn = rows[0], rows[1], rows[2]
     assert (
         ours_bf16["quantization"] is None
         and ours_fp8["quantization"] == "fp8"
         and ours_fp8["fp8_gemms"] == 14
+        and ours_fp8_attn["quantization"] == "fp8-attention"
     )
+    # FP8 attention (the CPU's emulation) adds its own rounding to the FP8 GEMMs'
+    assert ours_fp8["rel_err_vs_diffusers_eager"] != ours_fp8_attn["rel_err_vs_diffusers_eager"]
+    assert ours_fp8_attn["rel_err_vs_diffusers_eager"] < 0.15
     # relative error against bf16 (diffusers eager) and, for scale, against float32
     assert 0 < ours_fp8["rel_err_vs_diffusers_eager"] < 0.1 and ours_fp8["rel_err_vs_float32"] < 0.1
     assert ours_bf16["rel_err_vs_float32"] < 0.05
@@ -121,6 +131,12 @@ def test_bench_dit_fp8_variants_tiny(tmp_path, capsys):
         assert "before ours-fp8" in str(e)
     else:
         raise AssertionError("ours-eager after ours-fp8 must be refused")
+    try:
+        bench.main(["--tiny", "--family", "flux", "--variants", "ours-fp8-attn,ours-fp8", "--no-record"])
+    except SystemExit as e:
+        assert "before ours-fp8-attn" in str(e)
+    else:
+        raise AssertionError("ours-fp8 after ours-fp8-attn must be refused")
 
 
 def test_bench_pipeline_fp8_forced_reuse_tiny(tmp_path):

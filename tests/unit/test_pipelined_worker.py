@@ -680,6 +680,29 @@ def test_the_worker_passes_max_batch_only_to_a_warmup_that_takes_it():
     assert old.args == (None,) and new.warmed == 4
 
 
+def test_the_worker_warms_the_output_encoders(monkeypatch, caplog):
+    """After the runner's warmup the worker encodes once in every image format (a video model: an MP4 too),
+    so the first request does not pay for loading the codecs; a broken codec is logged, not fatal."""
+    from diffserve.runtime import outputs
+    from diffserve.server import worker
+
+    seen = []
+    monkeypatch.setattr(outputs, "encode_image", lambda image, fmt="png", quality=None: seen.append(fmt))
+    monkeypatch.setattr(outputs, "encode_video", lambda frames, **kw: seen.append(("mp4", len(frames))))
+    worker.warm_encoders("image")
+    assert seen == ["png", "jpeg", "webp"]
+    seen.clear()
+    worker.warm_encoders("video")
+    assert seen == ["png", "jpeg", "webp", ("mp4", 2)]
+
+    def broken(frames, **kw):
+        raise RuntimeError("libx264 missing")
+
+    monkeypatch.setattr(outputs, "encode_video", broken)
+    worker.warm_encoders("video")
+    assert "warming the output encoders failed: libx264 missing" in caplog.text
+
+
 def test_flags_travel_to_the_server_and_worker_configs():
     import argparse
 

@@ -29,7 +29,7 @@ from diffserve.runtime.layers.attention import attention
 
 
 def sequence_parallel_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, fp8: bool = False
 ) -> torch.Tensor:
     """attention(q, k, v) over the whole sequence when this rank holds only its shard of it.
 
@@ -37,7 +37,7 @@ def sequence_parallel_attention(
     declared by shard_sequence. Returns this rank's rows of the full attention output, same layout."""
     state = pg.current()
     if state is None or state.ulysses_group is None:
-        return attention(q, k, v, scale=scale)
+        return attention(q, k, v, scale=scale, fp8=fp8)
     layout, degree, group = state.layout, state.ulysses_size, state.ulysses_group
     if layout is None:
         raise RuntimeError("sequence-parallel attention outside a sharded forward (no shard_sequence call)")
@@ -67,7 +67,7 @@ def sequence_parallel_attention(
             joint[:n, i * b : (i + 1) * b] = t[:, :n, mine].transpose(0, 1)
     # Padding rows (the end of the last shard) are dropped here, so attention never sees them. The views
     # are strided in batch and tokens, contiguous in head_dim, which the attention kernels take as is.
-    out = attention(*joint[: n + layout.seq_len].transpose(0, 1).split(b), scale=scale)
+    out = attention(*joint[: n + layout.seq_len].transpose(0, 1).split(b), scale=scale, fp8=fp8)
 
     # Back: chunk j = rank j's tokens (zero rows for the padding), all of our heads; what arrives is our
     # tokens, head group after head group, written once into the result in head order.

@@ -74,7 +74,43 @@ def get_attention_backend(head_size: int, dtype: torch.dtype, device_type: str |
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, causal: bool = False
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    causal: bool = False,
+    fp8: bool = False,
 ) -> torch.Tensor:
+    """fp8: q, k and v quantised to e4m3 per (batch, head) and both products in FP8 (kernels/fp8_attention.py;
+    `--quantization fp8-attention`): FA3's FP8 kernel where the backend is FA3, the emulation on the CPU."""
     backend = get_attention_backend(q.shape[-1], q.dtype, q.device.type)
+    if fp8:
+        from diffserve.kernels.fp8_attention import fp8_attention
+
+        reason = "causal FP8 attention is not implemented" if causal else None
+        reason = reason or fp8_attention_unsupported(backend, q.device.type)
+        if reason:
+            raise RuntimeError(reason)
+        return fp8_attention(q, k, v, scale, fa3=getattr(backend, "fp8_func", lambda: None)())
     return backend.forward(q, k, v, scale=scale, causal=causal)
+
+
+def fp8_attention_unsupported(backend: type, device_type: str) -> str | None:
+    """Why FP8 attention cannot run with this backend on this device (None: it can). On a GPU it needs
+    FA3's e4m3 kernel; on the CPU the emulation runs (CI, the quality measurements)."""
+    if device_type == "cpu" or getattr(backend, "fp8_func", None) is not None:
+        return None
+    return (
+        f"--quantization fp8-attention needs FlashAttention-3 (Hopper, sm90) for its e4m3 kernel; "
+        f"the attention backend here is {backend.name}"
+    )
+
+
+def use_fp8_attention(model: torch.nn.Module) -> int:
+    """Turn FP8 attention on in every attention module of `model` that has the switch (`fp8_attention`:
+    FLUX's and Qwen-Image's joint attention, Wan's self-attention); returns how many. Cross-attention to the text (512 keys)
+    stays in the model dtype: FP8 would save little there."""
+    modules = [m for m in model.modules() if hasattr(m, "fp8_attention")]
+    for module in modules:
+        module.fp8_attention = True
+    return len(modules)

@@ -83,6 +83,7 @@ class FluxAttention(nn.Module):
         self.norm_k = nn.RMSNorm(head_dim, eps=_EPS)
         self.register_buffer("qkv_weight", None, persistent=False)
         self.register_buffer("qkv_bias", None, persistent=False)
+        self.fp8_attention = False  # attention in FP8 (layers/attention.use_fp8_attention)
         if dual:
             self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(dim, inner) for _ in range(3))
             self.norm_added_q = nn.RMSNorm(head_dim, eps=_EPS)
@@ -180,7 +181,7 @@ class FluxAttention(nn.Module):
         if context is None:
             q, k, v = self._stream(x, "", rope)
             if queries_from:
-                return attention(q[:, queries_from:], k, v).flatten(2)
+                return attention(q[:, queries_from:], k, v, fp8=self.fp8_attention).flatten(2)
         elif _batch(x) == 1 and self._joint_ready():
             n_txt = _tokens(context)
             q, k, v = self._joint_qkv(x, context, rope, dtype or _dtype(x, context))
@@ -191,7 +192,8 @@ class FluxAttention(nn.Module):
             cq, ck, cv = self._stream(context, "add_", (cos[:n_txt], sin[:n_txt]))
             q, k, v = self._stream(x, "", (cos[n_txt:], sin[n_txt:]))
             q, k, v = torch.cat([cq, q], dim=1), torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
-        out = sequence_parallel_attention(q, k, v).flatten(2)  # = attention() unless sequence-parallel
+        # = attention() unless sequence-parallel
+        out = sequence_parallel_attention(q, k, v, fp8=self.fp8_attention).flatten(2)
         if context is None:
             return out
         return _project_out(self.to_out[0], out[:, n_txt:]), _project_out(self.to_add_out, out[:, :n_txt])

@@ -108,6 +108,7 @@ class WanAttention(nn.Module):
             self.norm_added_k = nn.RMSNorm(dim, eps=eps)
         for name in ("qkv_weight", "qkv_bias", "kv_weight", "kv_bias", "add_kv_weight", "add_kv_bias"):
             self.register_buffer(name, None, persistent=False)
+        self.fp8_attention = False  # self-attention in FP8 (layers/attention.use_fp8_attention)
 
     def query_fp8(self, cross: bool) -> bool:
         """Whether every projection of x (self-attention: q, k, v; cross-attention: q) is FP8."""
@@ -147,7 +148,10 @@ class WanAttention(nn.Module):
         q, k = norm_rope(q, self.norm_q, rope, head_dim), norm_rope(k, self.norm_k, rope, head_dim)
         v = v.unflatten(-1, (self.heads, head_dim))
         # Cross-attention keys are the text, whole on every rank: no exchange even when sequence-parallel.
-        out = attention(q, k, v) if context is not None else sequence_parallel_attention(q, k, v)
+        if context is None:
+            out = sequence_parallel_attention(q, k, v, fp8=self.fp8_attention)
+        else:
+            out = attention(q, k, v)
         if image is not None:
             dim = self.add_k_proj.out_features
             if self.add_kv_weight is not None:
