@@ -12,6 +12,9 @@ measured window, averaged over the GPUs; n/a without nvidia-smi) and the mean ba
     # the same with batching off: ... -- --model ... --max-batch 1
     # the tiny model on the CPU (a check of the script): --tiny builds it and serves it on the CPU
     python benchmarks/bench_serving.py --start-server --tiny --size 64x64 --steps 2 -c 4 -r 12
+    # the first requests after a start, one at a time: n=2 twice, then n=1 twice (issue 23: the first n=2
+    # no slower than the second); one row with the four latencies, instead of the load
+    python benchmarks/bench_serving.py --start-server --first-requests -- --model DIR --max-batch 4 ...
     # a full-size FLUX.1 checkpoint with random weights (bf16, 33.7 GB; built on the GPU), then exit
     python benchmarks/bench_serving.py --make-checkpoint /tmp/flux-dev [--variant schnell]
 
@@ -314,6 +317,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument(
         "--label", help="the row's impl (default: the serve arguments that matter with --start-server)"
     )
+    p.add_argument(
+        "--first-requests",
+        action="store_true",
+        help="time n=2, n=2, n=1, n=1 one by one on a fresh server instead of the load (--n is ignored)",
+    )
     p.add_argument("--results", type=Path, default=RESULTS, help=f"append here (default {RESULTS})")
     p.add_argument("--no-record", action="store_true", help="print only")
     args = p.parse_args(argv)
@@ -359,6 +367,38 @@ def make_checkpoint(path: Path, variant: str, device: str = "cuda") -> Path:
     return path
 
 
+FIRST_REQUESTS = (2, 2, 1, 1)
+
+
+def first_requests(args, url: str, headers: dict[str, str], health, serve_args: list[str]) -> int:
+    """FIRST_REQUESTS' sizes one at a time, the first requests this server has seen (run it on a fresh
+    one): each latency, and the first n=2 against the second."""
+    import httpx
+
+    seconds = []
+    with httpx.Client(base_url=url, headers=headers, timeout=args.timeout) as http:
+        for n in FIRST_REQUESTS:
+            body = {"prompt": args.prompt, "size": args.size, "num_inference_steps": args.steps, "n": n,
+                    "response_format": "b64_json"}  # fmt: skip
+            start = time.perf_counter()
+            r = http.post("/v1/images/generations", json=body)
+            seconds.append(round(time.perf_counter() - start, 3))
+            print(f"  n={n}: {seconds[-1]:.3f} s (HTTP {r.status_code})", flush=True)
+            if r.status_code != 200:
+                print(f"  error: {r.text[:200]}")
+                return 1
+    model = health.get("model", "?") if isinstance(health, dict) else "?"
+    name = f"serving {model} {args.size} {args.steps} steps first requests"
+    label = args.label or (describe(serve_args) if args.start_server else "diffserve")
+    first_vs_second = seconds[0] / seconds[1] - 1
+    print(f"{name} ({label}): first n=2 {100 * first_vs_second:+.1f}% against the second")
+    if not args.no_record:
+        record(name, label, 1000 * seconds[0], path=args.results, device=gpu_name(),
+               sizes=list(FIRST_REQUESTS), seconds=seconds, first_vs_second_n2=round(first_vs_second, 4),
+               model=model, serve_args=serve_args or None)  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args, serve_args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.make_checkpoint is not None:
@@ -388,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
             url = args.url.rstrip("/")
             health = httpx.get(f"{url}/health", timeout=10).json()
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        if args.first_requests:
+            return first_requests(args, url, headers, health, serve_args)
         sampler = GpuSampler(gpus=args.gpus)
         try:
             run = asyncio.run(load(args, url, headers))

@@ -134,3 +134,32 @@ def test_bench_serving_against_the_live_server(server, tmp_path):
     assert row["requests"] == 6 and row["errors"] == 0 and row["requests_per_s"] > 0
     assert 0 < row["p50_ms"] <= row["p95_ms"]
     assert row["mean_batch"] >= 1
+
+
+def test_bench_serving_first_requests(server, tmp_path):
+    """--first-requests: n=2, n=2, n=1, n=1 one by one, their four latencies in one row."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.integration.conftest import REPO
+
+    results = tmp_path / "results.jsonl"
+    cmd = [
+        sys.executable,
+        "benchmarks/bench_serving.py",
+        "--url",
+        server.url,
+        "--size",
+        "64x64",
+        "--steps",
+        "2",
+    ]
+    cmd += ["--first-requests", "--results", str(results)]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (row,) = [json.loads(line) for line in results.read_text().splitlines()]
+    assert row["benchmark"] == "serving model 64x64 2 steps first requests"
+    assert row["sizes"] == [2, 2, 1, 1] and len(row["seconds"]) == 4 and all(s > 0 for s in row["seconds"])
+    assert row["first_vs_second_n2"] == round(row["seconds"][0] / row["seconds"][1] - 1, 4)
+    assert "against the second" in out.stdout
