@@ -253,3 +253,144 @@ def test_graph_key_includes_the_adapter_set():
     state.active = (("a", 0),)
     assert state_key(module) == (("a", 0),)
     assert state_key(module.forward) == (("a", 0),)  # bound methods (the step cache's head/tail) too
+
+
+# K-append (layers/lora.py LoraLinear._forward_k_append): y = [x | t] @ [W | B_0 | ...]^T + b in one GEMM.
+# Float32 bound: each output is one dot product of K = in + S*rank <= 28 terms (plus the bias and the t
+# product's own 8-term sums), so |error| <= ~K * 2^-24 * sum|terms| ~ 2e-6 * max|y| here; 1e-5 relative to
+# max|y| leaves 5x headroom yet is ~1e4 times smaller than any one adapter's contribution.
+K_IN, K_OUT, K_RANK, K_SLOTS = 8, 16, 4, 3
+
+
+def _k_layer(bias: bool = True):
+    from diffserve.runtime.layers.lora import LoraLinear, LoraState
+
+    torch.manual_seed(0)
+    state = LoraState(K_SLOTS, "cpu")
+    base = torch.nn.Linear(K_IN, K_OUT, bias=bias).requires_grad_(False)  # as a served model's
+    layer = LoraLinear(base, state, K_RANK, torch.float32, "cpu")
+    assert layer.k_append  # in < out: K-append pays (and is what these tests check)
+    return layer
+
+
+def _factors(r: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(r, K_IN, generator=g), torch.randn(r, K_OUT, generator=g)
+
+
+def _activate(layer, scales: dict[str, tuple[int, float]]):
+    # as LoraManager.activate: sorted (name, slot), scale 0 for every inactive slot
+    values = torch.zeros(K_SLOTS)
+    for slot, s in scales.values():
+        values[slot] = s
+    layer.state.scales.copy_(values)
+    layer.state.active = tuple(sorted((n, slot) for n, (slot, _) in scales.items()))
+
+
+def _reference(layer, x, terms):
+    w, b = layer.base.weight.double(), layer.base.bias
+    y = x.double() @ w.t() + (b.double() if b is not None else 0)
+    for (a, bt), s in terms:
+        y = y + s * (x.double() @ a.double().t()) @ bt.double()
+    return y
+
+
+def _close(y, ref):
+    assert y.dtype == torch.float32
+    err = (y.double() - ref).abs().max().item()
+    assert err <= 1e-5 * ref.abs().max().item(), err
+
+
+@pytest.mark.parametrize("k_append", [True, False])
+def test_lora_k_append_matches_float64_reference(k_append):
+    layer = _k_layer()
+    layer.k_append = k_append  # the addmm_ path must agree on the same slots
+    x = torch.randn(2, 5, K_IN)
+    one = _factors(K_RANK, 1)
+    layer.load_slot(0, "one", *one)
+    _activate(layer, {"one": (0, 0.7)})
+    _close(layer(x), _reference(layer, x, [(one, 0.7)]))
+
+    # slot 1: an evicted adapter, then one that leaves this layer alone but is active (nonzero scale):
+    # K-append reads the whole slot, so it must be zeros
+    layer.load_slot(1, "old", *_factors(K_RANK, 2))
+    layer.load_slot(1, "old", None, None)
+    layer.load_slot(1, "skips", None, None)
+    two = _factors(K_RANK, 3)
+    layer.load_slot(2, "two", *two)
+    _activate(layer, {"one": (0, 0.7), "skips": (1, 1.3), "two": (2, -0.4)})
+    ref = _reference(layer, x, [(one, 0.7), (two, -0.4)])
+    _close(layer(x), ref)
+    out = torch.empty(2, 5, K_OUT)
+    assert layer(x, out=out) is out
+    _close(out, ref)
+
+    # a rank-2 adapter loaded over a rank-4 one (no eviction call first): rows 2..3 must not leak
+    small = _factors(2, 4)
+    layer.ranks.pop("one")
+    layer.load_slot(0, "small", *small)
+    _activate(layer, {"small": (0, 1.1), "two": (2, -0.4)})
+    ref = _reference(layer, x, [(small, 1.1), (two, -0.4)])
+    _close(layer(x), ref)
+
+    gelu = layer(x, activation="gelu")
+    _close(gelu, torch.nn.functional.gelu(ref, approximate="tanh"))
+
+    _activate(layer, {})  # base model: no adapter term at all
+    _close(layer(x), _reference(layer, x, []))
+
+
+def test_lora_k_append_without_bias():
+    layer = _k_layer(bias=False)
+    x = torch.randn(7, K_IN)
+    f = _factors(3, 5)
+    layer.load_slot(1, "f", *f)
+    _activate(layer, {"f": (1, 0.9)})
+    ref = _reference(layer, x, [(f, 0.9)])
+    _close(layer(x), ref)
+    _close(layer(x, activation="gelu"), torch.nn.functional.gelu(ref, approximate="tanh"))
+
+
+def test_lora_k_append_holds_the_base_weight_once():
+    from diffserve.runtime.layers.lora import LoraState, wrap_linears
+    from diffserve.runtime.models.base import fuse_linears
+
+    layer = _k_layer()
+    ptr = layer.wcat.untyped_storage().data_ptr()
+    assert layer.base.weight.untyped_storage().data_ptr() == ptr
+    assert layer.lora_bt.untyped_storage().data_ptr() == ptr
+    assert layer.wcat.shape == (K_OUT, 24)  # in + slots*rank = 20 columns, rows padded to 8 (16 bytes)
+
+    # a fused q|k|v projection: its members' row views move into wcat too
+    owner = torch.nn.Module()
+    for n in ("to_q", "to_k", "to_v"):
+        owner.add_module(n, torch.nn.Linear(K_IN, K_IN))
+    fuse_linears(owner, ("to_q", "to_k", "to_v"), "qkv")
+    weight = owner.qkv_weight.clone()
+    lora = wrap_linears(owner, {"qkv": K_RANK}, LoraState(2, "cpu"), torch.float32)["qkv"]
+    ptr = lora.wcat.untyped_storage().data_ptr()
+    assert torch.equal(lora.base.weight, weight)
+    for i, n in enumerate(("to_q", "to_k", "to_v")):
+        member = owner.get_submodule(n).weight
+        assert member.untyped_storage().data_ptr() == ptr
+        assert torch.equal(member, weight[i * K_IN : (i + 1) * K_IN])
+
+
+def test_lora_linear_concat_split_adds_the_low_rank_terms():
+    """mlp.linear_concat's split GEMMs (the CUDA path of FLUX's single-block output projection) over a LoRA
+    layer: each part against its columns of W and of A, never concatenated; the same function as the layer
+    called on the concatenation (float32 bound as above: sums of <= 28 terms)."""
+    from diffserve.runtime.layers.mlp import linear_concat
+
+    layer = _k_layer()
+    a, b = _factors(K_RANK, 1), _factors(K_RANK, 2)
+    layer.load_slot(0, "a", *a)
+    layer.load_slot(2, "b", *b)
+    _activate(layer, {"a": (0, 0.7), "b": (2, -1.2)})
+    parts = [torch.randn(3, 5, 3), torch.randn(3, 5, K_IN - 3)]
+    x = torch.cat(parts, dim=-1)
+    ref = _reference(layer, x, [(a, 0.7), (b, -1.2)])
+    _close(linear_concat(parts, layer, split=True), ref)
+    _close(linear_concat(parts, layer, split=False), ref)
+    _activate(layer, {})
+    _close(linear_concat(parts, layer, split=True), _reference(layer, x, []))

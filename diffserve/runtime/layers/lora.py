@@ -11,6 +11,13 @@ Slots: each wrapped layer holds `slots` device buffers per factor (A as (slots, 
 factors into a slot when it becomes resident (LRU). An adapter that does not touch a layer, or touches it at
 a smaller rank, uses only its own rows: `ranks[name]` says how many, so no FLOP is spent on padding.
 
+K-append (bf16/fp32 base, in < out: _k_append_pays): the addmm_ above reads and writes the whole (M, out)
+output once more per adapter (+14.7% of a FLUX.1-dev forward). Instead one buffer wcat = [W | B_0 | B_1 ..]
+(out, in + slots*rank) holds the base weight and the B^T slots as views, and y = [x | t] @ wcat[:, :K]^T + b
+with t = (x @ A_s^T) * scale_s for every slot s below the highest active one: one GEMM, whose GELU epilogue
+(kernels/fused_ops.linear_gelu) the MLP input projections keep (activation="gelu"). Whole slots are read, so
+load_slot zeroes what an adapter does not fill, and inactive slots have scale 0 (LoraManager.activate).
+
 CUDA graphs (runtime/cuda_graphs.py): a graph bakes in which kernels run and the addresses they read. Here
 the kernels depend only on the active ((name, slot), ...) tuple, which is part of the graph key
 (LoraState.graph_key, read by GraphedForward); the factors live at fixed addresses (slot buffers, filled in
@@ -32,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffserve.kernels.fused_ops import linear_gelu
 from diffserve.runtime.layers.fp8 import Fp8Linear, Quantized, _fused_groups, _set_submodule
 
 
@@ -65,9 +73,28 @@ class LoraLinear(Fp8Linear):
         self.register_buffer(
             "lora_a", torch.zeros(*shape, self.in_features, dtype=dtype, device=device), False
         )
-        self.register_buffer(
-            "lora_bt", torch.zeros(*shape, self.out_features, dtype=dtype, device=device), False
-        )
+        self.k_append = False  # plain base only: see _k_append_pays
+        if isinstance(base, Fp8Linear):
+            self.register_buffer(
+                "lora_bt", torch.zeros(*shape, self.out_features, dtype=dtype, device=device), False
+            )
+            self.wcat = None
+        else:
+            # K-append: [W | B_0 | B_1 | ...] in one buffer; the base weight and the B^T slots are views of
+            # it, so one GEMM over [x | t] adds the adapters and W is held once.
+            w = base.weight.detach()
+            width = self.in_features + state.slots * rank
+            width += -width % 8  # 16-byte aligned rows (bf16) for cuBLAS; the pad columns are never read
+            wcat = torch.zeros(self.out_features, width, dtype=w.dtype, device=w.device)
+            wcat[:, : self.in_features].copy_(w)
+            base.weight = nn.Parameter(wcat[:, : self.in_features], requires_grad=False)
+            self.register_buffer("wcat", wcat, False)
+            self.register_buffer(
+                "lora_bt",
+                wcat[:, self.in_features : self.in_features + state.slots * rank].t().view(*shape, -1),
+                False,
+            )
+            self.k_append = _k_append_pays(self.in_features, self.out_features)
         self.ranks: dict[str, int] = {}  # adapter name -> its rank on this layer (absent: it leaves it alone)
 
     @property
@@ -82,10 +109,15 @@ class LoraLinear(Fp8Linear):
         a (rank, in), bt (rank, out) = B^T with its alpha/rank folded in; None: the adapter skips the layer."""
         if a is None:
             self.ranks.pop(name, None)
+            # K-append reads whole slots (scale 0 for inactive ones): stale factors must be zeros
+            self.lora_a[slot].zero_()
+            self.lora_bt[slot].zero_()
             return
         r = a.shape[0]
         self.lora_a[slot, :r].copy_(a, non_blocking=True)
         self.lora_bt[slot, :r].copy_(bt, non_blocking=True)
+        self.lora_a[slot, r:].zero_()  # a larger adapter's rows may remain there
+        self.lora_bt[slot, r:].zero_()
         self.ranks[name] = r
 
     def forward(
@@ -94,14 +126,26 @@ class LoraLinear(Fp8Linear):
         x_scale: torch.Tensor | None = None,
         out_dtype: torch.dtype | None = None,
         out: torch.Tensor | None = None,
+        activation: str | None = None,
     ) -> torch.Tensor:
+        """activation="gelu": GELU(tanh) of the output, in the GEMM's epilogue on the K-append path."""
+        if activation not in (None, "gelu"):
+            raise ValueError(f"activation must be None or 'gelu', not {activation!r}")
+        if activation is not None and out is not None:
+            raise ValueError("activation and out= cannot be combined")
+        terms = [(slot, self.ranks[name]) for name, slot in self.state.active if name in self.ranks]
+        if terms and self.k_append and isinstance(x, torch.Tensor) and x_scale is None:
+            return self._forward_k_append(x, 1 + max(slot for slot, _ in terms), out, activation)
         if isinstance(self.base, Fp8Linear):
             y = self.base(x, x_scale, out_dtype=out_dtype, out=out)
         else:
             y = _linear(x, self.base.weight, self.base.bias, out)
-        terms = [(slot, self.ranks[name]) for name, slot in self.state.active if name in self.ranks]
-        if not terms:
-            return y
+        if terms:
+            self._add_terms(x, x_scale, y, terms)
+        return y if activation is None else F.gelu(y, approximate="tanh")
+
+    def _add_terms(self, x, x_scale, y: torch.Tensor, terms: list[tuple[int, int]]) -> None:
+        # One (M, r) product and one addmm_ per adapter: the addmm_ reads and writes all of y again.
         if isinstance(x, Quantized):
             x, x_scale = x
         rows = x.reshape(-1, self.in_features)
@@ -114,10 +158,72 @@ class LoraLinear(Fp8Linear):
                 t = t * x_scale.reshape(-1, 1)
             t = (t * self.state.scales[slot]).to(y2.dtype)  # float32 scale, one rounding to the output dtype
             y2.addmm_(t, self.lora_bt[slot, :r].to(y2.dtype))
-        return y
+
+    def add_low_rank(self, parts: list[torch.Tensor], y: torch.Tensor) -> None:
+        """y += the active adapters' terms for the input [part_0 | part_1 | ...], never concatenated: each
+        part against its columns of A, then one addmm_ for the slots below the highest active one (the
+        others have scale 0). For mlp.linear_concat's split GEMMs (FLUX's single-block output projection,
+        whose 15,360-wide concatenated input would otherwise be written and read again)."""
+        terms = [slot for name, slot in self.state.active if name in self.ranks]
+        if not terms:
+            return
+        nslots, rank = 1 + max(terms), self.lora_a.shape[1]
+        a = self.lora_a[:nslots].reshape(nslots * rank, self.in_features)
+        t, col = None, 0
+        for part in parts:
+            rows = part.reshape(-1, part.shape[-1])
+            cols = a[:, col : col + rows.shape[1]].to(rows.dtype).t()
+            t = rows @ cols if t is None else t.addmm_(rows, cols)
+            col += rows.shape[1]
+        m = t.shape[0]
+        # float32 scales, one rounding to the output dtype (as _add_terms)
+        ts = (t.view(m, nslots, rank) * self.state.scales[:nslots].view(1, nslots, 1)).to(y.dtype)
+        bt = self.lora_bt[:nslots].reshape(nslots * rank, self.out_features).to(y.dtype)
+        y.view(-1, self.out_features).addmm_(ts.view(m, nslots * rank), bt)
+
+    def _forward_k_append(
+        self, x: torch.Tensor, nslots: int, out: torch.Tensor | None, activation: str | None
+    ) -> torch.Tensor:
+        """y = [x | t] @ [W | B_0 .. B_{S-1}]^T + b, t = (x @ A_s^T) * scale_s per slot s < S: one GEMM.
+        Whole slots (zero rows past an adapter's rank; zero scale for an inactive slot) keep the shapes a
+        function of state.active alone, as CUDA graphs need."""
+        k, rank = self.in_features, self.lora_a.shape[1]
+        kk = k + nslots * rank
+        rows = x.reshape(-1, k)
+        m = rows.shape[0]
+        t = rows @ self.lora_a[:nslots].reshape(nslots * rank, k).to(rows.dtype).t()  # (M, S*rank)
+        # float32 scales (3-d: promotes the product to float32), one rounding into t's dtype. Contiguous
+        # outputs and a cat: writing into column slices of a wide buffer measured 2-3x slower (H200).
+        ts = torch.empty_like(t)
+        torch.mul(
+            t.view(m, nslots, rank),
+            self.state.scales[:nslots].view(1, nslots, 1),
+            out=ts.view(m, nslots, rank),
+        )
+        buf = torch.cat([rows, ts], dim=1)
+        weight, bias = self.wcat[:, :kk], self.base.bias
+        shape = (*x.shape[:-1], self.out_features)
+        if activation == "gelu":
+            return linear_gelu(buf, weight, bias).view(shape)
+        if out is not None:
+            target = out.view(-1, self.out_features)
+            if bias is None:
+                torch.mm(buf, weight.t(), out=target)
+            else:
+                torch.addmm(bias, buf, weight.t(), out=target)
+            return out
+        if bias is None:
+            return torch.mm(buf, weight.t()).view(shape)
+        return torch.addmm(bias, buf, weight.t()).view(shape)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, slots={self.state.slots}"
+
+
+def _k_append_pays(in_features: int, out_features: int) -> bool:
+    """K-append copies x (M x in) where the addmm_ path re-reads and re-writes y (M x out): it pays when
+    in < out (FLUX's q|k|v, MLP inputs). Elsewhere the addmm_ path stays."""
+    return in_features < out_features
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None):
@@ -176,11 +282,11 @@ def wrap_linears(
     called layer `<owner>.<prefix>` over the same tensor (no copy) and its buffers are set to None: the models
     then call it, as they call a fused FP8 projection. Returns {called name: LoraLinear}."""
     wrapped = {}
-    groups = {(f"{o}.{p}" if o else p): (owner, p) for o, owner, p, _ in _fused_groups(model)}
+    groups = {(f"{o}.{p}" if o else p): (owner, p, members) for o, owner, p, members in _fused_groups(model)}
     device = state.scales.device
     for name, rank in ranks.items():
         if name in groups:  # bf16 fused projection: a called nn.Linear over the fused weight
-            owner, prefix = groups[name]
+            owner, prefix, members = groups[name]
             weight, bias = getattr(owner, f"{prefix}_weight"), getattr(owner, f"{prefix}_bias", None)
             base = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
             base.weight = nn.Parameter(weight, requires_grad=False)
@@ -191,6 +297,11 @@ def wrap_linears(
                 setattr(owner, f"{prefix}_bias", None)
             layer = LoraLinear(base, state, rank, dtype, device)
             owner.add_module(prefix, layer)
+            row = 0
+            for _, member in members:  # the members' row views follow the weight into wcat: one copy held
+                rows = member.out_features
+                member.weight = nn.Parameter(layer.base.weight[row : row + rows], requires_grad=False)
+                row += rows
         else:
             layer = LoraLinear(model.get_submodule(name), state, rank, dtype, device)
             _set_submodule(model, name, layer)

@@ -8,6 +8,7 @@ from torch import nn
 
 from diffserve.kernels.fused_ops import linear_gelu
 from diffserve.runtime.layers.fp8 import Fp8Linear, Quantized, fp8_layers, gelu_quant
+from diffserve.runtime.layers.lora import LoraLinear
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -21,22 +22,27 @@ def linear_concat(parts: list[torch.Tensor], linear: nn.Linear, split: bool | No
     would copy 141 MB per block at 1024^2. The accumulation reads back a rounded partial sum, one more
     rounding than the cat's single GEMM (bf16: ~3e-3 relative); on the CPU, where the copy costs little,
     the cat keeps the reference's rounding."""
-    if isinstance(linear, Fp8Linear):  # one FP8 GEMM (it quantises the concatenation itself)
+    # a LoRA layer over a plain base (layers/lora.py) splits as its base, adding the low-rank terms after
+    lora = linear if isinstance(linear, LoraLinear) and linear.wcat is not None else None
+    if lora is None and isinstance(linear, Fp8Linear):  # one FP8 GEMM (it quantises the concatenation)
         return linear(torch.cat(parts, dim=-1))
     if split is None:
         split = parts[0].is_cuda
     if not split:
         return linear(torch.cat(parts, dim=-1))
+    base = linear if lora is None else lora.base
     out, col = None, 0
     for part in parts:
-        weight = linear.weight[:, col : col + part.shape[-1]]
+        weight = base.weight[:, col : col + part.shape[-1]]
         col += part.shape[-1]
         if out is None:
-            out = F.linear(part, weight, linear.bias)
+            out = F.linear(part, weight, base.bias)
         else:
             out.view(-1, out.shape[-1]).addmm_(part.reshape(-1, part.shape[-1]), weight.t())
     if col != linear.in_features:
         raise ValueError(f"parts have {col} features in total, the linear layer takes {linear.in_features}")
+    if lora is not None:
+        lora.add_low_rank(parts, out)
     return out
 
 
@@ -70,6 +76,8 @@ class FeedForward(nn.Module):
     def hidden(self, x: torch.Tensor | Quantized) -> torch.Tensor:
         """GELU(proj_in(x)): the input of the output projection."""
         proj_in = self.net[0].proj
+        if isinstance(proj_in, LoraLinear) and proj_in.wcat is not None:  # bf16 base: GELU stays fused
+            return proj_in(x, activation="gelu")
         if isinstance(proj_in, Fp8Linear):  # FP8 or LoRA (layers/lora.py): called, not read
             return F.gelu(proj_in(x), approximate="tanh")
         return linear_gelu(x, proj_in.weight, proj_in.bias)
