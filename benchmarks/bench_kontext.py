@@ -4,6 +4,9 @@
 The Kontext forward is FLUX.1-dev's over a longer image stream: the reference image's latent tokens follow
 the generated ones, with position ids (1, row, col). Models, weights and FLOP rules: bench_dit.py's helpers.
 
+Ours is timed as the pipelines run it, replayed as a CUDA graph (GraphedForward: "diffserve"), and eagerly
+("diffserve-eager", what rows of this benchmark before 2026-12-04's second H200 session called "diffserve").
+
     python benchmarks/bench_kontext.py            # GPU: full size, bf16, rows in results.jsonl
     python benchmarks/bench_kontext.py --tiny     # CPU check of the script (tiny config, temporary file)
 """
@@ -57,22 +60,30 @@ def main(argv=None) -> int:
     ref, ours = build_pair("flux", spec["config"], device, dtype)
     ours.fuse_projections()
     inputs, n_img, n_txt, flops = kontext_inputs(spec["config"], shape, device, dtype)
+    from diffserve.runtime.cuda_graphs import GraphedForward
+
     rows = []
     with torch.inference_mode():
-        for impl, model in (("diffusers", ref), ("diffserve", ours)):
+        for impl, model in (
+            ("diffusers", ref),
+            ("diffserve-eager", ours),
+            ("diffserve", GraphedForward(ours)),
+        ):
             ms, warm_s, out = time_ms(
                 lambda m=model: m(**inputs, return_dict=False)[0], device, args.warmup, args.iters
             )
             rows.append((impl, ms, out))
             print(f"{label}: {impl} {ms:.2f} ms ({flops / ms / 1e9:.1f} TFLOP/s), warm-up {warm_s:.1f} s")
-    (_, ref_ms, ref_out), (_, our_ms, our_out) = rows
-    err = rel_err(our_out, ref_out)
-    for impl, ms, _ in rows:
+    (_, ref_ms, ref_out), *ours_rows = rows
+    for impl, ms, out in rows:
+        err = rel_err(out, ref_out)
         record(
             benchmark, impl, ms, flops / ms / 1e9, path=out_file, image_tokens=n_img, text_tokens=n_txt,
-            dtype=str(dtype).replace("torch.", ""), **({"rel_err": round(err, 6)} if impl == "diffserve" else {}),
+            dtype=str(dtype).replace("torch.", ""), **({"rel_err": round(err, 6)} if impl != "diffusers" else {}),
         )  # fmt: skip
-    print(f"speedup {ref_ms / our_ms:.2f}x, rel err {err:.2e} (rows in {out_file})")
+    for impl, ms, out in ours_rows:
+        print(f"{impl}: speedup {ref_ms / ms:.2f}x, rel err {rel_err(out, ref_out):.2e}")
+    print(f"rows in {out_file}")
     return 0
 
 

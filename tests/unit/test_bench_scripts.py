@@ -196,3 +196,15 @@ def test_bench_qwen_image_end_to_end_tiny(tmp_path):
     # float32, the same seed: ours is diffusers' image (the parity tests hold it to the uint8 rounding)
     assert rows[0]["pixels_mean_abs_diff_vs_diffusers"] < 0.5
     assert all(r["ms"] > 0 for r in rows)
+
+
+def test_bench_kontext_tiny(tmp_path, monkeypatch):
+    # diffusers, ours eager and ours as served (GraphedForward: the plain module on the CPU), one row each;
+    # --tiny rows go to the temporary directory (harness.results_file)
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert _load("bench_kontext").main(["--tiny", "--iters", "2", "--warmup", "1"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "bench_kontext_tiny.jsonl").read_text().splitlines()]
+    assert [r["impl"] for r in rows] == ["diffusers", "diffserve-eager", "diffserve"]
+    assert all(r["image_tokens"] == 2 * 64 and r["rel_err"] < 1e-5 for r in rows[1:])
