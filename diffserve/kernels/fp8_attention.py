@@ -31,7 +31,8 @@ from diffserve.kernels.fp8_quant import FP8_DTYPE, quantize_with_scale, scale_fr
 from diffserve.kernels.fused_ops import _use_triton
 
 P_OFFSET = 2.0**8  # FA3's FP8 probabilities are exp(s - max) * 2^8 (Max_offset = 8 in its softmax)
-QUERY_BLOCK = 1024  # emulation: queries per chunk, so its (chunk, keys) scores stay small
+# emulation: queries per chunk, so that its float32 (batch, heads, chunk, keys) scores stay near 256 MB
+SCORE_ELEMENTS = 2**26
 
 
 def quantize_heads_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,15 +62,17 @@ def emulated_fp8_attention(
     scale: float,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """FA3's FP8 forward (module docstring) in float32 torch ops, queries in blocks of QUERY_BLOCK."""
+    """FA3's FP8 forward (module docstring) in float32 torch ops, queries in chunks (SCORE_ELEMENTS)."""
     q_d, k_d, v_d = (d.float()[:, :, None, None] for d in descales)  # (batch, heads, 1, 1)
     q = q8.float().transpose(1, 2)  # (batch, heads, seq, head_dim)
     kt = k8.float().permute(0, 2, 3, 1)  # (batch, heads, head_dim, seq)
     v = v8.float().transpose(1, 2)
     s_scale = q_d * k_d * scale  # the descales apply to the product, as FA3 applies them
+    batch, heads, _, keys = *q.shape[:3], kt.shape[-1]
+    chunk = max(1, SCORE_ELEMENTS // max(1, batch * heads * keys))
     out = []
-    for start in range(0, q.shape[2], QUERY_BLOCK):
-        s = (q[:, :, start : start + QUERY_BLOCK] @ kt) * s_scale
+    for start in range(0, q.shape[2], chunk):
+        s = (q[:, :, start : start + chunk] @ kt) * s_scale
         p = torch.exp(s - s.amax(dim=-1, keepdim=True)) * P_OFFSET
         rows = p.sum(dim=-1, keepdim=True)
         p8 = p.to(FP8_DTYPE).float()  # values <= 256: in range, rounded to nearest even
