@@ -11,6 +11,10 @@ attention (PyTorch SDPA) and, when the fa3-fwd wheel imports, again with its _fl
 Memory: diffusers' model (~16.4B parameters, 32.8 GB bf16); ours shares its tensors except the fused
 projections (q|k|v, text k|v, image k|v: ~14.7 GB more), plus activations: ~55-60 GB peak on the GPU.
 
+--quantization fp8 | fp8-attention also times ours after quantising it in place as the loader does
+(runtime/layers/fp8.quantize_linears; fp8-attention also switches the attention to FP8), row
+"diffserve+<quantization>".
+
     python benchmarks/bench_wan_i2v.py            # GPU: full size, bf16, rows in results.jsonl
     python benchmarks/bench_wan_i2v.py --tiny     # CPU check of the script (tiny config, temporary file)
 """
@@ -90,6 +94,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--no-diffusers-fa3", action="store_true", help="skip diffusers with its _flash_3 backend")
+    p.add_argument("--quantization", choices=("fp8", "fp8-attention"), help="also ours quantised")
     p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     device = bench_device(args.tiny, "bench_wan_i2v")
@@ -132,6 +137,17 @@ def main(argv=None) -> int:
         rows.append(
             ("diffserve", *time_ms(lambda: cfg_step(graphed, cond, uncond), device, args.warmup, args.iters))
         )
+        if args.quantization:
+            from diffserve.runtime.layers.attention import use_fp8_attention
+            from diffserve.runtime.layers.fp8 import quantize_linears
+
+            del graphed  # its graphs read the bf16 layers that quantisation replaces
+            quantize_linears(ours)
+            if args.quantization == "fp8-attention":
+                use_fp8_attention(ours)
+            graphed = GraphedForward(ours)
+            step = time_ms(lambda: cfg_step(graphed, cond, uncond), device, args.warmup, args.iters)
+            rows.append((f"diffserve+{args.quantization}", *step))
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     ref_out, ref_ms = rows[0][3], rows[0][1]
     for impl, ms, warm_s, out in rows:
@@ -144,6 +160,7 @@ def main(argv=None) -> int:
             benchmark, impl, ms, flops / ms / 1e9, path=out_file, video_tokens=n_vid,
             text_tokens=shape["text_tokens"], image_tokens=shape["image_tokens"], forwards=2,
             dtype=str(dtype).replace("torch.", ""), rel_err=round(err, 6),
+            quantization=impl.partition("+")[2] if impl.startswith("diffserve+") else None,
             **({"peak_gib": round(peak, 1)} if peak is not None else {}),
         )  # fmt: skip
     if peak is not None:

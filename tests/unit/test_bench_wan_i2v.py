@@ -27,3 +27,16 @@ def test_bench_wan_i2v_tiny(tmp_path):
     full = bench.FULL
     flops = bench.i2v_flops(full["config"], 21 * 30 * 52, 512, 257)
     assert 1.6e15 < flops < 1.8e15
+
+
+def test_bench_wan_i2v_fp8_attention_tiny(tmp_path, monkeypatch):
+    # --quantization fp8-attention: ours again after in-place quantisation, one more row, near bf16's output
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # --tiny rows go to the temporary directory
+    bench = _load("bench_wan_i2v")
+    assert bench.main(["--tiny", "--iters", "2", "--warmup", "1", "--quantization", "fp8-attention"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "bench_wan_i2v_tiny.jsonl").read_text().splitlines()]
+    assert [r["impl"] for r in rows] == ["diffusers", "diffserve", "diffserve+fp8-attention"]
+    assert [r["quantization"] for r in rows] == [None, None, "fp8-attention"]
+    assert 1e-4 < rows[2]["rel_err"] < 0.2  # e4m3 GEMMs and attention on a tiny random model
