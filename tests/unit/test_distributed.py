@@ -182,6 +182,28 @@ def _compiled_dits(flux, wan) -> dict:
     return out
 
 
+def _fp8_attention_dits(rank: int, states, flux, wan) -> dict:
+    """The DiT forwards with FP8 attention (`--quantization fp8-attention`'s switch; the CPU's emulation): alone
+    on rank 0, then under each layout. Ulysses gives each rank whole heads over the whole sequence, so the
+    per-(batch, head) scales are those of one rank."""
+    from diffserve.runtime.layers.attention import use_fp8_attention
+
+    for runner in (flux, wan):
+        use_fp8_attention(runner.pipeline.transformer)
+
+    def dits():
+        return {f: r.pipeline.transformer(**_dit_inputs(r, f))[0] for f, r in (("flux", flux), ("wan", wan))}
+
+    report = {}
+    if rank == 0:
+        pg.activate(None)
+        report["reference"] = dits()
+    for state in states:
+        pg.activate(state)
+        report[state.config.describe()] = dits()
+    return report
+
+
 def run_layouts(rank: int, world: int, port: int, layouts, run) -> tuple[dict, list]:
     """One rank of a spawned gloo world: joins it with the first layout, builds the others, and returns
     ({"reference": run() alone (rank 0 only), layout.describe(): run() under that layout}, the states)."""
@@ -222,6 +244,7 @@ def _rank_main(rank: int, world: int, port: int, models: tuple[str, str], result
         if world == 2:  # the sharded forward traces whole under torch.compile (blocks compiled, no break)
             pg.activate(states[0])
             report["compiled"] = _compiled_dits(flux, wan)
+            report["fp8_attention"] = _fp8_attention_dits(rank, states, flux, wan)
     torch.save(report, f"{results}/rank{rank}.pt")  # files: tensors in a queue would outlive their sender
     pg.shutdown_distributed()
 
@@ -275,6 +298,14 @@ def test_parallel_layouts_match_one_rank(world, wide_models, tmp_path):
     if world == 2:
         for key, value in reports[0]["compiled"].items():
             assert _rel_err(value, ref["out"][key]) < TOL, ("compiled", key)
+        # FP8 attention under each layout: the one-rank FP8 output, up to the e4m3 roundings that the GEMMs'
+        # float32 differences (TOL) can flip: one flip moves an element by <= 2^-4 of itself, and few flip
+        fp8_ref = reports[0]["fp8_attention"]["reference"]
+        assert _rel_err(fp8_ref["wan"], ref["out"]["wan_dit"]) > TOL  # FP8 really ran
+        for config in LAYOUTS[world]:
+            for rank in range(world):
+                for family, value in reports[rank]["fp8_attention"][config.describe()].items():
+                    assert _rel_err(value, fp8_ref[family]) < 1e-3, (config.describe(), rank, family)
 
 
 # ---- configuration ------------------------------------------------------------------------------------
