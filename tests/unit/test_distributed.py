@@ -194,13 +194,18 @@ def _fp8_attention_dits(rank: int, states, flux, wan) -> dict:
     def dits():
         return {f: r.pipeline.transformer(**_dit_inputs(r, f))[0] for f, r in (("flux", flux), ("wan", wan))}
 
+    return run_each(rank, states, dits)
+
+
+def run_each(rank: int, states, run) -> dict:
+    """{"reference": run() alone (rank 0 only), layout.describe(): run() under each of `states`}."""
     report = {}
     if rank == 0:
         pg.activate(None)
-        report["reference"] = dits()
+        report["reference"] = run()
     for state in states:
         pg.activate(state)
-        report[state.config.describe()] = dits()
+        report[state.config.describe()] = run()
     return report
 
 
@@ -212,14 +217,7 @@ def run_layouts(rank: int, world: int, port: int, layouts, run) -> tuple[dict, l
         pg.init_distributed(first, "cpu", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     ]
     states += [pg.build_state(config, "cpu") for config in others]
-    report = {}
-    if rank == 0:
-        pg.activate(None)
-        report["reference"] = run()
-    for state in states:
-        pg.activate(state)
-        report[state.config.describe()] = run()
-    return report, states
+    return run_each(rank, states, run), states
 
 
 def _rank_main(rank: int, world: int, port: int, models: tuple[str, str], results: str) -> None:
