@@ -133,7 +133,7 @@ class LoraLinear(Fp8Linear):
             raise ValueError(f"activation must be None or 'gelu', not {activation!r}")
         if activation is not None and out is not None:
             raise ValueError("activation and out= cannot be combined")
-        terms = [(slot, self.ranks[name]) for name, slot in self.state.active if name in self.ranks]
+        terms = self._terms()
         if terms and self.k_append and isinstance(x, torch.Tensor) and x_scale is None:
             return self._forward_k_append(x, 1 + max(slot for slot, _ in terms), out, activation)
         if isinstance(self.base, Fp8Linear):
@@ -143,6 +143,19 @@ class LoraLinear(Fp8Linear):
         if terms:
             self._add_terms(x, x_scale, y, terms)
         return y if activation is None else F.gelu(y, approximate="tanh")
+
+    def _terms(self) -> list[tuple[int, int]]:
+        """(slot, rank on this layer) of each active adapter that touches this layer."""
+        return [(slot, self.ranks[name]) for name, slot in self.state.active if name in self.ranks]
+
+    def _scaled(self, t: torch.Tensor, nslots: int) -> torch.Tensor:
+        """t (M, nslots * rank), slot s's columns times its float32 scale: the product in float32 (the 3-d
+        scales promote it), rounded once to t's dtype."""
+        m, rank = t.shape[0], self.lora_a.shape[1]
+        out = torch.empty_like(t)
+        scales = self.state.scales[:nslots].view(1, nslots, 1)
+        torch.mul(t.view(m, nslots, rank), scales, out=out.view(m, nslots, rank))
+        return out
 
     def _add_terms(self, x, x_scale, y: torch.Tensor, terms: list[tuple[int, int]]) -> None:
         # One (M, r) product and one addmm_ per adapter: the addmm_ reads and writes all of y again.
@@ -164,10 +177,10 @@ class LoraLinear(Fp8Linear):
         part against its columns of A, then one addmm_ for the slots below the highest active one (the
         others have scale 0). For mlp.linear_concat's split GEMMs (FLUX's single-block output projection,
         whose 15,360-wide concatenated input would otherwise be written and read again)."""
-        terms = [slot for name, slot in self.state.active if name in self.ranks]
+        terms = self._terms()
         if not terms:
             return
-        nslots, rank = 1 + max(terms), self.lora_a.shape[1]
+        nslots, rank = 1 + max(slot for slot, _ in terms), self.lora_a.shape[1]
         a = self.lora_a[:nslots].reshape(nslots * rank, self.in_features)
         t, col = None, 0
         for part in parts:
@@ -175,11 +188,8 @@ class LoraLinear(Fp8Linear):
             cols = a[:, col : col + rows.shape[1]].to(rows.dtype).t()
             t = rows @ cols if t is None else t.addmm_(rows, cols)
             col += rows.shape[1]
-        m = t.shape[0]
-        # float32 scales, one rounding to the output dtype (as _add_terms)
-        ts = (t.view(m, nslots, rank) * self.state.scales[:nslots].view(1, nslots, 1)).to(y.dtype)
         bt = self.lora_bt[:nslots].reshape(nslots * rank, self.out_features).to(y.dtype)
-        y.view(-1, self.out_features).addmm_(ts.view(m, nslots * rank), bt)
+        y.view(-1, self.out_features).addmm_(self._scaled(t, nslots).to(y.dtype), bt)
 
     def _forward_k_append(
         self, x: torch.Tensor, nslots: int, out: torch.Tensor | None, activation: str | None
@@ -188,33 +198,17 @@ class LoraLinear(Fp8Linear):
         Whole slots (zero rows past an adapter's rank; zero scale for an inactive slot) keep the shapes a
         function of state.active alone, as CUDA graphs need."""
         k, rank = self.in_features, self.lora_a.shape[1]
-        kk = k + nslots * rank
         rows = x.reshape(-1, k)
-        m = rows.shape[0]
         t = rows @ self.lora_a[:nslots].reshape(nslots * rank, k).to(rows.dtype).t()  # (M, S*rank)
-        # float32 scales (3-d: promotes the product to float32), one rounding into t's dtype. Contiguous
-        # outputs and a cat: writing into column slices of a wide buffer measured 2-3x slower (H200).
-        ts = torch.empty_like(t)
-        torch.mul(
-            t.view(m, nslots, rank),
-            self.state.scales[:nslots].view(1, nslots, 1),
-            out=ts.view(m, nslots, rank),
-        )
-        buf = torch.cat([rows, ts], dim=1)
-        weight, bias = self.wcat[:, :kk], self.base.bias
-        shape = (*x.shape[:-1], self.out_features)
+        # Contiguous outputs and a cat: writing into column slices of a wide buffer measured 2-3x slower (H200).
+        buf = torch.cat([rows, self._scaled(t, nslots)], dim=1)
+        weight, bias = self.wcat[:, : k + nslots * rank], self.base.bias
         if activation == "gelu":
-            return linear_gelu(buf, weight, bias).view(shape)
+            return linear_gelu(buf, weight, bias).view(*x.shape[:-1], self.out_features)
         if out is not None:
-            target = out.view(-1, self.out_features)
-            if bias is None:
-                torch.mm(buf, weight.t(), out=target)
-            else:
-                torch.addmm(bias, buf, weight.t(), out=target)
+            _linear(buf, weight, bias, out)
             return out
-        if bias is None:
-            return torch.mm(buf, weight.t()).view(shape)
-        return torch.addmm(bias, buf, weight.t()).view(shape)
+        return _linear(buf, weight, bias, None).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, slots={self.state.slots}"

@@ -15,6 +15,17 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def layer_gelu(layer: nn.Module, x: torch.Tensor | Quantized) -> torch.Tensor:
+    """GELU(tanh)(layer(x)) for whichever linear layer the model holds: a plain one is read for the GEMM with
+    the GELU epilogue (linear_gelu); a LoRA layer over a plain base (layers/lora.py) keeps that epilogue on
+    its K-append GEMM; a layer that must be called otherwise (FP8, LoRA over FP8) is called, then the GELU."""
+    if isinstance(layer, LoraLinear) and layer.wcat is not None:
+        return layer(x, activation="gelu")
+    if isinstance(layer, Fp8Linear):
+        return F.gelu(layer(x), approximate="tanh")
+    return linear_gelu(x, layer.weight, layer.bias)
+
+
 def linear_concat(parts: list[torch.Tensor], linear: nn.Linear, split: bool | None = None) -> torch.Tensor:
     """linear(torch.cat(parts, dim=-1)). With split (default: on CUDA) the concatenation is never written:
     one GEMM per part over its columns of the weight, each later one accumulating into the first's output
@@ -75,9 +86,4 @@ class FeedForward(nn.Module):
 
     def hidden(self, x: torch.Tensor | Quantized) -> torch.Tensor:
         """GELU(proj_in(x)): the input of the output projection."""
-        proj_in = self.net[0].proj
-        if isinstance(proj_in, LoraLinear) and proj_in.wcat is not None:  # bf16 base: GELU stays fused
-            return proj_in(x, activation="gelu")
-        if isinstance(proj_in, Fp8Linear):  # FP8 or LoRA (layers/lora.py): called, not read
-            return F.gelu(proj_in(x), approximate="tanh")
-        return linear_gelu(x, proj_in.weight, proj_in.bias)
+        return layer_gelu(self.net[0].proj, x)

@@ -22,8 +22,7 @@ from diffserve.runtime.layers.fp8 import (
     norm_modulate_quant,
     residual_norm_modulate_quant,
 )
-from diffserve.runtime.layers.lora import LoraLinear
-from diffserve.runtime.layers.mlp import FeedForward, linear_concat, linear_gelu
+from diffserve.runtime.layers.mlp import FeedForward, layer_gelu, linear_concat
 from diffserve.runtime.layers.modulation import (
     AdaLNProjection,
     clip_fp16,
@@ -307,12 +306,7 @@ class FluxSingleBlock(nn.Module):
             out = self.proj_out(concat_gelu_quant(self.attn(h, rope, queries_from=keep_from), mlp))
         else:
             x, h = _enter(x, pending, shift, scale)
-            if isinstance(self.proj_mlp, LoraLinear) and self.proj_mlp.wcat is not None:
-                mlp = self.proj_mlp(h[:, keep_from:], activation="gelu")  # GELU kept in the GEMM epilogue
-            elif isinstance(self.proj_mlp, Fp8Linear):
-                mlp = F.gelu(self.proj_mlp(h[:, keep_from:]), approximate="tanh")
-            else:
-                mlp = linear_gelu(h[:, keep_from:], self.proj_mlp.weight, self.proj_mlp.bias)
+            mlp = layer_gelu(self.proj_mlp, h[:, keep_from:])
             out = linear_concat([self.attn(h, rope, queries_from=keep_from), mlp], self.proj_out)
         if defer:
             return x[:, keep_from:], (out, gate)
