@@ -117,6 +117,7 @@ def test_generation_with_fp8_attention(family, tiny_flux_dir, tiny_wan_dir):
     from diffserve.runtime.api import GenerationRequest
     from diffserve.runtime.config import RuntimeConfig
     from diffserve.runtime.runner import load_runner
+    from tests.unit.test_pipelines import _pixels
 
     model = tiny_flux_dir if family == "flux" else tiny_wan_dir
     request = dict(prompt="a red fox", width=64, height=48, num_inference_steps=2, guidance_scale=4.0, seed=3)
@@ -130,18 +131,9 @@ def test_generation_with_fp8_attention(family, tiny_flux_dir, tiny_wan_dir):
         ]
         assert switches and all(switches) == (quantization == "fp8-attention")
         result = runner.generate(GenerationRequest(**request))
-        media = result.images[0] if family == "flux" else result.videos[0]
-        out[quantization] = _pixels(media)
-    diff = (out["fp8"] - out["fp8-attention"]).abs()
-    assert 0 < diff.mean() < 8, diff.mean()  # 8 of 255: a visible change would be far larger
-
-
-def _pixels(media) -> torch.Tensor:
-    import numpy as np
-
-    if hasattr(media, "size") and not isinstance(media, (bytes, str)):  # a PIL image
-        return torch.from_numpy(np.asarray(media.convert("RGB"), dtype=np.float32))
-    return torch.as_tensor(np.asarray(media, dtype=np.float32))
+        out[quantization] = _pixels(result.images if family == "flux" else result.videos[0])
+    diff = abs(out["fp8"] - out["fp8-attention"]).mean()
+    assert 0 < diff < 8, diff  # 8 of 255: a visible change would be far larger
 
 
 def test_fp8_attention_setting_and_qwen_image(tmp_path):
