@@ -3,7 +3,7 @@
 Default shape: Wan2.1-1.3B self-attention at 480p x 81 frames (L = 21*30*52 = 32,760 tokens, 12 heads,
 head_dim 128). FLOPs per call = 4 * L^2 * d * heads (QK^T and PV, 2 FLOPs per multiply-add).
 
-    python benchmarks/bench_attention.py [--shape wan1.3b|wan14b] [--record]
+    python benchmarks/bench_attention.py [--shape wan1.3b|wan14b|wan14b-i2v|flux-kontext] [--record]
 """
 
 from __future__ import annotations
@@ -18,7 +18,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from record import record  # noqa: E402
 
-SHAPES = {"wan1.3b": (32760, 12, 128), "wan14b": (75600, 40, 128)}
+SHAPES = {
+    "wan1.3b": (32760, 12, 128),
+    "wan14b": (75600, 40, 128),
+    "wan14b-i2v": (32760, 40, 128),  # Wan2.1-I2V-14B 480x832x81 self-attention (issue 18)
+    "flux-kontext": (8704, 24, 128),  # FLUX.1 Kontext 1024^2: 4,096 + 4,096 reference + 512 text tokens
+}
 
 
 def time_ms(fn, warmup=3, iters=10) -> float:

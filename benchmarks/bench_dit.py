@@ -311,107 +311,114 @@ def run_family(family: str, spec: dict, args, device: torch.device, dtype: torch
             except TorchaoMissing as e:
                 print(f"  {variant:18s} skipped: {e}", flush=True)
                 continue
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            ms, warmup_s, out = time_ms(
-                lambda m=model, x=inputs: m(**x, return_dict=False)[0], device, args.warmup, args.iters
-            )
-            row = dict(
-                model=spec["label"],
-                impl=variant,
-                ms=ms,
-                tflops=flops / (ms * 1e-3) / 1e12,
-                rel_err=rel_err(out, reference),
-                rel_err_fp32=None if exact is None else rel_err(out, exact),
-                warmup_s=warmup_s,
-                peak_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-            )
-            rows.append(row)
-            print(
-                f"  {variant:18s} {ms:10.2f} ms  {row['tflops']:7.4g} TFLOP/s  rel err {row['rel_err']:.2e}"
-                f"  (warm-up {warmup_s:.1f} s)"
-                + ("" if exact is None else f"  rel err vs float32 {row['rel_err_fp32']:.2e}"),
-                flush=True,
-            )
-            base = next((r for r in rows if r["impl"] == variant.removesuffix("-lora")), None)
-            if variant.endswith("-lora") and base is not None:
-                row["slowdown_vs_base"] = ms / base["ms"] - 1
-                print(
-                    f"  {variant}: {100 * row['slowdown_vs_base']:+.1f}% against {base['impl']}", flush=True
+            phases = [variant] + ([f"{variant}-idle"] if args.lora_idle and variant.endswith("-lora") else [])
+            for impl in phases:
+                if impl.endswith("-idle"):
+                    # attached but inactive: what a base-model request costs on a server with adapters loaded
+                    state["lora"].activate(None)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                ms, warmup_s, out = time_ms(
+                    lambda m=model, x=inputs: m(**x, return_dict=False)[0], device, args.warmup, args.iters
                 )
-            graphed = variant.removesuffix("-lora") in ("ours-graph", "ours-fp8", "ours-fp8-attn")
-            if graphed and device.type == "cuda" and not model.replays:
-                print(f"  {variant} ran eagerly: {'; '.join(model.uncapturable.values())}", flush=True)
-            if args.record:
-                ours_variant = variant.startswith("ours")
-                fp8 = "fp8" in variant
-                record(
-                    f"dit_{family}_{'tiny_' if args.tiny else ''}forward",
-                    variant,
-                    ms,
-                    row["tflops"],
-                    path=args.results,
+                row = dict(
                     model=spec["label"],
-                    dtype=str(dtype).removeprefix("torch."),
-                    batch=args.batch,
-                    tokens=n_img,
-                    text_tokens=n_txt,
-                    tflop=round(flops / 1e12, 3),
-                    rel_err_vs_diffusers_eager=row["rel_err"],
-                    rel_err_vs_float32=row["rel_err_fp32"],
-                    warmup_s=round(warmup_s, 2),
-                    peak_gb=None if row["peak_gb"] is None else round(row["peak_gb"], 2),
-                    diffusers_attention_backend=(
-                        None
-                        if ours_variant
-                        else "_flash_3"
-                        if variant.endswith("+fa3")
-                        else args.diffusers_attention_backend or "native"
-                    ),
-                    compile_mode=args.compile_mode if "compile" in variant else None,
-                    compile_scope=args.compile_scope if variant.startswith("ours-compile") else None,
-                    fused_projections=bool(state.get("fused")) if ours_variant else None,
-                    fused_ops=(
-                        (variant not in ("ours-plain", "ours-compile+inductor") and not args.no_fused_ops)
-                        if ours_variant
-                        else None
-                    ),
-                    # Whether the timed calls were CUDA graph replays (ours-graph / ours-fp8 on a GPU whose
-                    # capture worked); None for the variants that never try.
-                    cuda_graph=bool(model.replays) if graphed else None,
-                    torch=torch.__version__,
-                    quantization=(
-                        (
-                            "fp8 torchao Float8DynamicActivationFloat8WeightConfig(PerRow)"
-                            if not ours_variant
-                            else "fp8-attention"
-                            if variant == "ours-fp8-attn"
-                            else "fp8"
-                        )
-                        if fp8
-                        else None
-                    ),  # fmt: skip
-                    fp8_gemms=state["quantized"]["count"] if fp8 and ours_variant else None,
-                    lora_rank=args.lora_rank if variant.endswith("-lora") else None,
-                    lora_slowdown_vs_base=(
-                        round(row["slowdown_vs_base"], 4) if "slowdown_vs_base" in row else None
-                    ),
+                    impl=impl,
+                    ms=ms,
+                    tflops=flops / (ms * 1e-3) / 1e12,
+                    rel_err=rel_err(out, reference),
+                    rel_err_fp32=None if exact is None else rel_err(out, exact),
+                    warmup_s=warmup_s,
+                    peak_gb=torch.cuda.max_memory_allocated(device) / 2**30
+                    if device.type == "cuda"
+                    else None,
                 )
-            del out
+                rows.append(row)
+                print(
+                    f"  {impl:18s} {ms:10.2f} ms  {row['tflops']:7.4g} TFLOP/s  rel err {row['rel_err']:.2e}"
+                    f"  (warm-up {warmup_s:.1f} s)"
+                    + ("" if exact is None else f"  rel err vs float32 {row['rel_err_fp32']:.2e}"),
+                    flush=True,
+                )
+                base = next((r for r in rows if r["impl"] == variant.removesuffix("-lora")), None)
+                if variant.endswith("-lora") and base is not None:
+                    row["slowdown_vs_base"] = ms / base["ms"] - 1
+                    print(
+                        f"  {impl}: {100 * row['slowdown_vs_base']:+.1f}% against {base['impl']}", flush=True
+                    )
+                graphed = variant.removesuffix("-lora") in ("ours-graph", "ours-fp8", "ours-fp8-attn")
+                if graphed and device.type == "cuda" and not model.replays:
+                    print(f"  {variant} ran eagerly: {'; '.join(model.uncapturable.values())}", flush=True)
+                if args.record:
+                    ours_variant = variant.startswith("ours")
+                    fp8 = "fp8" in variant
+                    record(
+                        f"dit_{family}_{'tiny_' if args.tiny else ''}forward",
+                        impl,
+                        ms,
+                        row["tflops"],
+                        path=args.results,
+                        model=spec["label"],
+                        dtype=str(dtype).removeprefix("torch."),
+                        batch=args.batch,
+                        tokens=n_img,
+                        text_tokens=n_txt,
+                        tflop=round(flops / 1e12, 3),
+                        rel_err_vs_diffusers_eager=row["rel_err"],
+                        rel_err_vs_float32=row["rel_err_fp32"],
+                        warmup_s=round(warmup_s, 2),
+                        peak_gb=None if row["peak_gb"] is None else round(row["peak_gb"], 2),
+                        diffusers_attention_backend=(
+                            None
+                            if ours_variant
+                            else "_flash_3"
+                            if variant.endswith("+fa3")
+                            else args.diffusers_attention_backend or "native"
+                        ),
+                        compile_mode=args.compile_mode if "compile" in variant else None,
+                        compile_scope=args.compile_scope if variant.startswith("ours-compile") else None,
+                        fused_projections=bool(state.get("fused")) if ours_variant else None,
+                        fused_ops=(
+                            (variant not in ("ours-plain", "ours-compile+inductor") and not args.no_fused_ops)
+                            if ours_variant
+                            else None
+                        ),
+                        # Whether the timed calls were CUDA graph replays (ours-graph / ours-fp8 on a GPU whose
+                        # capture worked); None for the variants that never try.
+                        cuda_graph=bool(model.replays) if graphed else None,
+                        torch=torch.__version__,
+                        quantization=(
+                            (
+                                "fp8 torchao Float8DynamicActivationFloat8WeightConfig(PerRow)"
+                                if not ours_variant
+                                else "fp8-attention"
+                                if variant == "ours-fp8-attn"
+                                else "fp8"
+                            )
+                            if fp8
+                            else None
+                        ),  # fmt: skip
+                        fp8_gemms=state["quantized"]["count"] if fp8 and ours_variant else None,
+                        lora_rank=args.lora_rank if variant.endswith("-lora") else None,
+                        lora_slowdown_vs_base=(
+                            round(row["slowdown_vs_base"], 4) if "slowdown_vs_base" in row else None
+                        ),
+                    )
+                if variant in args.profile and device.type == "cuda":
+                    from profile_kernels import profile_forward
+
+                    profile_forward(
+                        lambda m=model, x=inputs: m(**x, return_dict=False)[0],
+                        args.out_dir / f"profile_{family}_{impl}.txt",
+                        title=f"{spec['label']} {impl}, {flops / 1e12:.4g} TFLOP/forward",
+                    )
+                del out
             if variant.startswith("ours-compile"):
                 breaks = torch._dynamo.utils.counters["graph_break"]
                 print(
                     f"  graph breaks: {sum(breaks.values())}",
                     *(f"    {k.splitlines()[0]}" for k in breaks),
                     sep="\n",
-                )
-            if variant in args.profile and device.type == "cuda":
-                from profile_kernels import profile_forward
-
-                profile_forward(
-                    lambda m=model, x=inputs: m(**x, return_dict=False)[0],
-                    args.out_dir / f"profile_{family}_{variant}.txt",
-                    title=f"{spec['label']} {variant}, {flops / 1e12:.4g} TFLOP/forward",
                 )
     from diffserve.kernels import fused_ops
 
@@ -474,6 +481,11 @@ def parse_args(argv=None):
         help="also hold every output to diffusers' model in float32 (needs 3x the bf16 weights' memory)",
     )
     p.add_argument("--lora-rank", type=int, default=32, help="the -lora variants' adapter rank")
+    p.add_argument(
+        "--lora-idle",
+        action="store_true",
+        help="also time the -lora variant with its adapter attached but inactive (row <variant>-idle)",
+    )
     p.add_argument("--kernels", action="store_true", help="time each fused op at the family's shape (GPU)")
     p.add_argument("--tiny", action="store_true", help="CPU, tiny configs: an end-to-end check of the script")
     p.add_argument("--no-record", dest="record", action="store_false", help="do not append to results")

@@ -9,6 +9,7 @@ Ours is timed as the pipelines run it, replayed as a CUDA graph (GraphedForward:
 
     python benchmarks/bench_kontext.py            # GPU: full size, bf16, rows in results.jsonl
     python benchmarks/bench_kontext.py --tiny     # CPU check of the script (tiny config, temporary file)
+    python benchmarks/bench_kontext.py --profile --out-dir DIR   # also a kernel table of ours as served
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--profile", action="store_true", help="kernel table of ours as served (GPU)")
+    p.add_argument("--out-dir", type=Path, default=Path("."), help="where --profile writes")
     args = p.parse_args(argv)
     device = bench_device(args.tiny, "bench_kontext")
     if device is None:
@@ -74,6 +77,14 @@ def main(argv=None) -> int:
             )
             rows.append((impl, ms, out))
             print(f"{label}: {impl} {ms:.2f} ms ({flops / ms / 1e9:.1f} TFLOP/s), warm-up {warm_s:.1f} s")
+        if args.profile and device.type == "cuda":
+            from profile_kernels import profile_forward
+
+            profile_forward(
+                lambda m=model: m(**inputs, return_dict=False)[0],
+                args.out_dir / "profile_flux_kontext_diffserve.txt",
+                title=f"{label} diffserve (CUDA graph), {flops / 1e12:.4g} TFLOP/forward",
+            )
     (_, ref_ms, ref_out), *ours_rows = rows
     for impl, ms, out in rows:
         err = rel_err(out, ref_out)

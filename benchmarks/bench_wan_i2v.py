@@ -17,6 +17,7 @@ projections (q|k|v, text k|v, image k|v: ~14.7 GB more), plus activations: ~55-6
 
     python benchmarks/bench_wan_i2v.py            # GPU: full size, bf16, rows in results.jsonl
     python benchmarks/bench_wan_i2v.py --tiny     # CPU check of the script (tiny config, temporary file)
+    python benchmarks/bench_wan_i2v.py --profile --out-dir DIR   # also a kernel table of ours' bf16 step
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-diffusers-fa3", action="store_true", help="skip diffusers with its _flash_3 backend")
     p.add_argument("--quantization", choices=("fp8", "fp8-attention"), help="also ours quantised")
     p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--profile", action="store_true", help="kernel table of ours' bf16 CFG step (GPU)")
+    p.add_argument("--out-dir", type=Path, default=Path("."), help="where --profile writes")
     args = p.parse_args(argv)
     device = bench_device(args.tiny, "bench_wan_i2v")
     if device is None:
@@ -137,6 +140,15 @@ def main(argv=None) -> int:
         rows.append(
             ("diffserve", *time_ms(lambda: cfg_step(graphed, cond, uncond), device, args.warmup, args.iters))
         )
+        if args.profile and device.type == "cuda":
+            from profile_kernels import profile_forward
+
+            profile_forward(
+                lambda: cfg_step(graphed, cond, uncond),
+                args.out_dir / "profile_wan_i2v_diffserve.txt",
+                title=f"{label} diffserve (CUDA graphs), {flops / 1e12:.4g} TFLOP/step",
+                iters=2,
+            )
         if args.quantization:
             from diffserve.runtime.layers.attention import use_fp8_attention
             from diffserve.runtime.layers.fp8 import quantize_linears

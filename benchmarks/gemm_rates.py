@@ -58,6 +58,30 @@ SHAPES = {
         ("ffn in", 32760, 1536, 8960, True, 30),
         ("ffn out", 32760, 8960, 1536, False, 30),
     ],
+    # issue 18: Wan2.1-I2V-14B 480x832x81 (one forward; a CFG step is two) and FLUX.1 Kontext 1024^2 + reference
+    "wan14b-i2v": [
+        ("self qkv", 32760, 5120, 15360, False, 40),
+        ("self out", 32760, 5120, 5120, False, 40),
+        ("cross q", 32760, 5120, 5120, False, 40),
+        ("cross text kv", 512, 5120, 10240, False, 40),
+        ("cross image kv", 257, 5120, 10240, False, 40),
+        ("cross out", 32760, 5120, 5120, False, 40),
+        ("ffn in", 32760, 5120, 13824, True, 40),
+        ("ffn out", 32760, 13824, 5120, False, 40),
+    ],
+    "flux-kontext": [
+        ("dual img qkv", 8192, 3072, 9216, False, 19),
+        ("dual img out", 8192, 3072, 3072, False, 19),
+        ("dual img ff-in", 8192, 3072, 12288, True, 19),
+        ("dual img ff-out", 8192, 12288, 3072, False, 19),
+        ("dual txt qkv", 512, 3072, 9216, False, 19),
+        ("dual txt out", 512, 3072, 3072, False, 19),
+        ("dual txt ff-in", 512, 3072, 12288, True, 19),
+        ("dual txt ff-out", 512, 12288, 3072, False, 19),
+        ("single qkv+mlp-in", 8704, 3072, 21504, False, 38),
+        ("single out (attn part)", 8704, 3072, 3072, False, 38),
+        ("single out (mlp part)", 8704, 12288, 3072, False, 38),
+    ],
 }
 # The shapes --autotune tries (the largest share of each forward; each takes ~20 s to autotune).
 AUTOTUNED = {"dual img ff-in", "single qkv", "single mlp-in", "single out (mlp part)", "ffn in", "self qkv"}
