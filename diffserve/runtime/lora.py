@@ -291,11 +291,7 @@ class LoraManager:
                 f"unknown LoRA adapter {unknown[0]!r}: known adapters are {', '.join(self.adapters)}"
             )
         active = tuple((n, self._slot_for(n, set(wanted))) for n in sorted(wanted))
-        values = torch.zeros(self.state.slots, dtype=torch.float32)
-        for name, slot in active:
-            values[slot] = wanted[name]
-        self.state.scales.copy_(values)
-        self.state.active = active
+        self.state.set(active, {slot: wanted[name] for name, slot in active})
 
     @contextlib.contextmanager
     def applied(self, scales: dict[str, float] | None):

@@ -179,6 +179,19 @@ def test_triton_adaln_matches_fallback(dtype, dim, mod_dtype, tol, per_token):
     (_, fh), (_, sh) = _both(fo.adaln, x, bias, weight, 1e-6, True, residual=y, gate=gate, affine=True)
     assert rel_err(fh, sh) < tol
 
+    # out_h: h written into the left columns of a wider buffer (a LoRA layer's input, layers/lora.py):
+    # the same values as a new tensor, bit for bit (the same kernel), and the other columns untouched
+    wide = torch.full((b * s, dim + 40), 7.0, device="cuda", dtype=dtype)
+    view = wide[:, :dim].view(b, s, dim)
+    fo.set_fused_ops(True)
+    try:
+        fx, fh = fo.adaln(x, shift, scale, 1e-6, upcast, residual=y, gate=gate)
+        wx, wh = fo.adaln(x, shift, scale, 1e-6, upcast, residual=y, gate=gate, out_h=view)
+    finally:
+        fo.set_fused_ops(None)
+    assert wh is view and torch.equal(wh, fh) and torch.equal(wx, fx)
+    assert (wide[:, dim:] == 7).all()
+
 
 @gpu
 @pytest.mark.parametrize(

@@ -152,7 +152,7 @@ def test_lora_linear_over_fp8_reads_the_quantised_input_exactly():
     layer = LoraLinear(base, state, 4, torch.float32, "cpu")
     a, bt = torch.randn(4, 32, generator=gen), torch.randn(4, 48, generator=gen)
     layer.load_slot(1, "x", a, bt)
-    state.active, state.scales[1] = (("x", 1),), 0.75
+    state.set((("x", 1),), {1: 0.75})
     xq, s = quantize_activation(torch.randn(2, 5, 32, generator=gen))
     got = layer(Quantized(xq, s), out_dtype=torch.float32)
     x = xq.double() * s.double()  # the FP8 GEMM's own input, dequantised
@@ -280,11 +280,8 @@ def _factors(r: int, seed: int):
 
 def _activate(layer, scales: dict[str, tuple[int, float]]):
     # as LoraManager.activate: sorted (name, slot), scale 0 for every inactive slot
-    values = torch.zeros(K_SLOTS)
-    for slot, s in scales.values():
-        values[slot] = s
-    layer.state.scales.copy_(values)
-    layer.state.active = tuple(sorted((n, slot) for n, (slot, _) in scales.items()))
+    active = tuple(sorted((n, slot) for n, (slot, _) in scales.items()))
+    layer.state.set(active, {slot: s for slot, s in scales.values()})
 
 
 def _reference(layer, x, terms):
@@ -394,3 +391,121 @@ def test_lora_linear_concat_split_adds_the_low_rank_terms():
     _close(linear_concat(parts, layer, split=False), ref)
     _activate(layer, {})
     _close(linear_concat(parts, layer, split=True), _reference(layer, x, []))
+
+
+def test_lora_wide_input_skips_the_join_and_never_writes_a_strangers_columns():
+    """A producer writing into input_buffer's left columns: the K-append GEMM reads [x | t] there (no cat),
+    with the same result as the joined path; an input that merely has room to its right (a column slice of
+    another tensor) is joined as before and its neighbours are left alone. Float32 bound as above."""
+    layer = _k_layer()
+    one = _factors(K_RANK, 1)
+    layer.load_slot(1, "one", *one)
+    _activate(layer, {"one": (1, 0.6)})
+    x = torch.randn(2, 5, K_IN)
+    ref = _reference(layer, x, [(one, 0.6)])
+    view = layer.input_buffer(x)
+    assert view.shape == x.shape and view.stride(1) >= K_IN + 2 * K_RANK  # slots 0..1 read
+    view.copy_(x)
+    cat = torch.cat
+    try:
+        torch.cat = lambda *a, **k: pytest.fail("joined a wide input")  # noqa: ARG005
+        _close(layer(view), ref)
+    finally:
+        torch.cat = cat
+    stranger = torch.randn(2, 5, K_IN + 2 * K_RANK)
+    before = stranger.clone()
+    _close(layer(stranger[..., :K_IN]), _reference(layer, stranger[..., :K_IN], [(one, 0.6)]))
+    assert torch.equal(stranger, before)
+    _activate(layer, {})
+    assert layer.input_buffer(x) is None  # no adapter here: nothing to make room for
+
+
+def test_lora_chain_hands_a_wide_output_on():
+    """FeedForward with LoRA on both projections (chained by wrap_linears): the input projection writes
+    [GELU(y) | 0] and the output projection runs K-append over it, for FeedForward and for linear_concat's
+    split last part; the same function as the float64 formula. Scales changed between batches, and a slot
+    reloaded at unchanged scales, are seen (LoraState.set rewrites the scaled A copies)."""
+    from diffserve.runtime.layers.lora import LoraState, wrap_linears
+    from diffserve.runtime.layers.mlp import FeedForward, linear_concat
+
+    torch.manual_seed(0)
+    ff = FeedForward(K_IN, K_OUT).requires_grad_(False)
+    state = LoraState(2, "cpu")
+    layers = wrap_linears(ff, {"net.0.proj": K_RANK, "net.2": K_RANK}, state, torch.float32)
+    proj_in, proj_out = layers["net.0.proj"], layers["net.2"]
+    assert proj_in.next is proj_out and proj_in.pad >= 2 * K_RANK
+    g = torch.Generator().manual_seed(7)
+    f_in = torch.randn(K_RANK, K_IN, generator=g), torch.randn(K_RANK, K_OUT, generator=g)
+    f_out = torch.randn(K_RANK, K_OUT, generator=g), torch.randn(K_RANK, K_IN, generator=g)
+    proj_in.load_slot(0, "a", *f_in)
+    proj_out.load_slot(0, "a", *f_out)
+    x = torch.randn(3, 4, K_IN, generator=g)
+
+    def want(s):
+        w1, b1 = proj_in.base.weight.double(), proj_in.base.bias.double()
+        h = x.double() @ w1.t() + b1 + s * (x.double() @ f_in[0].double().t()) @ f_in[1].double()
+        h = torch.nn.functional.gelu(h, approximate="tanh")
+        w2, b2 = proj_out.base.weight.double(), proj_out.base.bias.double()
+        return h, h @ w2.t() + b2 + s * (h @ f_out[0].double().t()) @ f_out[1].double()
+
+    for scale in (0.8, -1.5):
+        state.set((("a", 0),), {0: scale})
+        hidden, y = want(scale)
+        got_h = ff.hidden(x)
+        assert got_h.stride(-2) == K_OUT + proj_in.pad  # the wide output, handed on
+        _close(got_h, hidden)
+        _close(proj_out(got_h), y)
+        _close(ff(x), y)
+        # the split form (FLUX's single block): another part first, the chained producer's output last
+        h = ff.hidden(x)
+        parts = [h[..., :5].contiguous(), h[..., 5:]]  # the last part is not the wide buffer's start
+        _close(linear_concat(parts, proj_out, split=True), y)
+    g2 = torch.Generator().manual_seed(8)
+    f_out = torch.randn(K_RANK, K_OUT, generator=g2), torch.randn(K_RANK, K_IN, generator=g2)
+    proj_out.load_slot(0, "a", *f_out)  # reloaded, same scale: the scaled copy must follow
+    state.set((("a", 0),), {0: -1.5})
+    _close(ff(x), want(-1.5)[1])
+    state.set((), {})  # base model: the input projection keeps its GELU epilogue, no padding
+    base = proj_out.base(torch.nn.functional.gelu(proj_in.base(x), approximate="tanh"))
+    assert ff.hidden(x).is_contiguous()
+    _close(ff(x), base.double())
+
+
+def test_lora_chain_into_the_last_part_of_a_split_projection():
+    """FLUX's single block: GELU(proj_mlp(x)) is the last part of proj_out's input [attn | mlp]. Chained, the
+    split GEMM of that part runs K-append over the producer's wide output (the wide buffer is taken);
+    the result is the float64 formula of the concatenation. Float32 bound as above."""
+    from diffserve.runtime.layers.lora import LoraState, wrap_linears
+    from diffserve.runtime.layers.mlp import linear_concat
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj_mlp = torch.nn.Linear(K_IN, 12)
+            self.proj_out = torch.nn.Linear(4 + 12, K_OUT)
+
+        def lora_chains(self):
+            return (("proj_mlp", "proj_out"),)
+
+    torch.manual_seed(1)
+    block = Block().requires_grad_(False)
+    state = LoraState(2, "cpu")
+    layers = wrap_linears(block, {"proj_mlp": K_RANK, "proj_out": K_RANK}, state, torch.float32)
+    mlp, out = layers["proj_mlp"], layers["proj_out"]
+    assert mlp.next is out
+    g = torch.Generator().manual_seed(3)
+    fa = torch.randn(K_RANK, 16, generator=g), torch.randn(K_RANK, K_OUT, generator=g)
+    out.load_slot(1, "s", *fa)
+    mlp.load_slot(1, "s", torch.randn(K_RANK, K_IN, generator=g), torch.randn(K_RANK, 12, generator=g))
+    state.set((("s", 1),), {1: 0.9})
+    x, attn = torch.randn(2, 3, K_IN, generator=g), torch.randn(2, 3, 4, generator=g)
+    hidden = mlp(x, activation="gelu")
+    assert hidden.stride(-2) > 12  # the wide output
+    taken = []
+    take = out._take
+    out._take = lambda t: taken.append(take(t)) or taken[-1]
+    got = linear_concat([attn, hidden], out, split=True)
+    assert taken and taken[0] is not None  # K-append over the wide buffer, no separate addmm_
+    cat = torch.cat([attn, hidden], dim=-1).double()
+    w, b = out.base.weight.double(), out.base.bias.double()
+    _close(got, cat @ w.t() + b + 0.9 * (cat @ fa[0].double().t()) @ fa[1].double())

@@ -18,10 +18,22 @@ with t = (x @ A_s^T) * scale_s for every slot s below the highest active one: on
 (kernels/fused_ops.linear_gelu) the MLP input projections keep (activation="gelu"). Whole slots are read, so
 load_slot zeroes what an adapter does not fill, and inactive slots have scale 0 (LoraManager.activate).
 
+Scales: each layer holds its A factors twice, as loaded (`lora_a`) and times their slot's scale
+(`lora_as`, what the forwards read): LoraState.set rewrites the scaled copies when a batch's scales differ
+from the last batch's, so no forward spends a kernel on scaling (1.35 ms of a rank-32 FLUX.1-dev forward,
+H200 profile, 2026-12-04). One rounding of scale * A into A's dtype, as the product was rounded before.
+
+Wide inputs (K-append without the join): a producer that knows its output feeds a K-append layer writes
+it into the left columns of a wider buffer (`input_buffer`), so [x | t] needs only t written. The adaLN
+passes of FLUX's blocks do so for q|k|v and the MLP input; an MLP input projection whose output feeds a
+LoRA output projection (FeedForward, FLUX's single block: `chain`) computes `pad` more output columns
+against zero weight rows (GELU(0) = 0), and hands the wider output on: that layer's addmm_ over its
+output becomes K-append too. A buffer is taken only by the layer it was made for (`_given`).
+
 CUDA graphs (runtime/cuda_graphs.py): a graph bakes in which kernels run and the addresses they read. Here
 the kernels depend only on the active ((name, slot), ...) tuple, which is part of the graph key
 (LoraState.graph_key, read by GraphedForward); the factors live at fixed addresses (slot buffers, filled in
-place) and the scales in one fixed device tensor written before each batch. So a request's scales never
+place), the scaled ones too (rewritten in place before a batch whose scales changed). So a request's scales never
 need a new graph, and an adapter swapped into a slot is seen by the graphs already captured for it.
 
 Why LoraLinear is an Fp8Linear subclass: our FLUX and Wan blocks read the weights of plain nn.Linear layers
@@ -45,16 +57,44 @@ from diffserve.runtime.layers.fp8 import Fp8Linear, Quantized, _fused_groups, _s
 
 class LoraState:
     """What every wrapped layer of one model reads: `active`, the ((name, slot), ...) of the running batch
-    (sorted by name: one order, one rounding, one graph per set), and `scales` (slots,) float32 on the model's
-    device. Float32 scales: a bf16 scale would be off by up to 0.4% (8 bits of mantissa)."""
+    (sorted by name: one order, one rounding, one graph per set), and `scales` (slots,) float32, the scale
+    of each slot (0: inactive), folded into the layers' scaled A copies by `set`. Float32 scales: a bf16
+    scale would be off by up to 0.4% (8 bits of mantissa)."""
 
     def __init__(self, slots: int, device: torch.device | str):
         self.slots = slots
         self.active: tuple[tuple[str, int], ...] = ()
-        self.scales = torch.zeros(slots, dtype=torch.float32, device=device)
+        self.scales = torch.zeros(slots, dtype=torch.float32)
+        self.layers: list[LoraLinear] = []  # registered by LoraLinear
+        self.stale = True  # a slot's factors changed since the scaled copies were written
 
     def graph_key(self) -> tuple[tuple[str, int], ...]:
         return self.active
+
+    def set(self, active: tuple[tuple[str, int], ...], scales: dict[int, float]) -> None:
+        """The next forwards' adapter set and {slot: scale} (others 0). Rewrites every layer's scaled A
+        copies when the scales or any slot's factors changed (a few foreach kernels a slot)."""
+        values = torch.zeros(self.slots, dtype=torch.float32)
+        for slot, scale in scales.items():
+            values[slot] = scale
+        self.active = active
+        if not self.stale and torch.equal(values, self.scales):
+            return
+        self.scales = values
+        by_dtype: dict[torch.dtype, list[LoraLinear]] = {}
+        for layer in self.layers:
+            by_dtype.setdefault(layer.lora_a.dtype, []).append(layer)
+        with torch.no_grad():
+            for layers in by_dtype.values():
+                for slot in range(self.slots):
+                    dst = [layer.lora_as[slot] for layer in layers]
+                    if values[slot] == 0:
+                        torch._foreach_zero_(dst)
+                        continue
+                    torch._foreach_copy_(dst, [layer.lora_a[slot] for layer in layers])
+                    # float32 scale, computed in float32 (opmath) and rounded once into A's dtype
+                    torch._foreach_mul_(dst, values[slot].item())
+        self.stale = False
 
 
 class LoraLinear(Fp8Linear):
@@ -73,7 +113,12 @@ class LoraLinear(Fp8Linear):
         self.register_buffer(
             "lora_a", torch.zeros(*shape, self.in_features, dtype=dtype, device=device), False
         )
+        self.register_buffer("lora_as", torch.zeros_like(self.lora_a), False)  # times the slot's scale
+        state.layers.append(self)
         self.k_append = False  # plain base only: see _k_append_pays
+        self.next: LoraLinear | None = None  # the layer this one's output feeds (chain)
+        self.pad = 0  # zero output rows for next's low-rank input (chain)
+        self._given: torch.Tensor | None = None  # the wide input buffer made for this layer
         if isinstance(base, Fp8Linear):
             self.register_buffer(
                 "lora_bt", torch.zeros(*shape, self.out_features, dtype=dtype, device=device), False
@@ -81,32 +126,27 @@ class LoraLinear(Fp8Linear):
             self.wcat = None
         else:
             # K-append: [W | B_0 | B_1 | ...] in one buffer; the base weight and the B^T slots are views of
-            # it, so one GEMM over [x | t] adds the adapters and W is held once.
+            # it, so one GEMM over [x | t] adds the adapters and W is held once. The pad columns (16-byte
+            # aligned rows for cuBLAS) are never read.
             w = base.weight.detach()
-            width = self.in_features + state.slots * rank
-            width += -width % 8  # 16-byte aligned rows (bf16) for cuBLAS; the pad columns are never read
-            wcat = torch.zeros(self.out_features, width, dtype=w.dtype, device=w.device)
-            wcat[:, : self.in_features].copy_(w)
-            base.weight = nn.Parameter(wcat[:, : self.in_features], requires_grad=False)
-            self.register_buffer("wcat", wcat, False)
-            self.register_buffer(
-                "lora_bt",
-                wcat[:, self.in_features : self.in_features + state.slots * rank].t().view(*shape, -1),
-                False,
+            wcat = torch.zeros(
+                self.out_features,
+                _aligned(self.in_features + state.slots * rank),
+                dtype=w.dtype,
+                device=w.device,
             )
+            wcat[:, : self.in_features].copy_(w)
+            self.register_buffer("wcat", None, False)
+            self.register_buffer("lora_bt", None, False)
+            self._adopt(wcat)
             self.k_append = _k_append_pays(self.in_features, self.out_features)
+            self.bias_cat = None
         self.ranks: dict[str, int] = {}  # adapter name -> its rank on this layer (absent: it leaves it alone)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        # A caller reading the weight would run the base GEMM without the adapters: fail loudly instead.
-        raise RuntimeError(
-            f"{self.name or 'a LoRA layer'}: call the layer; its weight alone misses the adapters"
-        )
 
     def load_slot(self, slot: int, name: str, a: torch.Tensor | None, bt: torch.Tensor | None) -> None:
         """Adapter `name`'s factors into `slot`, in place (fixed addresses: see the module docstring).
         a (rank, in), bt (rank, out) = B^T with its alpha/rank folded in; None: the adapter skips the layer."""
+        self.state.stale = True  # the scaled copy of this slot is rewritten by the next LoraState.set
         if a is None:
             self.ranks.pop(name, None)
             # K-append reads whole slots (scale 0 for inactive ones): stale factors must be zeros
@@ -120,6 +160,74 @@ class LoraLinear(Fp8Linear):
         self.lora_bt[slot, r:].zero_()
         self.ranks[name] = r
 
+    def chain(self, nxt: LoraLinear) -> None:
+        """This layer's output (through a GELU at most: GELU(0) = 0) is `nxt`'s input, or the last columns of
+        it (mlp.linear_concat's last part): give the weight (and bias) zero rows for nxt's low-rank
+        columns, so that this GEMM writes [y | 0] and nxt runs K-append over it without a join (module
+        docstring, wide inputs). Plain bases only."""
+        if self.wcat is None or nxt.wcat is None or nxt.in_features < self.out_features:
+            return
+        pad = _aligned(nxt.state.slots * nxt.lora_a.shape[1])
+        wcat = torch.zeros(
+            self.out_features + pad, self.wcat.shape[1], dtype=self.wcat.dtype, device=self.wcat.device
+        )
+        wcat[: self.out_features].copy_(self.wcat)
+        self._adopt(wcat)
+        bias = self.base.bias
+        if bias is not None:
+            cat = torch.zeros(self.out_features + pad, dtype=bias.dtype, device=bias.device)
+            cat[: self.out_features].copy_(bias)
+            self.base.bias = nn.Parameter(cat[: self.out_features], requires_grad=False)
+            self.bias_cat = cat
+        self.next, self.pad = nxt, pad
+
+    def _adopt(self, wcat: torch.Tensor) -> None:
+        """wcat (rows >= out, in + slots*rank + alignment) becomes the buffer that W and the B^T slots view."""
+        k, slots, rank = self.in_features, self.state.slots, self.lora_a.shape[1]
+        self.base.weight = nn.Parameter(wcat[: self.out_features, :k], requires_grad=False)
+        self.wcat = wcat
+        self.lora_bt = wcat[: self.out_features, k : k + slots * rank].t().view(slots, rank, -1)
+
+    def input_buffer(self, like: torch.Tensor) -> torch.Tensor | None:
+        """Where a producer may write this layer's next input (shape and dtype of `like`): the left columns
+        of a new buffer with room for the active adapters' low-rank columns, when the K-append path will
+        run; None when writing elsewhere costs nothing more."""
+        nslots = self._nslots()
+        if not nslots or self.wcat is None:
+            return None
+        k = self.in_features
+        lead = like.shape[:-1]
+        buf = torch.empty(
+            like[..., 0].numel(),
+            _aligned(k + nslots * self.lora_a.shape[1]),
+            dtype=like.dtype,
+            device=like.device,
+        )
+        self._given = buf
+        return buf[:, :k].view(*lead, k)
+
+    def _take(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The wide buffer (rows, width) whose left columns are x (all of this layer's input, or the last
+        part of it: split_terms), if it was made for this layer and has room for the active slots."""
+        buf, self._given = self._given, None
+        if buf is None or x.data_ptr() != buf.data_ptr():
+            return None
+        rows = x.reshape(-1, x.shape[-1])
+        room = x.shape[-1] + self._nslots() * self.lora_a.shape[1]
+        if rows.shape[0] != buf.shape[0] or rows.stride(0) != buf.stride(0) or buf.shape[1] < room:
+            return None
+        return buf
+
+    def _give(self, buf: torch.Tensor) -> None:
+        self._given = buf
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # A caller reading the weight would run the base GEMM without the adapters: fail loudly instead.
+        raise RuntimeError(
+            f"{self.name or 'a LoRA layer'}: call the layer; its weight alone misses the adapters"
+        )
+
     def forward(
         self,
         x: torch.Tensor | Quantized,
@@ -128,14 +236,20 @@ class LoraLinear(Fp8Linear):
         out: torch.Tensor | None = None,
         activation: str | None = None,
     ) -> torch.Tensor:
-        """activation="gelu": GELU(tanh) of the output, in the GEMM's epilogue on the K-append path."""
+        """activation="gelu": GELU(tanh) of the output, in the GEMM's epilogue where the base is plain."""
         if activation not in (None, "gelu"):
             raise ValueError(f"activation must be None or 'gelu', not {activation!r}")
         if activation is not None and out is not None:
             raise ValueError("activation and out= cannot be combined")
         terms = self._terms()
-        if terms and self.k_append and isinstance(x, torch.Tensor) and x_scale is None:
-            return self._forward_k_append(x, 1 + max(slot for slot, _ in terms), out, activation)
+        if self.wcat is not None and isinstance(x, torch.Tensor) and x_scale is None:
+            wide = self._take(x) if terms else None
+            pad = self.pad if out is None and self.next is not None and self.next._nslots() else 0
+            if (terms and (self.k_append or wide is not None)) or pad:
+                nslots = self._nslots() if terms and (self.k_append or wide is not None) else 0
+                return self._forward_k_append(x, nslots, wide, out, activation, pad)
+            if activation == "gelu" and not terms:  # the base GEMM with its GELU epilogue
+                return linear_gelu(x, self.base.weight, self.base.bias)
         if isinstance(self.base, Fp8Linear):
             y = self.base(x, x_scale, out_dtype=out_dtype, out=out)
         else:
@@ -148,14 +262,16 @@ class LoraLinear(Fp8Linear):
         """(slot, rank on this layer) of each active adapter that touches this layer."""
         return [(slot, self.ranks[name]) for name, slot in self.state.active if name in self.ranks]
 
-    def _scaled(self, t: torch.Tensor, nslots: int) -> torch.Tensor:
-        """t (M, nslots * rank), slot s's columns times its float32 scale: the product in float32 (the 3-d
-        scales promote it), rounded once to t's dtype."""
-        m, rank = t.shape[0], self.lora_a.shape[1]
-        out = torch.empty_like(t)
-        scales = self.state.scales[:nslots].view(1, nslots, 1)
-        torch.mul(t.view(m, nslots, rank), scales, out=out.view(m, nslots, rank))
-        return out
+    def _nslots(self) -> int:
+        """Slots the K-append path reads: those below the highest active one touching this layer (0: none).
+        Whole slots (zero rows past an adapter's rank; zero scaled A for an inactive slot) keep the shapes a
+        function of state.active alone, as CUDA graphs need."""
+        return 1 + max((slot for slot, _ in self._terms()), default=-1)
+
+    def _low_rank(self, x: torch.Tensor, nslots: int) -> torch.Tensor:
+        """(M, nslots * rank): x's rows times the scaled A of the first nslots slots."""
+        a = self.lora_as[:nslots].reshape(nslots * self.lora_a.shape[1], self.in_features)
+        return x.reshape(-1, self.in_features) @ a.to(x.dtype).t()
 
     def _add_terms(self, x, x_scale, y: torch.Tensor, terms: list[tuple[int, int]]) -> None:
         # One (M, r) product and one addmm_ per adapter: the addmm_ reads and writes all of y again.
@@ -166,52 +282,87 @@ class LoraLinear(Fp8Linear):
             rows = rows.to(self.lora_a.dtype)
         y2 = y.view(-1, self.out_features)
         for slot, r in terms:
-            t = rows @ self.lora_a[slot, :r].t()  # (M, r)
+            t = rows @ self.lora_as[slot, :r].t()  # (M, r), the scale folded in (LoraState.set)
             if x_scale is not None:
                 t = t * x_scale.reshape(-1, 1)
-            t = (t * self.state.scales[slot]).to(y2.dtype)  # float32 scale, one rounding to the output dtype
-            y2.addmm_(t, self.lora_bt[slot, :r].to(y2.dtype))
+            y2.addmm_(t.to(y2.dtype), self.lora_bt[slot, :r].to(y2.dtype))
 
-    def add_low_rank(self, parts: list[torch.Tensor], y: torch.Tensor) -> None:
-        """y += the active adapters' terms for the input [part_0 | part_1 | ...], never concatenated: each
-        part against its columns of A, then one addmm_ for the slots below the highest active one (the
-        others have scale 0). For mlp.linear_concat's split GEMMs (FLUX's single-block output projection,
-        whose 15,360-wide concatenated input would otherwise be written and read again)."""
-        terms = self._terms()
-        if not terms:
-            return
-        nslots, rank = 1 + max(slot for slot, _ in terms), self.lora_a.shape[1]
-        a = self.lora_a[:nslots].reshape(nslots * rank, self.in_features)
+    def split_terms(self, parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For mlp.linear_concat's split GEMMs over [part_0 | part_1 | ...] (FLUX's single-block output
+        projection, whose 15,360-wide concatenated input is never written): the active adapters' terms
+        as (input, weight) of one more accumulating GEMM, or None without adapters. When the last part came
+        in a wide buffer made for this layer (chain), t = sum of each part against its columns of A is
+        written into that buffer's free columns and the returned pair IS the last part's GEMM, widened
+        ([part | t] against [W_part | B]); otherwise the pair is (t, B^T)^T for a separate addmm_."""
+        nslots = self._nslots()
+        if not nslots:
+            return None
+        rank, k = self.lora_a.shape[1], self.in_features
+        a = self.lora_as[:nslots].reshape(nslots * rank, k)
         t, col = None, 0
         for part in parts:
             rows = part.reshape(-1, part.shape[-1])
             cols = a[:, col : col + rows.shape[1]].to(rows.dtype).t()
             t = rows @ cols if t is None else t.addmm_(rows, cols)
             col += rows.shape[1]
-        bt = self.lora_bt[:nslots].reshape(nslots * rank, self.out_features).to(y.dtype)
-        y.view(-1, self.out_features).addmm_(self._scaled(t, nslots).to(y.dtype), bt)
+        wide = self._take(parts[-1])
+        if wide is None:
+            return t, self.lora_bt[:nslots].reshape(nslots * rank, self.out_features).t()
+        last = parts[-1].shape[-1]
+        wide[:, last : last + nslots * rank].copy_(t)
+        return wide[:, : last + nslots * rank], self.wcat[: self.out_features, k - last : k + nslots * rank]
 
     def _forward_k_append(
-        self, x: torch.Tensor, nslots: int, out: torch.Tensor | None, activation: str | None
+        self,
+        x: torch.Tensor,
+        nslots: int,
+        wide: torch.Tensor | None,
+        out: torch.Tensor | None,
+        activation: str | None,
+        pad: int,
     ) -> torch.Tensor:
-        """y = [x | t] @ [W | B_0 .. B_{S-1}]^T + b, t = (x @ A_s^T) * scale_s per slot s < S: one GEMM.
-        Whole slots (zero rows past an adapter's rank; zero scale for an inactive slot) keep the shapes a
-        function of state.active alone, as CUDA graphs need."""
+        """y = [x | t] @ [W | B_0 .. B_{S-1}]^T + b, t = x @ (scale_s A_s)^T per slot s < S: one GEMM. The
+        join is a cat unless x came in a wide buffer (input_buffer, chain). pad: `pad` more output rows
+        of zeros, the output handed on to `next` as its wide input."""
         k, rank = self.in_features, self.lora_a.shape[1]
-        rows = x.reshape(-1, k)
-        t = rows @ self.lora_a[:nslots].reshape(nslots * rank, k).to(rows.dtype).t()  # (M, S*rank)
-        # Contiguous outputs and a cat: writing into column slices of a wide buffer measured 2-3x slower (H200).
-        buf = torch.cat([rows, self._scaled(t, nslots)], dim=1)
-        weight, bias = self.wcat[:, : k + nslots * rank], self.base.bias
+        width = k + nslots * rank
+        if not nslots:
+            buf = x.reshape(-1, k)
+        elif wide is not None:
+            wide[:, k:width].copy_(self._low_rank(x, nslots))
+            buf = wide[:, :width]
+        else:
+            # Contiguous outputs and a cat: writing the GEMM into column slices of a wide buffer measured
+            # 2-3x slower (H200); the (M, S*rank) product is small, so copying it in (above) costs little.
+            rows = x.reshape(-1, k)
+            buf = torch.cat([rows, self._low_rank(rows, nslots)], dim=1)
+        rows_out = self.out_features + pad
+        weight = self.wcat[:rows_out, :width]
+        bias = self.base.bias if not pad or self.base.bias is None else self.bias_cat
+        lead = x.shape[:-1]
         if activation == "gelu":
-            return linear_gelu(buf, weight, bias).view(*x.shape[:-1], self.out_features)
-        if out is not None:
+            y = linear_gelu(buf, weight, bias)
+        elif out is not None:
             _linear(buf, weight, bias, out)
             return out
-        return _linear(buf, weight, bias, None).view(*x.shape[:-1], self.out_features)
+        else:
+            y = _linear(buf, weight, bias, None)
+        if pad:
+            self.next._give(y)
+            return y[:, : self.out_features].view(*lead, self.out_features)
+        return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, slots={self.state.slots}"
+
+
+def _aligned(width: int) -> int:
+    return width + -width % 8  # 16-byte aligned rows (bf16) for cuBLAS
+
+
+def input_buffer(layer: nn.Module, like: torch.Tensor) -> torch.Tensor | None:
+    """LoraLinear.input_buffer for a layer that is one, else None (write where you like)."""
+    return layer.input_buffer(like) if isinstance(layer, LoraLinear) else None
 
 
 def _k_append_pays(in_features: int, out_features: int) -> bool:
@@ -274,7 +425,9 @@ def wrap_linears(
     """Replace the layers the model calls for the (called) names in `ranks` by LoraLinear, in place, each
     with `state.slots` slots of that rank. A bf16 fused projection (`<prefix>_weight` buffers) becomes a
     called layer `<owner>.<prefix>` over the same tensor (no copy) and its buffers are set to None: the models
-    then call it, as they call a fused FP8 projection. Returns {called name: LoraLinear}."""
+    then call it, as they call a fused FP8 projection. Modules with `lora_chains()` ((producer, consumer)
+    submodule names: the producer's output, through a GELU at most, is the consumer's whole input) get
+    their pairs of wrapped layers chained (LoraLinear.chain). Returns {called name: LoraLinear}."""
     wrapped = {}
     groups = {(f"{o}.{p}" if o else p): (owner, p, members) for o, owner, p, members in _fused_groups(model)}
     device = state.scales.device
@@ -301,4 +454,9 @@ def wrap_linears(
             _set_submodule(model, name, layer)
         layer.name = name
         wrapped[name] = layer
+    for _, owner in model.named_modules():  # producer -> consumer pairs the model declares
+        for producer, consumer in getattr(owner, "lora_chains", lambda: ())():
+            pair = [owner.get_submodule(n) for n in (producer, consumer)]
+            if all(isinstance(layer, LoraLinear) for layer in pair):
+                pair[0].chain(pair[1])
     return wrapped

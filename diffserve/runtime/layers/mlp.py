@@ -41,20 +41,27 @@ def linear_concat(parts: list[torch.Tensor], linear: nn.Linear, split: bool | No
         split = parts[0].is_cuda
     if not split:
         return linear(torch.cat(parts, dim=-1))
+    if sum(part.shape[-1] for part in parts) != linear.in_features:
+        raise ValueError(
+            f"parts have {sum(p.shape[-1] for p in parts)} features in total, the linear layer takes {linear.in_features}"
+        )
     base = linear if lora is None else lora.base
+    # The adapters' terms (layers/lora.py split_terms): the last part's GEMM widened to [part | t] when it
+    # came in a wide buffer, else one more (t, B^T) product accumulated at the end.
+    extra = None if lora is None else lora.split_terms(parts)
     out, col = None, 0
-    for part in parts:
-        weight = base.weight[:, col : col + part.shape[-1]]
+    for i, part in enumerate(parts):
+        rows, weight = part.reshape(-1, part.shape[-1]), base.weight[:, col : col + part.shape[-1]]
         col += part.shape[-1]
+        if extra is not None and i == len(parts) - 1 and extra[0].data_ptr() == rows.data_ptr():
+            (rows, weight), extra = extra, None
         if out is None:
-            out = F.linear(part, weight, base.bias)
+            out = F.linear(rows, weight, base.bias)
         else:
-            out.view(-1, out.shape[-1]).addmm_(part.reshape(-1, part.shape[-1]), weight.t())
-    if col != linear.in_features:
-        raise ValueError(f"parts have {col} features in total, the linear layer takes {linear.in_features}")
-    if lora is not None:
-        lora.add_low_rank(parts, out)
-    return out
+            out.addmm_(rows, weight.t())
+    if extra is not None:
+        out.addmm_(extra[0].to(out.dtype), extra[1].to(out.dtype).t())
+    return out.view(*parts[0].shape[:-1], linear.out_features)
 
 
 class _Proj(nn.Module):
@@ -71,6 +78,10 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, inner_dim: int, dim_out: int | None = None):
         super().__init__()
         self.net = nn.ModuleList([_Proj(dim, inner_dim), nn.Identity(), nn.Linear(inner_dim, dim_out or dim)])
+
+    def lora_chains(self) -> tuple[tuple[str, str], ...]:
+        # proj_in's output, through the GELU, is proj_out's whole input (layers/lora.py LoraLinear.chain)
+        return (("net.0.proj", "net.2"),)
 
     def forward(self, x: torch.Tensor | Quantized) -> torch.Tensor:
         """x: the input, or (with FP8 layers: runtime/layers/fp8.py) the input as its producer wrote it

@@ -15,14 +15,20 @@ from diffserve.kernels.fused_ops import adaln, scale_rows
 
 
 def norm_modulate(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6, upcast: bool = False
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+    upcast: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LayerNorm without affine over the last dim, then x * (1 + scale) + shift; result in x.dtype.
 
     upcast=True normalises in float32 (Wan's checkpoints expect it); FLUX normalises in the activation
-    dtype. shift/scale broadcast against x: (batch, 1, dim) or per token (batch, seq, dim).
+    dtype. shift/scale broadcast against x: (batch, 1, dim) or per token (batch, seq, dim). out: where the
+    result goes (adaln's out_h).
     """
-    return adaln(x, shift, scale, eps, upcast)[1]
+    return adaln(x, shift, scale, eps, upcast, out_h=out)[1]
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
@@ -39,10 +45,11 @@ def residual_norm_modulate(
     eps: float = 1e-6,
     upcast: bool = False,
     affine: bool = False,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x', h): x' = gated_residual(x, y, gate) and h = norm_modulate(x', shift, scale) — or, with affine,
-    h = layer_norm(x', weight=scale, bias=shift) — in one pass over the tokens."""
-    return adaln(x, shift, scale, eps, upcast, residual=y, gate=gate, affine=affine)
+    h = layer_norm(x', weight=scale, bias=shift) — in one pass over the tokens. out: where h goes."""
+    return adaln(x, shift, scale, eps, upcast, residual=y, gate=gate, affine=affine, out_h=out)
 
 
 def offset_norm_modulate(

@@ -22,6 +22,7 @@ from diffserve.runtime.layers.fp8 import (
     norm_modulate_quant,
     residual_norm_modulate_quant,
 )
+from diffserve.runtime.layers.lora import input_buffer
 from diffserve.runtime.layers.mlp import FeedForward, layer_gelu, linear_concat
 from diffserve.runtime.layers.modulation import (
     AdaLNProjection,
@@ -226,16 +227,21 @@ def _dtype(*xs: torch.Tensor | Quantized) -> torch.dtype:
     return dtype
 
 
-def _enter(x: torch.Tensor, pending, shift: torch.Tensor, scale: torch.Tensor, quantize: bool = False):
+def _enter(
+    x: torch.Tensor, pending, shift: torch.Tensor, scale: torch.Tensor, quantize: bool = False, out=None
+):
     """(x, modulated input of the block): the previous block's deferred gated residual (pending = (y, gate),
     or None) is added in the same pass that normalises and modulates. Deferring saves one write and one read
     of the residual stream per block boundary (FLUX.1 at 1024^2 on an H100: our kernels 6.3 -> 5.5 ms per
-    forward). quantize: the modulated input written as a Quantized (its GEMMs are FP8) in that same pass."""
+    forward). quantize: the modulated input written as a Quantized (its GEMMs are FP8) in that same pass;
+    else out: where it goes (a LoRA layer's wide input buffer, layers/lora.input_buffer)."""
+    if quantize:
+        if pending is None:
+            return x, norm_modulate_quant(x, shift, scale, _EPS)
+        return residual_norm_modulate_quant(x, pending[0], pending[1], shift, scale, _EPS)
     if pending is None:
-        return x, (norm_modulate_quant if quantize else norm_modulate)(x, shift, scale, _EPS)
-    return (residual_norm_modulate_quant if quantize else residual_norm_modulate)(
-        x, pending[0], pending[1], shift, scale, _EPS
-    )
+        return x, norm_modulate(x, shift, scale, _EPS, out=out)
+    return residual_norm_modulate(x, pending[0], pending[1], shift, scale, _EPS, out=out)
 
 
 class FluxDualBlock(nn.Module):
@@ -260,23 +266,32 @@ class FluxDualBlock(nn.Module):
         )
         # With FP8 projections (layers/fp8.py) each stream's GEMM inputs are written quantised by the adaLN
         # pass that computes them; the default selection quantises the image stream only.
-        img, img_in = _enter(img, pending[0], shift, scale, self.attn.stream_fp8())
-        txt, txt_in = _enter(txt, pending[1], c_shift, c_scale, self.attn.stream_fp8("add_"))
-        img_attn, txt_attn = self.attn(img_in, rope, context=txt_in, dtype=img.dtype)
-
-        modulate = residual_norm_modulate_quant if fp8_layers(self.ff.net[0].proj) else residual_norm_modulate
-        img, h = modulate(img, img_attn, gate, mlp_shift, mlp_scale, _EPS)
-        img_mlp = self.ff(h)
-        modulate = (
-            residual_norm_modulate_quant
-            if fp8_layers(self.ff_context.net[0].proj)
-            else residual_norm_modulate
+        # With LoRA adapters (layers/lora.py) the adaLN passes write into the wide input buffers of the
+        # layers they feed, whose K-append GEMMs then need no join.
+        img, img_in = _enter(
+            img, pending[0], shift, scale, self.attn.stream_fp8(), input_buffer(self.attn._fp8_qkv(""), img)
         )
-        txt, h = modulate(txt, txt_attn, c_gate, c_mlp_shift, c_mlp_scale, _EPS)
+        txt, txt_in = _enter(
+            txt, pending[1], c_shift, c_scale, self.attn.stream_fp8("add_"),
+            input_buffer(self.attn._fp8_qkv("add_"), txt),
+        )  # fmt: skip
+        img_attn, txt_attn = self.attn(img_in, rope, context=txt_in, dtype=img.dtype)
+        img, h = self._mlp_input(self.ff, img, img_attn, gate, mlp_shift, mlp_scale)
+        img_mlp = self.ff(h)
+        txt, h = self._mlp_input(self.ff_context, txt, txt_attn, c_gate, c_mlp_shift, c_mlp_scale)
         txt_mlp = self.ff_context(h)
         if defer:
             return img, txt, ((img_mlp, mlp_gate), (txt_mlp, c_mlp_gate))
         return gated_residual(img, img_mlp, mlp_gate), clip_fp16(gated_residual(txt, txt_mlp, c_mlp_gate))
+
+    @staticmethod
+    def _mlp_input(ff: FeedForward, x, attn, gate, shift, scale):
+        """(x + attn * gate, the MLP's modulated input): quantised for an FP8 input projection, else
+        written where a LoRA input projection wants it."""
+        proj_in = ff.net[0].proj
+        if fp8_layers(proj_in):
+            return residual_norm_modulate_quant(x, attn, gate, shift, scale, _EPS)
+        return residual_norm_modulate(x, attn, gate, shift, scale, _EPS, out=input_buffer(proj_in, x))
 
 
 class FluxSingleBlock(nn.Module):
@@ -292,6 +307,10 @@ class FluxSingleBlock(nn.Module):
         self.proj_mlp = nn.Linear(dim, int(dim * mlp_ratio))
         self.proj_out = nn.Linear(dim + int(dim * mlp_ratio), dim)
 
+    def lora_chains(self) -> tuple[tuple[str, str], ...]:
+        # GELU(proj_mlp) is the last part of proj_out's input (layers/lora.py LoraLinear.chain)
+        return (("proj_mlp", "proj_out"),)
+
     def forward(self, x, cond, rope, projected=None, keep_from: int = 0, pending=None, defer: bool = False):
         """keep_from: return only the rows from this token on (the last block of the model, whose text rows
         are dropped anyway: their MLP, output projection and queries are skipped, ~0.17 ms of a FLUX.1
@@ -305,7 +324,7 @@ class FluxSingleBlock(nn.Module):
             mlp = self.proj_mlp(h.tokens(keep_from))
             out = self.proj_out(concat_gelu_quant(self.attn(h, rope, queries_from=keep_from), mlp))
         else:
-            x, h = _enter(x, pending, shift, scale)
+            x, h = _enter(x, pending, shift, scale, out=input_buffer(self.attn._fp8_qkv(""), x))
             mlp = layer_gelu(self.proj_mlp, h[:, keep_from:])
             out = linear_concat([self.attn(h, rope, queries_from=keep_from), mlp], self.proj_out)
         if defer:
