@@ -180,7 +180,9 @@ def test_triton_adaln_matches_fallback(dtype, dim, mod_dtype, tol, per_token):
     assert rel_err(fh, sh) < tol
 
     # out_h: h written into the left columns of a wider buffer (a LoRA layer's input, layers/lora.py):
-    # the same values as a new tensor, bit for bit (the same kernel), and the other columns untouched
+    # the same values as into a new tensor, and the other columns untouched. Not bit for bit: Triton
+    # compiles the kernel again for a row stride of another divisibility, whose reduction may round
+    # differently (float32, 1,000 wide: an ulp); within the tolerance above.
     wide = torch.full((b * s, dim + 40), 7.0, device="cuda", dtype=dtype)
     view = wide[:, :dim].view(b, s, dim)
     fo.set_fused_ops(True)
@@ -189,7 +191,7 @@ def test_triton_adaln_matches_fallback(dtype, dim, mod_dtype, tol, per_token):
         wx, wh = fo.adaln(x, shift, scale, 1e-6, upcast, residual=y, gate=gate, out_h=view)
     finally:
         fo.set_fused_ops(None)
-    assert wh is view and torch.equal(wh, fh) and torch.equal(wx, fx)
+    assert wh is view and rel_err(wh, fh) < tol and rel_err(wx, fx) < tol
     assert (wide[:, dim:] == 7).all()
 
 

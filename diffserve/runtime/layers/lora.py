@@ -63,6 +63,7 @@ class LoraState:
 
     def __init__(self, slots: int, device: torch.device | str):
         self.slots = slots
+        self.device = torch.device(device)  # where the layers' factors live
         self.active: tuple[tuple[str, int], ...] = ()
         self.scales = torch.zeros(slots, dtype=torch.float32)
         self.layers: list[LoraLinear] = []  # registered by LoraLinear
@@ -430,7 +431,7 @@ def wrap_linears(
     their pairs of wrapped layers chained (LoraLinear.chain). Returns {called name: LoraLinear}."""
     wrapped = {}
     groups = {(f"{o}.{p}" if o else p): (owner, p, members) for o, owner, p, members in _fused_groups(model)}
-    device = state.scales.device
+    device = state.device
     for name, rank in ranks.items():
         if name in groups:  # bf16 fused projection: a called nn.Linear over the fused weight
             owner, prefix, members = groups[name]
