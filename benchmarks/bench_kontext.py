@@ -10,6 +10,7 @@ Ours is timed as the pipelines run it, replayed as a CUDA graph (GraphedForward:
     python benchmarks/bench_kontext.py            # GPU: full size, bf16, rows in results.jsonl
     python benchmarks/bench_kontext.py --tiny     # CPU check of the script (tiny config, temporary file)
     python benchmarks/bench_kontext.py --profile --out-dir DIR   # also a kernel table of ours as served
+    python benchmarks/bench_kontext.py --quantization fp8-attention   # also ours quantised: "diffserve+fp8-attention"
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--quantization", choices=("fp8", "fp8-attention"), help="also ours quantised")
     p.add_argument("--profile", action="store_true", help="kernel table of ours as served (GPU)")
     p.add_argument("--out-dir", type=Path, default=Path("."), help="where --profile writes")
     args = p.parse_args(argv)
@@ -85,12 +87,28 @@ def main(argv=None) -> int:
                 args.out_dir / "profile_flux_kontext_diffserve.txt",
                 title=f"{label} diffserve (CUDA graph), {flops / 1e12:.4g} TFLOP/forward",
             )
+        if args.quantization:
+            from diffserve.runtime.layers.attention import use_fp8_attention
+            from diffserve.runtime.layers.fp8 import quantize_linears
+
+            del model  # its graphs read the bf16 layers that quantisation replaces
+            quantize_linears(ours)
+            if args.quantization == "fp8-attention":
+                use_fp8_attention(ours)
+            model = GraphedForward(ours)
+            impl = f"diffserve+{args.quantization}"
+            ms, warm_s, out = time_ms(
+                lambda: model(**inputs, return_dict=False)[0], device, args.warmup, args.iters
+            )
+            rows.append((impl, ms, out))
+            print(f"{label}: {impl} {ms:.2f} ms ({flops / ms / 1e9:.1f} TFLOP/s), warm-up {warm_s:.1f} s")
     (_, ref_ms, ref_out), *ours_rows = rows
     for impl, ms, out in rows:
         err = rel_err(out, ref_out)
         record(
             benchmark, impl, ms, flops / ms / 1e9, path=out_file, image_tokens=n_img, text_tokens=n_txt,
             dtype=str(dtype).replace("torch.", ""), **({"rel_err": round(err, 6)} if impl != "diffusers" else {}),
+            quantization=impl.partition("+")[2] or None,
         )  # fmt: skip
     for impl, ms, out in ours_rows:
         print(f"{impl}: speedup {ref_ms / ms:.2f}x, rel err {rel_err(out, ref_out):.2e}")

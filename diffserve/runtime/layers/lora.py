@@ -361,6 +361,11 @@ def _aligned(width: int) -> int:
     return width + -width % 8  # 16-byte aligned rows (bf16) for cuBLAS
 
 
+def lora_active(layer: nn.Module) -> bool:
+    """Whether `layer` is a LoRA layer with an active adapter term."""
+    return isinstance(layer, LoraLinear) and layer._nslots() > 0
+
+
 def input_buffer(layer: nn.Module, like: torch.Tensor) -> torch.Tensor | None:
     """LoraLinear.input_buffer for a layer that is one, else None (write where you like)."""
     return layer.input_buffer(like) if isinstance(layer, LoraLinear) else None
