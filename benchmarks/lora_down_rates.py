@@ -1,0 +1,82 @@
+"""The LoRA down-projections of a FLUX.1-dev forward (t = x A^T: M tokens, K inputs, N = slots x rank
+columns), each timed alone in three operand layouts: what the ~4.6 ms they take in a rank-32 forward
+(benchmarks/RESULTS.md, issue 20) could become. They are memory-bound (x is read once, N is small), so the
+figure of merit is x's bytes over the time against the H200's ~4.8 TB/s.
+
+  x@A^T    A (N, K) as stored (layers/lora.py: lora_as), the product as the layers compute it now
+  x@At     A^T stored (K, N) contiguous
+  (A x^T)^T  the transposed product, N rows by M columns, read back transposed
+
+Timed by triton.testing.do_bench (median; the L2 cache flushed before each call: x as if just written by
+another kernel is not assumed to be cached).
+
+    python benchmarks/lora_down_rates.py [--record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from record import record  # noqa: E402
+
+# (label, M, K, N, calls per forward) at 1024^2, one rank-32 adapter in diffusers/PEFT layout (q|k|v fused: 96)
+SHAPES = [
+    ("dual img q|k|v", 4096, 3072, 96, 19),
+    ("dual img out / MLP in", 4096, 3072, 32, 38),
+    ("dual img MLP out", 4096, 12288, 32, 19),
+    ("dual txt q|k|v", 512, 3072, 96, 19),
+    ("single q|k|v", 4608, 3072, 96, 38),
+    ("single MLP in", 4608, 3072, 32, 38),
+    ("single out (MLP part)", 4608, 12288, 32, 38),
+]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--record", action="store_true", help="append rows to benchmarks/results.jsonl")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("lora_down_rates.py: needs a CUDA GPU")
+        return 1
+    from triton.testing import do_bench
+
+    bf16 = torch.bfloat16
+    print(
+        "| down-projection | M x K x N | per fwd | "
+        + " | ".join(f"{v} us (TB/s)" for v in ("x@A^T", "x@At", "(A x^T)^T"))
+        + " |"
+    )
+    print("|---|---|---:|---:|---:|---:|")
+    totals = [0.0, 0.0, 0.0]
+    for label, m, k, n, count in SHAPES:
+        x = torch.randn(m, k, device="cuda", dtype=bf16)
+        a = torch.randn(n, k, device="cuda", dtype=bf16)
+        at = a.t().contiguous()
+        fns = (lambda x=x, a=a: x @ a.t(), lambda x=x, at=at: x @ at, lambda x=x, a=a: (a @ x.t()).t())
+        us = [do_bench(fn, return_mode="median") * 1e3 for fn in fns]
+        for i, u in enumerate(us):
+            totals[i] += u * count / 1e3
+        rates = [m * k * 2 / (u * 1e-6) / 1e12 for u in us]
+        print(
+            f"| {label} | {m}x{k}x{n} | {count} | "
+            + " | ".join(f"{u:.1f} ({r:.2f})" for u, r in zip(us, rates, strict=True))
+            + " |"
+        )
+        if args.record:
+            for impl, u in zip(("x@A^T", "x@At", "(A x^T)^T"), us, strict=True):
+                record(f"lora_down_{label.replace(' ', '_')}_{m}x{k}x{n}", impl, u / 1e3, 2 * m * k * n / (u * 1e-6) / 1e12,
+                       tb_per_s=round(m * k * 2 / (u * 1e-6) / 1e12, 3), calls_per_forward=count)  # fmt: skip
+    print(
+        "ms per forward: "
+        + ", ".join(f"{v} {t:.2f}" for v, t in zip(("x@A^T", "x@At", "(A x^T)^T"), totals, strict=True))
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
