@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dit import build_pair  # noqa: E402
 from dit_specs import FULL, TINY, flux_flops, make_inputs  # noqa: E402
-from harness import bench_device, rel_err, results_file, time_ms  # noqa: E402
+from harness import bench_device, quantize_as_loaded, rel_err, results_file, time_ms  # noqa: E402
 from record import RESULTS, record  # noqa: E402
 
 
@@ -88,13 +88,8 @@ def main(argv=None) -> int:
                 title=f"{label} diffserve (CUDA graph), {flops / 1e12:.4g} TFLOP/forward",
             )
         if args.quantization:
-            from diffserve.runtime.layers.attention import use_fp8_attention
-            from diffserve.runtime.layers.fp8 import quantize_linears
-
             del model  # its graphs read the bf16 layers that quantisation replaces
-            quantize_linears(ours)
-            if args.quantization == "fp8-attention":
-                use_fp8_attention(ours)
+            quantize_as_loaded(ours, args.quantization)
             model = GraphedForward(ours)
             impl = f"diffserve+{args.quantization}"
             ms, warm_s, out = time_ms(

@@ -31,7 +31,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dit import enable_diffusers_fa3  # noqa: E402
 from dit_specs import _attn, _lin, wan_flops  # noqa: E402
-from harness import bench_device, free, init_weights_, native_twin, on_device, rel_err, results_file, time_ms  # noqa: E402
+from harness import (  # noqa: E402
+    bench_device,
+    free,
+    init_weights_,
+    native_twin,
+    on_device,
+    quantize_as_loaded,
+    rel_err,
+    results_file,
+    time_ms,
+)
 from record import RESULTS, record  # noqa: E402
 
 # fmt: off
@@ -150,13 +160,8 @@ def main(argv=None) -> int:
                 iters=2,
             )
         if args.quantization:
-            from diffserve.runtime.layers.attention import use_fp8_attention
-            from diffserve.runtime.layers.fp8 import quantize_linears
-
             del graphed  # its graphs read the bf16 layers that quantisation replaces
-            quantize_linears(ours)
-            if args.quantization == "fp8-attention":
-                use_fp8_attention(ours)
+            quantize_as_loaded(ours, args.quantization)
             graphed = GraphedForward(ours)
             step = time_ms(lambda: cfg_step(graphed, cond, uncond), device, args.warmup, args.iters)
             rows.append((f"diffserve+{args.quantization}", *step))
