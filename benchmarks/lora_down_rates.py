@@ -7,6 +7,11 @@ figure of merit is x's bytes over the time against the H200's ~4.8 TB/s.
   x@At     A^T stored (K, N) contiguous
   (A x^T)^T  the transposed product, N rows by M columns, read back transposed
 
+Then the K-append GEMMs themselves (layers/lora.py): FLUX's q|k|v and MLP-input GEMMs with their weight a
+view of the wider wcat buffer and K grown by 0, 32, 64, 96 or 128 low-rank columns (the MLP input also with
+32 or 64 more output rows, the chained pad), against the plain GEMM: what each width costs, and whether
+another alignment of K or N (multiples of 64: whole k-tiles) would cost less.
+
 Timed by triton.testing.do_bench (median; the L2 cache flushed before each call: x as if just written by
 another kernel is not assumed to be cached).
 
@@ -75,7 +80,47 @@ def main(argv=None) -> int:
         "ms per forward: "
         + ", ".join(f"{v} {t:.2f}" for v, t in zip(("x@A^T", "x@At", "(A x^T)^T"), totals, strict=True))
     )
+    k_append(do_bench, args.record)
     return 0
+
+
+# (label, M, K, N, GELU epilogue, calls per forward)
+GEMMS = [
+    ("dual img q|k|v", 4096, 3072, 9216, False, 19),
+    ("dual img MLP in", 4096, 3072, 12288, True, 19),
+    ("single q|k|v", 4608, 3072, 9216, False, 38),
+    ("single MLP in", 4608, 3072, 12288, True, 38),
+]
+
+
+def k_append(do_bench, record_rows: bool) -> None:
+    from diffserve.kernels.fused_ops import linear_gelu
+
+    bf16 = torch.bfloat16
+    extras = (0, 32, 64, 96, 128)
+    print("\nK-append GEMMs: us (% over K + 0), the weight a view of a buffer 256 columns wider")
+    print("| GEMM | M x K x N | " + " | ".join(f"K+{e}" for e in extras) + " | N+32 (K+32) | N+64 (K+32) |")
+    print("|---|---|" + "---:|" * (len(extras) + 2))
+    for label, m, k, n, gelu, _count in GEMMS:
+        wide = torch.randn(n + 64, k + 256, device="cuda", dtype=bf16) * k**-0.5
+        bias = torch.randn(n + 64, device="cuda", dtype=bf16)
+        x = torch.randn(m, k + 256, device="cuda", dtype=bf16)
+
+        def gemm(kk: int, nn: int, x=x, wide=wide, bias=bias, gelu=gelu):
+            xs, w, b = x[:, :kk], wide[:nn, :kk], bias[:nn]
+            return linear_gelu(xs, w, b) if gelu else torch.nn.functional.linear(xs, w, b)
+
+        cases = [(k + e, n) for e in extras] + [(k + 32, n + 32), (k + 32, n + 64)]
+        us = [do_bench(lambda kk=kk, nn=nn: gemm(kk, nn), return_mode="median") * 1e3 for kk, nn in cases]
+        print(
+            f"| {label} | {m}x{k}x{n} | "
+            + " | ".join(f"{u:.1f} ({100 * (u / us[0] - 1):+.1f}%)" for u in us)
+            + " |"
+        )
+        if record_rows:
+            for (kk, nn), u in zip(cases, us, strict=True):
+                record(f"lora_k_append_{label.replace(' ', '_')}_{m}x{k}x{n}", f"K={kk} N={nn}", u / 1e3,
+                       2 * m * kk * nn / (u * 1e-6) / 1e12, over_k0=round(u / us[0] - 1, 4))  # fmt: skip
 
 
 if __name__ == "__main__":
