@@ -98,17 +98,18 @@ def k_append(do_bench, record_rows: bool) -> None:
 
     bf16 = torch.bfloat16
     extras = (0, 32, 64, 96, 128)
-    print("\nK-append GEMMs: us (% over K + 0), the weight a view of a buffer 256 columns wider")
+    print("\nK-append GEMMs: us (% over K + 0), the weight a view of a buffer 256 columns wider, as wcat")
     print("| GEMM | M x K x N | " + " | ".join(f"K+{e}" for e in extras) + " | N+32 (K+32) | N+64 (K+32) |")
     print("|---|---|" + "---:|" * (len(extras) + 2))
     for label, m, k, n, gelu, _count in GEMMS:
         wide = torch.randn(n + 64, k + 256, device="cuda", dtype=bf16) * k**-0.5
         bias = torch.randn(n + 64, device="cuda", dtype=bf16)
-        x = torch.randn(m, k + 256, device="cuda", dtype=bf16)
+        # the input as the layers build it: rows exactly as wide as the GEMM's K (a cat, or a wide buffer)
+        xs = {kk: torch.randn(m, kk, device="cuda", dtype=bf16) for kk in {k + e for e in extras}}
 
-        def gemm(kk: int, nn: int, x=x, wide=wide, bias=bias, gelu=gelu):
-            xs, w, b = x[:, :kk], wide[:nn, :kk], bias[:nn]
-            return linear_gelu(xs, w, b) if gelu else torch.nn.functional.linear(xs, w, b)
+        def gemm(kk: int, nn: int, xs=xs, wide=wide, bias=bias, gelu=gelu):
+            w, b = wide[:nn, :kk], bias[:nn]
+            return linear_gelu(xs[kk], w, b) if gelu else torch.nn.functional.linear(xs[kk], w, b)
 
         cases = [(k + e, n) for e in extras] + [(k + 32, n + 32), (k + 32, n + 64)]
         us = [do_bench(lambda kk=kk, nn=nn: gemm(kk, nn), return_mode="median") * 1e3 for kk, nn in cases]
