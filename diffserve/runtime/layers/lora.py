@@ -249,8 +249,9 @@ class LoraLinear(Fp8Linear):
         if self.wcat is not None and isinstance(x, torch.Tensor) and x_scale is None:
             wide = self._take(x) if terms else None
             pad = self.pad if out is None and self.next is not None and self.next._nslots() else 0
-            if (terms and (self.k_append or wide is not None)) or pad:
-                nslots = self._nslots() if terms and (self.k_append or wide is not None) else 0
+            # this layer's own terms go into the GEMM's K when that pays or x came wide (else: addmm_ below)
+            nslots = _slots_read(terms) if self.k_append or wide is not None else 0
+            if nslots or pad:
                 return self._forward_k_append(x, nslots, wide, out, activation, pad)
             if activation == "gelu" and not terms:  # the base GEMM with its GELU epilogue
                 return linear_gelu(x, self.base.weight, self.base.bias)
@@ -270,12 +271,15 @@ class LoraLinear(Fp8Linear):
         """Slots the K-append path reads: those below the highest active one touching this layer (0: none).
         Whole slots (zero rows past an adapter's rank; zero scaled A for an inactive slot) keep the shapes a
         function of state.active alone, as CUDA graphs need."""
-        return 1 + max((slot for slot, _ in self._terms()), default=-1)
+        return _slots_read(self._terms())
+
+    def _scaled_a(self, nslots: int) -> torch.Tensor:
+        """(nslots * rank, in): the scaled A of the first nslots slots, as the low-rank products read it."""
+        return self.lora_as[:nslots].reshape(nslots * self.lora_a.shape[1], self.in_features)
 
     def _low_rank(self, x: torch.Tensor, nslots: int) -> torch.Tensor:
         """(M, nslots * rank): x's rows times the scaled A of the first nslots slots."""
-        a = self.lora_as[:nslots].reshape(nslots * self.lora_a.shape[1], self.in_features)
-        return x.reshape(-1, self.in_features) @ a.to(x.dtype).t()
+        return x.reshape(-1, self.in_features) @ self._scaled_a(nslots).to(x.dtype).t()
 
     def _add_terms(self, x, x_scale, y: torch.Tensor, terms: list[tuple[int, int]]) -> None:
         # One (M, r) product and one addmm_ per adapter: the addmm_ reads and writes all of y again.
@@ -302,7 +306,7 @@ class LoraLinear(Fp8Linear):
         if not nslots:
             return None
         rank, k = self.lora_a.shape[1], self.in_features
-        a = self.lora_as[:nslots].reshape(nslots * rank, k)
+        a = self._scaled_a(nslots)
         t, col = None, 0
         for part in parts:
             rows = part.reshape(-1, part.shape[-1])
@@ -358,6 +362,11 @@ class LoraLinear(Fp8Linear):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, slots={self.state.slots}"
+
+
+def _slots_read(terms: list[tuple[int, int]]) -> int:
+    """1 + the highest slot among (slot, rank) terms, 0 for none: the slots a K-append GEMM reads."""
+    return 1 + max((slot for slot, _ in terms), default=-1)
 
 
 def _aligned(width: int) -> int:

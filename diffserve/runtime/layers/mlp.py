@@ -41,9 +41,10 @@ def linear_concat(parts: list[torch.Tensor], linear: nn.Linear, split: bool | No
         split = parts[0].is_cuda
     if not split:
         return linear(torch.cat(parts, dim=-1))
-    if sum(part.shape[-1] for part in parts) != linear.in_features:
+    features = sum(part.shape[-1] for part in parts)
+    if features != linear.in_features:
         raise ValueError(
-            f"parts have {sum(p.shape[-1] for p in parts)} features in total, the linear layer takes {linear.in_features}"
+            f"parts have {features} features in total, the linear layer takes {linear.in_features}"
         )
     base = linear if lora is None else lora.base
     # The adapters' terms (layers/lora.py split_terms): the last part's GEMM widened to [part | t] when it
