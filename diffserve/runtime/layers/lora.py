@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffserve.kernels.fused_ops import linear_gelu
+from diffserve.kernels.lora_down import lora_down
 from diffserve.runtime.layers.fp8 import Fp8Linear, Quantized, _fused_groups, _set_submodule
 
 
@@ -277,10 +278,6 @@ class LoraLinear(Fp8Linear):
         """(nslots * rank, in): the scaled A of the first nslots slots, as the low-rank products read it."""
         return self.lora_as[:nslots].reshape(nslots * self.lora_a.shape[1], self.in_features)
 
-    def _low_rank(self, x: torch.Tensor, nslots: int) -> torch.Tensor:
-        """(M, nslots * rank): x's rows times the scaled A of the first nslots slots."""
-        return x.reshape(-1, self.in_features) @ self._scaled_a(nslots).to(x.dtype).t()
-
     def _add_terms(self, x, x_scale, y: torch.Tensor, terms: list[tuple[int, int]]) -> None:
         # One (M, r) product and one addmm_ per adapter: the addmm_ reads and writes all of y again.
         if isinstance(x, Quantized):
@@ -290,7 +287,8 @@ class LoraLinear(Fp8Linear):
             rows = rows.to(self.lora_a.dtype)
         y2 = y.view(-1, self.out_features)
         for slot, r in terms:
-            t = rows @ self.lora_as[slot, :r].t()  # (M, r), the scale folded in (LoraState.set)
+            # (M, r), the scale folded in (LoraState.set)
+            t = lora_down([rows], self.lora_as[slot, :r].to(rows.dtype), rows.new_empty(rows.shape[0], r))
             if x_scale is not None:
                 t = t * x_scale.reshape(-1, 1)
             y2.addmm_(t.to(y2.dtype), self.lora_bt[slot, :r].to(y2.dtype))
@@ -306,18 +304,14 @@ class LoraLinear(Fp8Linear):
         if not nslots:
             return None
         rank, k = self.lora_a.shape[1], self.in_features
-        a = self._scaled_a(nslots)
-        t, col = None, 0
-        for part in parts:
-            rows = part.reshape(-1, part.shape[-1])
-            cols = a[:, col : col + rows.shape[1]].to(rows.dtype).t()
-            t = rows @ cols if t is None else t.addmm_(rows, cols)
-            col += rows.shape[1]
+        rows = [part.reshape(-1, part.shape[-1]) for part in parts]
+        a = self._scaled_a(nslots).to(rows[0].dtype)
         wide = self._take(parts[-1])
         if wide is None:
+            t = lora_down(rows, a, rows[0].new_empty(rows[0].shape[0], nslots * rank))
             return t, self.lora_bt[:nslots].reshape(nslots * rank, self.out_features).t()
         last = parts[-1].shape[-1]
-        wide[:, last : last + nslots * rank].copy_(t)
+        lora_down(rows, a, wide[:, last : last + nslots * rank])
         return wide[:, : last + nslots * rank], self.wcat[: self.out_features, k - last : k + nslots * rank]
 
     def _forward_k_append(
@@ -330,20 +324,19 @@ class LoraLinear(Fp8Linear):
         pad: int,
     ) -> torch.Tensor:
         """y = [x | t] @ [W | B_0 .. B_{S-1}]^T + b, t = x @ (scale_s A_s)^T per slot s < S: one GEMM. The
-        join is a cat unless x came in a wide buffer (input_buffer, chain). pad: `pad` more output rows
-        of zeros, the output handed on to `next` as its wide input."""
+        pass computing t writes the join too, unless x came in a wide buffer (input_buffer, chain). pad:
+        `pad` more output rows of zeros, the output handed on to `next` as its wide input."""
         k, rank = self.in_features, self.lora_a.shape[1]
         width = k + nslots * rank
+        rows = x.reshape(-1, k)
         if not nslots:
-            buf = x.reshape(-1, k)
-        elif wide is not None:
-            wide[:, k:width].copy_(self._low_rank(x, nslots))
+            buf = rows
+        elif wide is not None:  # x is there already: t into the free columns
+            lora_down([rows], self._scaled_a(nslots).to(x.dtype), wide[:, k:width])
             buf = wide[:, :width]
-        else:
-            # Contiguous outputs and a cat: writing the GEMM into column slices of a wide buffer measured
-            # 2-3x slower (H200); the (M, S*rank) product is small, so copying it in (above) costs little.
-            rows = x.reshape(-1, k)
-            buf = torch.cat([rows, self._low_rank(rows, nslots)], dim=1)
+        else:  # the join: x copied in by the pass that reads it for t (kernels/lora_down.py)
+            buf = rows.new_empty(rows.shape[0], _aligned(width))[:, :width]
+            lora_down([rows], self._scaled_a(nslots).to(x.dtype), buf[:, k:], copy_to=buf[:, :k])
         rows_out = self.out_features + pad
         weight = self.wcat[:rows_out, :width]
         bias = self.base.bias if not pad or self.base.bias is None else self.bias_cat
@@ -371,11 +364,6 @@ def _slots_read(terms: list[tuple[int, int]]) -> int:
 
 def _aligned(width: int) -> int:
     return width + -width % 8  # 16-byte aligned rows (bf16) for cuBLAS
-
-
-def lora_active(layer: nn.Module) -> bool:
-    """Whether `layer` is a LoRA layer with an active adapter term."""
-    return isinstance(layer, LoraLinear) and layer._nslots() > 0
 
 
 def input_buffer(layer: nn.Module, like: torch.Tensor) -> torch.Tensor | None:

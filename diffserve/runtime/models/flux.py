@@ -22,7 +22,7 @@ from diffserve.runtime.layers.fp8 import (
     norm_modulate_quant,
     residual_norm_modulate_quant,
 )
-from diffserve.runtime.layers.lora import input_buffer, lora_active
+from diffserve.runtime.layers.lora import input_buffer
 from diffserve.runtime.layers.mlp import FeedForward, layer_gelu, linear_concat
 from diffserve.runtime.layers.modulation import (
     AdaLNProjection,
@@ -324,11 +324,9 @@ class FluxSingleBlock(nn.Module):
             mlp = self.proj_mlp(h.tokens(keep_from))
             out = self.proj_out(concat_gelu_quant(self.attn(h, rope, queries_from=keep_from), mlp))
         else:
-            # h in q|k|v's wide buffer only when the MLP input projection takes no adapter: else that layer
-            # would join a strided h (a cat ~6x slower than of a contiguous one: 59 us a block, H200)
-            qkv = self.attn._fp8_qkv("")
-            wide = None if lora_active(self.proj_mlp) else input_buffer(qkv, x)
-            x, h = _enter(x, pending, shift, scale, out=wide)
+            # h in q|k|v's wide buffer (with LoRA): the MLP input projection reads it there, strided, and
+            # with an adapter of its own joins it in the pass that reads it (kernels/lora_down.py)
+            x, h = _enter(x, pending, shift, scale, out=input_buffer(self.attn._fp8_qkv(""), x))
             mlp = layer_gelu(self.proj_mlp, h[:, keep_from:])
             out = linear_concat([self.attn(h, rope, queries_from=keep_from), mlp], self.proj_out)
         if defer:

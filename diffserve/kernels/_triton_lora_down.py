@@ -1,0 +1,137 @@
+"""The LoRA down-projection kernel of kernels/lora_down.py, imported only when Triton is there.
+
+t (M, N) = [x1 | x2] @ A^T with N small (slots x rank) and K large: the work is reading x once. A grid of
+M-tiles alone leaves most of the H200's 132 SMs idle (4096 rows / 64 = 64 programs), so K is split too:
+program (tile, s) multiplies columns [s*chunk, (s+1)*chunk) of each input and leaves its float32 partial
+in a workspace; the last of a tile's SPLIT programs to arrive (an atomic counter per tile) sums the
+partials, writes t rounded once, and sets the counter back to 0 for the next launch (so CUDA graphs replay
+it as is). With COPY the programs also store the x1 tile they loaded into C: the join of a K-append input
+[x | t] made in the same pass.
+
+Counters: one zeroed int32 buffer per device, made outside graph capture (a zeroing captured into a graph
+would not run eagerly); a launch during capture that would need a larger one runs unsplit instead. The
+launches of one device share it, so they must run in stream order: one worker drives each GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK_K = 128
+_MIN_COUNTERS = 1 << 16
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+@triton.jit
+def _lora_down_kernel(
+    X1, X2, A, T, C, WS, LOCK,
+    M, N, K1, K2, x1_row, x2_row, t_row, c_row, chunk1, chunk2,
+    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TWO: tl.constexpr, COPY: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    s = tl.program_id(1)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    rm = (tile // n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = (tile % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    row_in = (rm < M)[:, None]
+    col_in = (rn < N)[None, :]
+    rows = rm.to(tl.int64)[:, None]
+    a_cols = rn.to(tl.int64)[None, :] * (K1 + K2)  # A is (N, K1 + K2), contiguous
+    copy_in = (rm < tl.where(tile % n_blocks == 0, M, 0))[:, None]  # rows this program copies (COPY)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    lo = s * chunk1
+    hi = tl.minimum(lo + chunk1, K1)
+    for k0 in range(lo, hi, BLOCK_K):
+        k = k0 + rk
+        k_in = k < hi
+        x = tl.load(X1 + rows * x1_row + k[None, :], mask=row_in & k_in[None, :], other=0.0)
+        a = tl.load(A + a_cols + k[:, None], mask=k_in[:, None] & col_in, other=0.0)
+        acc = tl.dot(x, a, acc, input_precision=PRECISION)
+        if COPY:  # one N-tile's programs write the join (N > BLOCK_N: the first)
+            tl.store(C + rows * c_row + k[None, :], x, mask=copy_in & k_in[None, :])
+    if TWO:
+        lo = s * chunk2
+        hi = tl.minimum(lo + chunk2, K2)
+        for k0 in range(lo, hi, BLOCK_K):
+            k = k0 + rk
+            k_in = k < hi
+            x = tl.load(X2 + rows * x2_row + k[None, :], mask=row_in & k_in[None, :], other=0.0)
+            a = tl.load(A + a_cols + K1 + k[:, None], mask=k_in[:, None] & col_in, other=0.0)
+            acc = tl.dot(x, a, acc, input_precision=PRECISION)
+    out_ptr = T + rows * t_row + rn[None, :]
+    if SPLIT == 1:
+        tl.store(out_ptr, acc.to(T.dtype.element_ty), mask=row_in & col_in)
+    else:
+        tile_elems = BLOCK_M * BLOCK_N
+        offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tl.store(WS + (tile * SPLIT + s).to(tl.int64) * tile_elems + offs, acc)
+        tl.debug_barrier()  # every thread's partial stored before the counter says so (release, gpu scope)
+        arrived = tl.atomic_add(LOCK + tile, 1)
+        if arrived == SPLIT - 1:  # the last of the tile's programs: the others' partials are all there
+            for j in range(SPLIT):
+                if j != s:  # .cg: read at L2, where the other SMs' stores are (L1 may hold a stale line)
+                    ptr = WS + (tile * SPLIT + j).to(tl.int64) * tile_elems + offs
+                    acc += tl.load(ptr, cache_modifier=".cg")
+            tl.store(out_ptr, acc.to(T.dtype.element_ty), mask=row_in & col_in)
+            tl.atomic_xchg(LOCK + tile, 0)
+
+
+def _split(m_tiles: int, k: int, sms: int) -> int:
+    """Programs per tile along K: enough for two waves of programs over the SMs, each with four or more
+    k-steps of x to stream (fewer and the partials' traffic outweighs the parallelism)."""
+    want = triton.cdiv(2 * sms, m_tiles)
+    return max(1, min(want, k // (4 * _BLOCK_K), 16))
+
+
+def _counters_for(device: torch.device, tiles: int) -> torch.Tensor | None:
+    lock = _counters.get(device)
+    if lock is not None and lock.numel() >= tiles:
+        return lock
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    lock = torch.zeros(max(tiles, _MIN_COUNTERS), dtype=torch.int32, device=device)
+    _counters[device] = lock
+    return lock
+
+
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def lora_down_triton(parts, a, out, copy_to, block_m: int | None = None, split: int | None = None) -> None:
+    """kernels/lora_down.lora_down on CUDA: parts one or two (M, K_i) views, last dim contiguous; a (N, K)
+    contiguous; out (M, N) and copy_to (M, K_0) views with their last dim contiguous. block_m and split
+    override the choice made here (benchmarks/lora_down_rates.py sweeps them)."""
+    x1 = parts[0]
+    x2 = parts[1] if len(parts) > 1 else x1
+    m, n = out.shape
+    k1 = x1.shape[1]
+    k2 = parts[1].shape[1] if len(parts) > 1 else 0
+    block_n = min(128, max(16, triton.next_power_of_2(n)))
+    if block_m is None:
+        block_m = 64 if m >= 1024 else 16
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    if split is None:
+        split = _split(tiles, k1 + k2, _sms(out.device))
+    lock = _counters_for(out.device, tiles) if split > 1 else None
+    if lock is None:
+        split, lock = 1, out  # unused
+    ws = torch.empty(
+        tiles * split * block_m * block_n if split > 1 else 1, dtype=torch.float32, device=out.device
+    )
+
+    def chunk(k: int) -> int:
+        return triton.cdiv(triton.cdiv(k, split), _BLOCK_K) * _BLOCK_K
+
+    c = copy_to if copy_to is not None else out
+    _lora_down_kernel[(tiles, split)](
+        x1, x2, a, out, c, ws, lock,
+        m, n, k1, k2, x1.stride(0), x2.stride(0), out.stride(0), c.stride(0), chunk(k1), chunk(max(k2, 1)),
+        SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_BLOCK_K,
+        TWO=len(parts) > 1, COPY=copy_to is not None, num_warps=4, num_stages=3,
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # float32 in float32, as torch's matmul
+    )  # fmt: skip

@@ -1,0 +1,54 @@
+"""lora_down(parts, a, out, copy_to=None): a LoRA down-projection t = [part_0 | part_1 ..] @ a^T written into
+`out` (an (M, N) view, e.g. the free columns of a K-append layer's wide input: layers/lora.py), and, when
+copy_to is given, the one input copied there on the way (the join [x | t] in the same pass over x).
+
+Why a kernel: these products are memory-bound (N = slots x rank is tens of columns, x thousands wide), and
+cuBLAS ran them at 1.5-2.6 TB/s of the H200's ~4.8 (benchmarks/lora_down_rates.py, 2026-12-04): ~15 us a
+call whatever N, 209 calls in a rank-32 FLUX.1-dev forward. The Triton kernel (_triton_lora_down.py) splits
+K over enough programs to fill the GPU and writes t (and the copy of x) where the next GEMM reads it, so no
+cat or copy_ pass follows. Elsewhere (the CPU, no Triton, DIFFSERVE_FUSED_OPS=0) torch's matmul runs, with
+the values the layers computed before: parity with diffusers on the CPU is unchanged.
+
+Numerics: float32 accumulation, one rounding into out's dtype; cuBLAS does the same in another order, so
+the two differ by a rounding of out's dtype at most.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffserve.kernels.fused_ops import _use_triton
+
+
+def lora_down(
+    parts: list[torch.Tensor], a: torch.Tensor, out: torch.Tensor, copy_to: torch.Tensor | None = None
+) -> torch.Tensor:
+    """out (M, N) = sum_i parts[i] (M, K_i) @ a[:, K_0 + .. + K_{i-1} : .. + K_i]^T, a (N, sum K_i) in
+    the parts' dtype; copy_to (M, K_0), one part only: that part copied into it. Returns out."""
+    k = sum(p.shape[-1] for p in parts)
+    m = parts[0].shape[0]
+    if a.shape[1] != k or out.shape != (m, a.shape[0]) or any(p.shape[0] != m for p in parts):
+        raise ValueError(
+            f"lora_down: parts {[tuple(p.shape) for p in parts]}, a {tuple(a.shape)}, out {tuple(out.shape)}"
+        )
+    if copy_to is not None and (len(parts) != 1 or copy_to.shape != parts[0].shape):
+        raise ValueError("lora_down: copy_to takes the shape of a single part")
+    tensors = [*parts, a, out] + ([copy_to] if copy_to is not None else [])
+    if (
+        len(parts) <= 2
+        and all(t.dim() == 2 and t.stride(-1) == 1 and t.dtype == a.dtype for t in tensors)
+        and a.is_contiguous()
+        and _use_triton(*tensors)
+    ):
+        from diffserve.kernels._triton_lora_down import lora_down_triton
+
+        lora_down_triton(parts, a, out, copy_to)
+        return out
+    t, col = None, 0
+    for part in parts:
+        cols = a[:, col : col + part.shape[1]].t()
+        t = part @ cols if t is None else t.addmm_(part, cols)
+        col += part.shape[1]
+    if copy_to is not None:
+        copy_to.copy_(parts[0])
+    return out.copy_(t)

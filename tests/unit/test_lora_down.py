@@ -1,0 +1,92 @@
+"""kernels.lora_down: the LoRA down-projections (layers/lora.py). Off CUDA it is exactly the matmuls the layers
+ran before (so CPU parity with diffusers is untouched); on CUDA the Triton kernel, split along K or not, is
+held to a float64 reference, writes the join copy exactly, nothing outside its views, and replays under a
+CUDA graph (its split counters set back to zero by every launch)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffserve.kernels.lora_down import lora_down
+from tests.unit.gpu_helpers import needs_cuda_triton, rel_err
+
+
+def _inputs(device, dtype, m, ks, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # strided rows (a view of a wider matrix), as the layers pass h out of a wide buffer
+    parts = [torch.randn(m, k + 8, generator=g)[:, :k].to(device, dtype) for k in ks]
+    a = (torch.randn(n, sum(ks), generator=g) / sum(ks) ** 0.5).to(device, dtype)
+    return parts, a
+
+
+def test_cpu_is_the_matmuls():
+    parts, a = _inputs("cpu", torch.float32, 37, [48, 80], 24)
+    out = torch.full((37, 24), float("nan"))
+    assert lora_down(parts, a, out) is out
+    assert torch.equal(out, (parts[0] @ a[:, :48].t()).addmm_(parts[1], a[:, 48:].t()))
+    wide = torch.zeros(37, 48 + 24 + 3)
+    lora_down(parts[:1], a[:, :48], wide[:, 48:72], copy_to=wide[:, :48])
+    assert torch.equal(wide[:, :48], parts[0]) and torch.equal(wide[:, 48:72], parts[0] @ a[:, :48].t())
+    assert (wide[:, 72:] == 0).all()
+
+
+def test_bad_shapes_are_errors():
+    parts, a = _inputs("cpu", torch.float32, 5, [16], 4)
+    with pytest.raises(ValueError, match="lora_down"):
+        lora_down(parts, a, torch.empty(5, 3))
+    with pytest.raises(ValueError, match="copy_to"):
+        lora_down(parts, a, torch.empty(5, 4), copy_to=torch.empty(5, 15))
+
+
+# Bounds: bf16 output rounded once (2^-9 relative per element) after a float32 sum of K products (K * 2^-24,
+# < 1e-3 at K = 15,360): 4e-3 on the norm. float32 in float32 (ieee dot): the sum's rounding, K * 2^-24 at
+# most, well below 1e-5 at these K.
+TOL = {torch.bfloat16: 4e-3, torch.float32: 1e-5}
+
+
+@needs_cuda_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "m, ks, n, block_m, split",
+    [
+        (4096, [3072], 96, None, None),  # FLUX.1-dev q|k|v, one rank-32 adapter: split along K
+        (4608, [3072, 12288], 32, None, None),  # the single block's output projection, two parts
+        (512, [3072], 64, 16, 1),
+        (300, [1000], 200, 64, 3),  # two N tiles, ragged M and K
+        (17, [130, 70], 17, None, 5),  # more splits than k-steps: empty programs still count in
+    ],
+)
+def test_cuda_kernel_matches_float64(dtype, m, ks, n, block_m, split):
+    from diffserve.kernels._triton_lora_down import lora_down_triton
+
+    parts, a = _inputs("cuda", dtype, m, ks, n)
+    ref = sum(p.double() @ a_part.double().t() for p, a_part in zip(parts, a.split(ks, dim=1), strict=True))
+    copy = len(ks) == 1
+    wide = torch.zeros(m, ks[0] + n + 8, device="cuda", dtype=dtype)
+    out = wide[:, ks[0] : ks[0] + n]
+    for _ in range(2):  # the counters left at zero: a second launch is as right as the first
+        wide.zero_()
+        lora_down_triton(parts, a, out, wide[:, : ks[0]] if copy else None, block_m=block_m, split=split)
+        assert rel_err(out, ref) < TOL[dtype]
+        if copy:
+            assert torch.equal(wide[:, : ks[0]], parts[0])
+        assert (wide[:, ks[0] + n :] == 0).all()
+
+
+@needs_cuda_triton
+def test_cuda_graph_replays_the_split_kernel():
+    parts, a = _inputs("cuda", torch.bfloat16, 4096, [3072], 32)
+    out = torch.empty(4096, 32, device="cuda", dtype=torch.bfloat16)
+    lora_down(parts, a, out)  # eager first: the counters exist before capture
+    eager = out.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        lora_down(parts, a, out)
+    for seed in (1, 2):
+        new, _ = _inputs("cuda", torch.bfloat16, 4096, [3072], 32, seed=seed)
+        parts[0].copy_(new[0])
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, parts[0].double() @ a.double().t()) < TOL[torch.bfloat16]
+    assert not torch.equal(out, eager)
