@@ -1,11 +1,15 @@
 """The LoRA down-projections of a FLUX.1-dev forward (t = x A^T: M tokens, K inputs, N = slots x rank
-columns), each timed alone in three operand layouts: what the ~4.6 ms they take in a rank-32 forward
-(benchmarks/RESULTS.md, issue 20) could become. They are memory-bound (x is read once, N is small), so the
-figure of merit is x's bytes over the time against the H200's ~4.8 TB/s.
+columns), each timed alone: cuBLAS in three operand layouts against our Triton kernel (kernels/lora_down.py),
+alone and writing the join [x | t] of a K-append input (against the torch.cat the layers used before it).
+They are memory-bound (x is read once, N is small), so the figure of merit is x's bytes over the time
+against the H200's ~4.8 TB/s.
 
-  x@A^T    A (N, K) as stored (layers/lora.py: lora_as), the product as the layers compute it now
-  x@At     A^T stored (K, N) contiguous
-  (A x^T)^T  the transposed product, N rows by M columns, read back transposed
+  x@A^T      cuBLAS, A (N, K) as stored (layers/lora.py: lora_as)
+  x@At       cuBLAS, A^T stored (K, N) contiguous
+  (A x^T)^T  cuBLAS, the transposed product, N rows by M columns, read back transposed
+  ours       kernels/_triton_lora_down.py at its own choice of tile and K split (--sweep: every choice)
+  cat join   torch.cat([x, x @ A^T]): the K-append input as the layers built it before our kernel
+  ours+join  ours, writing t and the copy of x into one wide buffer
 
 Then the K-append GEMMs themselves (layers/lora.py): FLUX's q|k|v and MLP-input GEMMs with their weight a
 view of the wider wcat buffer and K grown by 0, 32, 64, 96 or 128 low-rank columns (the MLP input also with
@@ -15,7 +19,7 @@ another alignment of K or N (multiples of 64: whole k-tiles) would cost less.
 Timed by triton.testing.do_bench (median; the L2 cache flushed before each call: x as if just written by
 another kernel is not assumed to be cached).
 
-    python benchmarks/lora_down_rates.py [--record]
+    python benchmarks/lora_down_rates.py [--record] [--sweep] [--no-k-append]
 """
 
 from __future__ import annotations
@@ -31,56 +35,84 @@ from record import record  # noqa: E402
 
 # (label, M, K, N, calls per forward) at 1024^2, one rank-32 adapter in diffusers/PEFT layout (q|k|v fused: 96)
 SHAPES = [
-    ("dual img q|k|v", 4096, 3072, 96, 19),
-    ("dual img out / MLP in", 4096, 3072, 32, 38),
-    ("dual img MLP out", 4096, 12288, 32, 19),
-    ("dual txt q|k|v", 512, 3072, 96, 19),
-    ("single q|k|v", 4608, 3072, 96, 38),
-    ("single MLP in", 4608, 3072, 32, 38),
-    ("single out (MLP part)", 4608, 12288, 32, 38),
+    ("dual img q|k|v", 4096, [3072], 96, 19),
+    ("dual img out / MLP in", 4096, [3072], 32, 38),
+    ("dual img MLP out", 4096, [12288], 32, 19),
+    ("dual txt q|k|v", 512, [3072], 96, 19),
+    ("single q|k|v", 4608, [3072], 96, 38),
+    ("single MLP in", 4608, [3072], 32, 38),
+    ("single out (both parts)", 4608, [3072, 12288], 32, 38),
 ]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--record", action="store_true", help="append rows to benchmarks/results.jsonl")
+    p.add_argument("--sweep", action="store_true", help="also time our kernel at each (block_m, split)")
+    p.add_argument("--no-k-append", action="store_true", help="skip the K-append GEMM table")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("lora_down_rates.py: needs a CUDA GPU")
         return 1
     from triton.testing import do_bench
 
+    from diffserve.kernels._triton_lora_down import lora_down_triton
+
     bf16 = torch.bfloat16
-    print(
-        "| down-projection | M x K x N | per fwd | "
-        + " | ".join(f"{v} us (TB/s)" for v in ("x@A^T", "x@At", "(A x^T)^T"))
-        + " |"
-    )
-    print("|---|---|---:|---:|---:|---:|")
-    totals = [0.0, 0.0, 0.0]
-    for label, m, k, n, count in SHAPES:
-        x = torch.randn(m, k, device="cuda", dtype=bf16)
+    impls = ("x@A^T", "x@At", "(A x^T)^T", "ours", "cat join", "ours+join")
+    print("| down-projection | M x K x N | per fwd | " + " | ".join(f"{v} us (TB/s)" for v in impls) + " |")
+    print("|---|---|---:|" + "---:|" * len(impls))
+    totals = [0.0] * len(impls)
+    for label, m, ks, n, count in SHAPES:
+        parts = [torch.randn(m, k, device="cuda", dtype=bf16) for k in ks]
+        k = sum(ks)
         a = torch.randn(n, k, device="cuda", dtype=bf16)
         at = a.t().contiguous()
-        fns = (lambda x=x, a=a: x @ a.t(), lambda x=x, at=at: x @ at, lambda x=x, a=a: (a @ x.t()).t())
+        x = parts[0] if len(ks) == 1 else torch.cat(parts, 1)
+        wide = torch.empty(m, k + n, device="cuda", dtype=bf16)
+        out = torch.empty(m, n, device="cuda", dtype=bf16)
+        fns = [
+            lambda x=x, a=a: x @ a.t(),
+            lambda x=x, at=at: x @ at,
+            lambda x=x, a=a: (a @ x.t()).t(),
+            lambda parts=parts, a=a, out=out: lora_down_triton(parts, a, out, None),
+        ]
+        if len(ks) == 1:  # the join [x | t] of a K-append input: what the layers built before, and ours
+            fns += [
+                lambda x=x, a=a: torch.cat([x, x @ a.t()], 1),
+                lambda x=x, a=a, t=wide[:, k:], c=wide[:, :k]: lora_down_triton([x], a, t, c),
+            ]
         us = [do_bench(fn, return_mode="median") * 1e3 for fn in fns]
+        us += [float("nan")] * (len(impls) - len(us))
         for i, u in enumerate(us):
-            totals[i] += u * count / 1e3
+            totals[i] += u * count / 1e3 if u == u else 0.0
         rates = [m * k * 2 / (u * 1e-6) / 1e12 for u in us]
         print(
             f"| {label} | {m}x{k}x{n} | {count} | "
             + " | ".join(f"{u:.1f} ({r:.2f})" for u, r in zip(us, rates, strict=True))
             + " |"
         )
+        if args.sweep:
+            timed = []
+            for bm in (16, 32, 64, 128):
+                for split in (1, 2, 3, 4, 6, 8, 12):
+                    fn = lambda parts=parts, a=a, out=out, bm=bm, split=split: lora_down_triton(  # noqa: E731
+                        parts, a, out, None, block_m=bm, split=split
+                    )
+                    timed.append((do_bench(fn, return_mode="median") * 1e3, bm, split))
+            timed.sort()
+            print(
+                "    sweep, fastest (us, block_m, split): "
+                + ", ".join(f"{u:.1f} {bm} {sp}" for u, bm, sp in timed[:5])
+            )
         if args.record:
-            for impl, u in zip(("x@A^T", "x@At", "(A x^T)^T"), us, strict=True):
-                record(f"lora_down_{label.replace(' ', '_')}_{m}x{k}x{n}", impl, u / 1e3, 2 * m * k * n / (u * 1e-6) / 1e12,
-                       tb_per_s=round(m * k * 2 / (u * 1e-6) / 1e12, 3), calls_per_forward=count)  # fmt: skip
-    print(
-        "ms per forward: "
-        + ", ".join(f"{v} {t:.2f}" for v, t in zip(("x@A^T", "x@At", "(A x^T)^T"), totals, strict=True))
-    )
-    k_append(do_bench, args.record)
+            for impl, u in zip(impls, us, strict=True):
+                if u == u:
+                    record(f"lora_down_{label.replace(' ', '_')}_{m}x{k}x{n}", impl, u / 1e3, 2 * m * k * n / (u * 1e-6) / 1e12,
+                           tb_per_s=round(m * k * 2 / (u * 1e-6) / 1e12, 3), calls_per_forward=count)  # fmt: skip
+    print("ms per forward: " + ", ".join(f"{v} {t:.2f}" for v, t in zip(impls, totals, strict=True)))
+    if not args.no_k_append:
+        k_append(do_bench, args.record)
     return 0
 
 
