@@ -509,3 +509,29 @@ def test_lora_chain_into_the_last_part_of_a_split_projection():
     cat = torch.cat([attn, hidden], dim=-1).double()
     w, b = out.base.weight.double(), out.base.bias.double()
     _close(got, cat @ w.t() + b + 0.9 * (cat @ fa[0].double().t()) @ fa[1].double())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_flux_lora_on_cuda_kernels_match_the_torch_path(tiny_flux_dir, flux_loras):
+    """On CUDA the layers' down-projections (and joins) run kernels/lora_down.py's Triton kernel, under CUDA
+    graphs; the same requests with the fused ops off (torch's matmuls, the path the CPU parity above holds
+    to diffusers) give the same pixels: float32 both ways, ieee float32 dots, so 1 level of rounding."""
+    from diffserve.kernels import fused_ops
+
+    d, _ = flux_loras
+    loras = (f"style={d / 'style.safetensors'}", f"kohya={d / 'kohya.safetensors'}")
+    runner = load_runner(RuntimeConfig(str(tiny_flux_dir), "cuda", dtype="float32", loras=loras))
+    reqs = [
+        GenerationRequest(**FLUX_KW, extra={"lora": {"style": 0.7}}),
+        GenerationRequest(**FLUX_KW, extra={"lora": {"kohya": 1.0, "style": -0.5}}),
+        GenerationRequest(**FLUX_KW),
+    ]
+    fast = [_pixels(runner.generate(r).images) for r in reqs]
+    fused_ops.set_fused_ops(False)
+    try:
+        slow = [_pixels(runner.generate(r).images) for r in reqs]
+    finally:
+        fused_ops.set_fused_ops(None)
+    for a, b in zip(fast, slow, strict=True):
+        assert np.abs(a - b).max() <= 1
+    assert np.abs(fast[0] - fast[2]).max() > VISIBLE and np.abs(fast[1] - fast[0]).max() > VISIBLE
