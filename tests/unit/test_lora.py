@@ -520,18 +520,20 @@ def test_flux_lora_on_cuda_kernels_match_the_torch_path(tiny_flux_dir, flux_lora
 
     d, _ = flux_loras
     loras = (f"style={d / 'style.safetensors'}", f"kohya={d / 'kohya.safetensors'}")
-    runner = load_runner(RuntimeConfig(str(tiny_flux_dir), "cuda", dtype="float32", loras=loras))
     reqs = [
         GenerationRequest(**FLUX_KW, extra={"lora": {"style": 0.7}}),
         GenerationRequest(**FLUX_KW, extra={"lora": {"kohya": 1.0, "style": -0.5}}),
         GenerationRequest(**FLUX_KW),
     ]
-    fast = [_pixels(runner.generate(r).images) for r in reqs]
-    fused_ops.set_fused_ops(False)
-    try:
-        slow = [_pixels(runner.generate(r).images) for r in reqs]
-    finally:
-        fused_ops.set_fused_ops(None)
+    pictures = {}
+    for fused in (True, False):  # a runner each: CUDA graphs captured with the kernels replay them
+        fused_ops.set_fused_ops(fused)
+        try:
+            runner = load_runner(RuntimeConfig(str(tiny_flux_dir), "cuda", dtype="float32", loras=loras))
+            pictures[fused] = [_pixels(runner.generate(r).images) for r in reqs]
+        finally:
+            fused_ops.set_fused_ops(None)
+    fast, slow = pictures[True], pictures[False]
     for a, b in zip(fast, slow, strict=True):
         assert np.abs(a - b).max() <= 1
     assert np.abs(fast[0] - fast[2]).max() > VISIBLE and np.abs(fast[1] - fast[0]).max() > VISIBLE
