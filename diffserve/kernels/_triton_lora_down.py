@@ -15,6 +15,8 @@ launches of one device share it, so they must run in stream order: one worker dr
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -25,11 +27,25 @@ _counters: dict[torch.device, torch.Tensor] = {}
 
 
 @triton.jit
+def _tiles(x_rows, a_cols, k, hi, row_in, col_in, EVEN_K: tl.constexpr):
+    """The (BLOCK_M, BLOCK_K) tile of x and (BLOCK_K, BLOCK_N) tile of A^T at columns k. EVEN_K (K a
+    multiple of BLOCK_K, so every chunk is whole k-steps): no mask along k, which lets the loads vectorise
+    (a mask varying along the contiguous dim makes them element by element)."""
+    if EVEN_K:
+        x = tl.load(x_rows + k[None, :], mask=row_in, other=0.0)
+        a = tl.load(a_cols + k[:, None], mask=col_in, other=0.0)
+    else:
+        x = tl.load(x_rows + k[None, :], mask=row_in & (k < hi)[None, :], other=0.0)
+        a = tl.load(a_cols + k[:, None], mask=(k < hi)[:, None] & col_in, other=0.0)
+    return x, a
+
+
+@triton.jit
 def _lora_down_kernel(
     X1, X2, A, T, C, WS, LOCK,
     M, N, K1, K2, x1_row, x2_row, t_row, c_row, chunk1, chunk2,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    TWO: tl.constexpr, COPY: tl.constexpr, PRECISION: tl.constexpr,
+    TWO: tl.constexpr, COPY: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     s = tl.program_id(1)
@@ -47,20 +63,19 @@ def _lora_down_kernel(
     hi = tl.minimum(lo + chunk1, K1)
     for k0 in range(lo, hi, BLOCK_K):
         k = k0 + rk
-        k_in = k < hi
-        x = tl.load(X1 + rows * x1_row + k[None, :], mask=row_in & k_in[None, :], other=0.0)
-        a = tl.load(A + a_cols + k[:, None], mask=k_in[:, None] & col_in, other=0.0)
+        x, a = _tiles(X1 + rows * x1_row, A + a_cols, k, hi, row_in, col_in, EVEN_K)
         acc = tl.dot(x, a, acc, input_precision=PRECISION)
         if COPY:  # one N-tile's programs write the join (N > BLOCK_N: the first)
-            tl.store(C + rows * c_row + k[None, :], x, mask=copy_in & k_in[None, :])
+            if EVEN_K:
+                tl.store(C + rows * c_row + k[None, :], x, mask=copy_in)
+            else:
+                tl.store(C + rows * c_row + k[None, :], x, mask=copy_in & (k < hi)[None, :])
     if TWO:
         lo = s * chunk2
         hi = tl.minimum(lo + chunk2, K2)
         for k0 in range(lo, hi, BLOCK_K):
             k = k0 + rk
-            k_in = k < hi
-            x = tl.load(X2 + rows * x2_row + k[None, :], mask=row_in & k_in[None, :], other=0.0)
-            a = tl.load(A + a_cols + K1 + k[:, None], mask=k_in[:, None] & col_in, other=0.0)
+            x, a = _tiles(X2 + rows * x2_row, A + a_cols + K1, k, hi, row_in, col_in, EVEN_K)
             acc = tl.dot(x, a, acc, input_precision=PRECISION)
     out_ptr = T + rows * t_row + rn[None, :]
     if SPLIT == 1:
@@ -98,6 +113,7 @@ def _counters_for(device: torch.device, tiles: int) -> torch.Tensor | None:
     return lock
 
 
+@functools.cache
 def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -133,5 +149,6 @@ def lora_down_triton(parts, a, out, copy_to, block_m: int | None = None, split: 
         m, n, k1, k2, x1.stride(0), x2.stride(0), out.stride(0), c.stride(0), chunk(k1), chunk(max(k2, 1)),
         SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_BLOCK_K,
         TWO=len(parts) > 1, COPY=copy_to is not None, num_warps=4, num_stages=3,
-        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # float32 in float32, as torch's matmul
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        EVEN_K=k1 % _BLOCK_K == 0 and k2 % _BLOCK_K == 0,  # float32 in float32, as torch's matmul
     )  # fmt: skip
