@@ -107,6 +107,24 @@ def main(argv=None) -> int:
                 "    sweep, fastest (us, block_m, split): "
                 + ", ".join(f"{u:.1f} {bm} {sp}" for u, bm, sp in timed[:5])
             )
+            if label not in _SWEEP_MORE:
+                continue
+            _, bm, split = timed[0]
+            timed = []
+            for bk in (64, 128, 256):
+                for stages in (2, 3, 4, 5):
+                    for warps in (4, 8):
+                        kw = dict(block_m=bm, split=split, block_k=bk, num_stages=stages, num_warps=warps)
+                        fn = lambda d, kw=kw: lora_down_triton(d["parts"], d["a"], d["out"], None, **kw)  # noqa: E731
+                        try:
+                            timed.append((_graph_us(fn, sets), bk, stages, warps))
+                        except Exception as e:  # shared memory exceeded at this many stages: skip it
+                            print(f"    block_k {bk} stages {stages} warps {warps}: {type(e).__name__}")
+            timed.sort()
+            print(
+                f"    at block_m {bm} split {split}, fastest (us, block_k, stages, warps): "
+                + ", ".join(f"{u:.1f} {bk} {st} {w}" for u, bk, st, w in timed[:5])
+            )
         if args.record:
             for impl, u in zip(impls, us, strict=True):
                 if u == u:
@@ -118,6 +136,7 @@ def main(argv=None) -> int:
     return 0
 
 
+_SWEEP_MORE = ("dual img q|k|v", "dual img out / MLP in", "dual img MLP out")  # --sweep: stages, warps too
 _L2_DEFEAT = 160 << 20  # bytes of inputs cycled through per timing: over the H200's 50 MB L2 three times
 
 

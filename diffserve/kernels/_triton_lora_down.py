@@ -118,10 +118,12 @@ def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def lora_down_triton(parts, a, out, copy_to, block_m: int | None = None, split: int | None = None) -> None:
+def lora_down_triton(
+    parts, a, out, copy_to, block_m=None, split=None, block_k=_BLOCK_K, num_warps=4, num_stages=3
+) -> None:
     """kernels/lora_down.lora_down on CUDA: parts one or two (M, K_i) views, last dim contiguous; a (N, K)
-    contiguous; out (M, N) and copy_to (M, K_0) views with their last dim contiguous. block_m and split
-    override the choice made here (benchmarks/lora_down_rates.py sweeps them)."""
+    contiguous; out (M, N) and copy_to (M, K_0) views with their last dim contiguous. block_m, split and
+    the rest override the choices made here (benchmarks/lora_down_rates.py sweeps them)."""
     x1 = parts[0]
     x2 = parts[1] if len(parts) > 1 else x1
     m, n = out.shape
@@ -141,14 +143,14 @@ def lora_down_triton(parts, a, out, copy_to, block_m: int | None = None, split: 
     )
 
     def chunk(k: int) -> int:
-        return triton.cdiv(triton.cdiv(k, split), _BLOCK_K) * _BLOCK_K
+        return triton.cdiv(triton.cdiv(k, split), block_k) * block_k
 
     c = copy_to if copy_to is not None else out
     _lora_down_kernel[(tiles, split)](
         x1, x2, a, out, c, ws, lock,
         m, n, k1, k2, x1.stride(0), x2.stride(0), out.stride(0), c.stride(0), chunk(k1), chunk(max(k2, 1)),
-        SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_BLOCK_K,
-        TWO=len(parts) > 1, COPY=copy_to is not None, num_warps=4, num_stages=3,
-        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        EVEN_K=k1 % _BLOCK_K == 0 and k2 % _BLOCK_K == 0,  # float32 in float32, as torch's matmul
+        SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        TWO=len(parts) > 1, COPY=copy_to is not None, num_warps=num_warps, num_stages=num_stages,
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # float32 in float32, as torch's matmul
+        EVEN_K=k1 % block_k == 0 and k2 % block_k == 0,
     )  # fmt: skip
