@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 
 _BLOCK_K = 128
+_SMEM = 200 << 10  # shared memory a program's stages may take (an H100/H200 SM has 228 KB)
+_SMEM_SM = 228 << 10
 _MIN_COUNTERS = 1 << 16
 _counters: dict[torch.device, torch.Tensor] = {}
 
@@ -95,11 +97,18 @@ def _lora_down_kernel(
             tl.atomic_xchg(LOCK + tile, 0)
 
 
-def _split(m_tiles: int, k: int, sms: int) -> int:
-    """Programs per tile along K: enough for two waves of programs over the SMs, each with four or more
+def _config(m: int, n: int, k: int, elem: int, sms: int) -> tuple[int, int, int, int]:
+    """(block_m, block_n, stages, split) by the sweep of benchmarks/lora_down_rates.py (H200, 2026-12-04):
+    4 stages of 128-wide k-steps, and K split so that all programs are resident at once (one wave: a
+    second wave measured slower, e.g. 21.1 against 15.9 us at 4096x3072x96), each keeping four or more
     k-steps of x to stream (fewer and the partials' traffic outweighs the parallelism)."""
-    want = triton.cdiv(2 * sms, m_tiles)
-    return max(1, min(want, k // (4 * _BLOCK_K), 16))
+    block_n = min(128, max(16, triton.next_power_of_2(n)))
+    block_m = 64 if m >= 1024 else 32
+    stages = max(2, min(4, _SMEM // ((block_m + block_n) * _BLOCK_K * elem)))
+    resident = max(1, _SMEM_SM // (stages * (block_m + block_n) * _BLOCK_K * elem))
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    split = max(1, min(resident * sms // tiles, k // (4 * _BLOCK_K), 16))
+    return block_m, block_n, stages, split
 
 
 def _counters_for(device: torch.device, tiles: int) -> torch.Tensor | None:
@@ -119,22 +128,21 @@ def _sms(device: torch.device) -> int:
 
 
 def lora_down_triton(
-    parts, a, out, copy_to, block_m=None, split=None, block_k=_BLOCK_K, num_warps=4, num_stages=3
-) -> None:
+    parts, a, out, copy_to, block_m=None, split=None, block_k=_BLOCK_K, num_warps=4, num_stages=None
+):
     """kernels/lora_down.lora_down on CUDA: parts one or two (M, K_i) views, last dim contiguous; a (N, K)
     contiguous; out (M, N) and copy_to (M, K_0) views with their last dim contiguous. block_m, split and
-    the rest override the choices made here (benchmarks/lora_down_rates.py sweeps them)."""
+    the rest override the choices of _config (benchmarks/lora_down_rates.py sweeps them)."""
     x1 = parts[0]
     x2 = parts[1] if len(parts) > 1 else x1
     m, n = out.shape
     k1 = x1.shape[1]
     k2 = parts[1].shape[1] if len(parts) > 1 else 0
-    block_n = min(128, max(16, triton.next_power_of_2(n)))
-    if block_m is None:
-        block_m = 64 if m >= 1024 else 16
+    bm, block_n, stages, sp = _config(m, n, k1 + k2, a.element_size(), _sms(out.device))
+    block_m = block_m or bm
+    split = split or sp
+    num_stages = num_stages or stages
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    if split is None:
-        split = _split(tiles, k1 + k2, _sms(out.device))
     lock = _counters_for(out.device, tiles) if split > 1 else None
     if lock is None:
         split, lock = 1, out  # unused
