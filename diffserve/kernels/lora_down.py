@@ -19,41 +19,58 @@ import torch
 
 from diffserve.kernels.fused_ops import _use_triton
 
-# Wider products (q|k|v's 96 columns of a rank-32 adapter, or several adapters) read A once per row tile
-# and ran slower in our kernel than in cuBLAS (14.3 against 11.4 us at 4096x3072x96, H200): cuBLAS there.
+# Wider products (q|k|v's 96 columns of a rank-32 adapter, or several adapters) ran slower in our kernel
+# than in cuBLAS (14.3 against 11.4 us at 4096x3072x96, H200): cuBLAS there, unless the kernel also does
+# what would be another pass (the join of x, a second output: 20.1 us against a cat's 24.9).
 _TRITON_MAX_N = 64
 
 
 def lora_down(
-    parts: list[torch.Tensor], a: torch.Tensor, out: torch.Tensor, copy_to: torch.Tensor | None = None
+    parts: list[torch.Tensor],
+    a: torch.Tensor,
+    out: torch.Tensor,
+    copy_to: torch.Tensor | None = None,
+    a2: torch.Tensor | None = None,
+    out2: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """out (M, N) = sum_i parts[i] (M, K_i) @ a[:, K_0 + .. + K_{i-1} : .. + K_i]^T, a (N, sum K_i) in
-    the parts' dtype; copy_to (M, K_0), one part only: that part copied into it. Returns out."""
+    """out (M, N) = sum_i parts[i] (M, K_i) @ a[:, K_0 + .. + K_{i-1} : .. + K_i]^T, a (N, sum K_i) in the
+    parts' dtype; with a2 (N2, K) and out2 (M, N2) also out2 = x @ a2^T in the same pass over x (two layers
+    reading the same input, one part). copy_to (M, K_0), one part only: that part copied into it.
+    Returns out."""
     k = sum(p.shape[-1] for p in parts)
     m = parts[0].shape[0]
-    if a.shape[1] != k or out.shape != (m, a.shape[0]) or any(p.shape[0] != m for p in parts):
+    if (a2 is None) != (out2 is None) or (a2 is not None and len(parts) != 1):
+        raise ValueError("lora_down: a2 and out2 go together, with a single part")
+    pairs = [(a, out)] + ([(a2, out2)] if a2 is not None else [])
+    if any(w.shape[1] != k or o.shape != (m, w.shape[0]) for w, o in pairs) or any(
+        p.shape[0] != m for p in parts
+    ):
         raise ValueError(
-            f"lora_down: parts {[tuple(p.shape) for p in parts]}, a {tuple(a.shape)}, out {tuple(out.shape)}"
+            f"lora_down: parts {[tuple(p.shape) for p in parts]}, "
+            + ", ".join(f"a {tuple(w.shape)} out {tuple(o.shape)}" for w, o in pairs)
         )
     if copy_to is not None and (len(parts) != 1 or copy_to.shape != parts[0].shape):
         raise ValueError("lora_down: copy_to takes the shape of a single part")
-    tensors = [*parts, a, out] + ([copy_to] if copy_to is not None else [])
+    tensors = [*parts, *(t for pair in pairs for t in pair)] + ([copy_to] if copy_to is not None else [])
+    n = sum(w.shape[0] for w, _ in pairs)
     if (
         len(parts) <= 2
-        and a.shape[0] <= _TRITON_MAX_N
+        and (n <= _TRITON_MAX_N or copy_to is not None or a2 is not None)
         and all(t.dim() == 2 and t.stride(-1) == 1 and t.dtype == a.dtype for t in tensors)
-        and a.is_contiguous()
+        and all(w.is_contiguous() for w, _ in pairs)
         and _use_triton(*tensors)
     ):
         from diffserve.kernels._triton_lora_down import lora_down_triton
 
-        lora_down_triton(parts, a, out, copy_to)
+        lora_down_triton(parts, a, out, copy_to, a2, out2)
         return out
-    t, col = None, 0
-    for part in parts:
-        cols = a[:, col : col + part.shape[1]].t()
-        t = part @ cols if t is None else t.addmm_(part, cols)
-        col += part.shape[1]
+    for w, o in pairs:
+        t, col = None, 0
+        for part in parts:
+            cols = w[:, col : col + part.shape[1]].t()
+            t = part @ cols if t is None else t.addmm_(part, cols)
+            col += part.shape[1]
+        o.copy_(t)
     if copy_to is not None:
         copy_to.copy_(parts[0])
-    return out.copy_(t)
+    return out
