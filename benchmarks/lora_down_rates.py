@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--record", action="store_true", help="append rows to benchmarks/results.jsonl")
     p.add_argument("--sweep", action="store_true", help="also time our kernel at each (block_m, split)")
     p.add_argument("--no-k-append", action="store_true", help="skip the K-append GEMM table")
+    p.add_argument("--n-append", action="store_true", help="also the N-append table of the MLP outputs")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("lora_down_rates.py: needs a CUDA GPU")
@@ -133,6 +134,8 @@ def main(argv=None) -> int:
     print("ms per forward: " + ", ".join(f"{v} {t:.2f}" for v, t in zip(impls, totals, strict=True)))
     if not args.no_k_append:
         k_append(do_bench, args.record)
+    if args.n_append:
+        n_append(args.record)
     return 0
 
 
@@ -186,6 +189,72 @@ def k_append(do_bench, record_rows: bool) -> None:
             for (kk, nn), u in zip(cases, us, strict=True):
                 record(f"lora_k_append_{label.replace(' ', '_')}_{m}x{k}x{n}", f"K={kk} N={nn}", u / 1e3,
                        2 * m * kk * nn / (u * 1e-6) / 1e12, over_k0=round(u / us[0] - 1, 4))  # fmt: skip
+
+
+def n_append(record_rows: bool) -> None:
+    """The MLP output projections (in 12,288 or 3,072 + 12,288 > out 3,072), rank-32 adapter, three ways:
+    base (no adapter); as the layers run them now (our down-projection of the GELU output, then the
+    K-append GEMM over [g | t]); N-append (A's rows appended to W's: one GEMM writes [y | t], reading g once,
+    then y += t B^T, an addmm_ over y)."""
+    print("\nMLP output projections with a rank-32 adapter: us (% over base), graphed, inputs beyond L2")
+    print("| projection | M x K x N | base | K-append now | N-append + addmm_ |")
+    print("|---|---|---:|---:|---:|")
+    for label, m, ks in (("dual MLP out", 4096, [12288]), ("single out", 4608, [3072, 12288])):
+        us = _n_append_case(m, ks)
+        k, n = sum(ks), 3072
+        print(
+            f"| {label} | {m}x{k}x{n} | {us[0]:.1f} | "
+            + " | ".join(f"{u:.1f} ({100 * (u / us[0] - 1):+.1f}%)" for u in us[1:])
+            + " |"
+        )
+        if record_rows:
+            for impl, u in zip(("base", "K-append now", "N-append + addmm_"), us, strict=True):
+                record(f"lora_n_append_{label.replace(' ', '_')}_{m}x{k}x{n}", impl, u / 1e3, 2 * m * k * n / (u * 1e-6) / 1e12,
+                       over_base=round(u / us[0] - 1, 4))  # fmt: skip
+
+
+def _n_append_case(m: int, ks: list[int], n: int = 3072, rank: int = 32) -> list[float]:
+    from diffserve.kernels._triton_lora_down import lora_down_triton
+
+    bf16, dev, linear = torch.bfloat16, "cuda", torch.nn.functional.linear
+    k, kl = sum(ks), ks[-1]
+    w = torch.randn(n, k, device=dev, dtype=bf16) * k**-0.5
+    b = torch.randn(n, device=dev, dtype=bf16)
+    a = torch.randn(rank, k, device=dev, dtype=bf16) * k**-0.5
+    bt = torch.randn(rank, n, device=dev, dtype=bf16) * 0.01
+    wcat = torch.zeros(n, kl + rank + 8, device=dev, dtype=bf16)  # the last part's [W | B] (K-append)
+    wcat[:, :kl] = w[:, k - kl :]
+    wcat[:, kl : kl + rank] = bt.t()
+    wn = torch.cat([w, a])  # N-append: [W; A]
+    bn = torch.cat([b, torch.zeros(rank, device=dev, dtype=bf16)])
+    sets = []
+    for _ in range(2):
+        parts = [torch.randn(m, kk, device=dev, dtype=bf16) for kk in ks[:-1]]
+        wide = torch.randn(m, kl + rank + 8, device=dev, dtype=bf16)  # [g | t | pad], as chained
+        parts.append(wide[:, :kl])
+        sets.append(dict(parts=parts, wide=wide))
+
+    def split_gemms(ps, weight, bias):
+        out, col = None, 0
+        for part in ps:
+            wp = weight[:, col : col + part.shape[1]]
+            col += part.shape[1]
+            out = linear(part, wp, bias) if out is None else out.addmm_(part, wp.t())
+        return out
+
+    def now(d):
+        ps = d["parts"]
+        lora_down_triton(ps, a, d["wide"][:, kl : kl + rank], None)
+        last = d["wide"][:, : kl + rank]
+        if len(ps) == 1:
+            return linear(last, wcat[:, : kl + rank], b)
+        return linear(ps[0], w[:, : ks[0]], b).addmm_(last, wcat[:, : kl + rank].t())
+
+    def nap(d):
+        out = split_gemms(d["parts"], wn, bn)
+        return out[:, :n].addmm_(out[:, n:], bt)
+
+    return [_graph_us(fn, sets) for fn in (lambda d: split_gemms(d["parts"], w, b), now, nap)]
 
 
 if __name__ == "__main__":
