@@ -375,8 +375,11 @@ def _slots_read(terms: list[tuple[int, int]]) -> int:
     return 1 + max((slot for slot, _ in terms), default=-1)
 
 
+_ROW_ALIGN = 8  # elements: 16-byte aligned rows (bf16), as cuBLAS needs
+
+
 def _aligned(width: int) -> int:
-    return width + -width % 8  # 16-byte aligned rows (bf16) for cuBLAS
+    return width + -width % _ROW_ALIGN
 
 
 def input_buffer(layer: nn.Module, like: torch.Tensor) -> torch.Tensor | None:
