@@ -375,7 +375,9 @@ def _slots_read(terms: list[tuple[int, int]]) -> int:
     return 1 + max((slot for slot, _ in terms), default=-1)
 
 
-_ROW_ALIGN = 8  # elements: 16-byte aligned rows (bf16), as cuBLAS needs
+_ROW_ALIGN = 64  # elements: 128-byte rows (bf16). 16 bytes is all cuBLAS needs, but rows of whole 128-byte lines
+# measured faster: a rank-32 FLUX.1-dev forward +4.9% over the base instead of +6.0%, an idle adapter +0.0%
+# instead of +0.8% (H200, lora_down_rates call 4, 2026-12-04)
 
 
 def _aligned(width: int) -> int:
