@@ -356,7 +356,7 @@ def test_lora_k_append_holds_the_base_weight_once():
     ptr = layer.wcat.untyped_storage().data_ptr()
     assert layer.base.weight.untyped_storage().data_ptr() == ptr
     assert layer.lora_bt.untyped_storage().data_ptr() == ptr
-    assert layer.wcat.shape == (K_OUT, 24)  # in + slots*rank = 20 columns, rows padded to 8 (16 bytes)
+    assert layer.wcat.shape == (K_OUT, 64)  # in + slots*rank = 20 columns, rows padded to 64 (128 bytes)
 
     # a fused q|k|v projection: its members' row views move into wcat too
     owner = torch.nn.Module()
