@@ -570,3 +570,37 @@ def test_shared_down_serves_two_layers_reading_one_input():
     shared_down(first, second, x)  # x is not first's buffer: nothing handed on
     assert second._given is None
     _close(second(x), refs[1])
+
+
+def test_lora_n_append_writes_y_and_t_in_one_gemm():
+    """N-append (LoraLinear.n_append; FLUX's single-block output projection): W and the scaled A share one
+    buffer [W; scale A] (the weight held once, the scaled A rewritten in place by LoraState.set), one GEMM
+    writes [y | t] and t B^T is added after: the same function as the reference, called directly and
+    through linear_concat's split GEMMs; with no active adapter, the base GEMM alone. Float32 bound as above."""
+    from diffserve.runtime.layers.lora import LoraLinear, LoraState
+    from diffserve.runtime.layers.mlp import linear_concat
+
+    torch.manual_seed(0)
+    state = LoraState(K_SLOTS, "cpu")
+    base = torch.nn.Linear(K_OUT, K_IN).requires_grad_(False)  # wider in than out: not K-append
+    layer = LoraLinear(base, state, K_RANK, torch.float32, "cpu")
+    layer.n_append()
+    assert layer.ncat is not None and layer.wcat is None
+    assert layer.base.weight.data_ptr() == layer.ncat.data_ptr()
+    assert layer.lora_as.untyped_storage().data_ptr() == layer.ncat.untyped_storage().data_ptr()
+    g = torch.Generator().manual_seed(5)
+    a, b = (torch.randn(K_RANK, K_OUT, generator=g), torch.randn(K_RANK, K_IN, generator=g))
+    a2, b2 = (torch.randn(2, K_OUT, generator=g), torch.randn(2, K_IN, generator=g))
+    layer.load_slot(0, "a", a, b)
+    layer.load_slot(1, "b", a2, b2)
+    _activate(layer, {"a": (0, 0.7), "b": (1, -1.2)})
+    parts = [torch.randn(3, 5, 6), torch.randn(3, 5, K_OUT - 6)]
+    x = torch.cat(parts, dim=-1)
+    ref = _reference(layer, x, [((a, b), 0.7), ((a2, b2), -1.2)])
+    _close(layer(x), ref)
+    _close(linear_concat(parts, layer, split=True), ref)
+    _activate(layer, {"b": (1, 0.5)})  # another scale: the scaled A rewritten in place
+    _close(linear_concat(parts, layer, split=True), _reference(layer, x, [((a2, b2), 0.5)]))
+    _activate(layer, {})
+    assert layer.n_rows() == 0
+    _close(layer(x), _reference(layer, x, []))

@@ -147,6 +147,8 @@ class LoraLinear(Fp8Linear):
             self._adopt(wcat)
             self.k_append = _k_append_pays(self.in_features, self.out_features)
             self.bias_cat = None
+        self.ncat: torch.Tensor | None = None  # N-append layout (n_append)
+        self.bias_n: torch.Tensor | None = None
         self.ranks: dict[str, int] = {}  # adapter name -> its rank on this layer (absent: it leaves it alone)
 
     def load_slot(self, slot: int, name: str, a: torch.Tensor | None, bt: torch.Tensor | None) -> None:
@@ -186,6 +188,50 @@ class LoraLinear(Fp8Linear):
             self.base.bias = nn.Parameter(cat[: self.out_features], requires_grad=False)
             self.bias_cat = cat
         self.next, self.pad = nxt, pad
+
+    def n_append(self) -> None:
+        """Switch to the N-append layout (module docstring): [W; scale_0 A_0; ...] in one buffer, so one GEMM
+        writes [y | t] reading x once, then y += t B^T. For a plain base wider in than out that a model
+        names (lora_n_append: FLUX's single-block output projection, whose 15,360-wide input the
+        down-projection would read again); the factors' dtype must be the weight's."""
+        if self.wcat is None or self.k_append or self.pad or self.lora_a.dtype != self.wcat.dtype:
+            return
+        k, out, slots, rank = self.in_features, self.out_features, self.state.slots, self.lora_a.shape[1]
+        w = self.base.weight.detach()
+        ncat = torch.zeros(out + slots * rank, k, dtype=w.dtype, device=w.device)
+        ncat[:out].copy_(w)
+        bt = self.lora_bt.detach().clone()  # the B^T slots leave wcat for a buffer of their own
+        self.base.weight = nn.Parameter(ncat[:out], requires_grad=False)
+        self.lora_as = ncat[out:].view(slots, rank, k)  # LoraState.set writes the scaled A here
+        self.lora_bt = bt
+        bias = self.base.bias
+        if bias is not None:
+            self.bias_n = torch.zeros(out + slots * rank, dtype=bias.dtype, device=bias.device)
+            self.bias_n[:out].copy_(bias)
+            self.base.bias = nn.Parameter(self.bias_n[:out], requires_grad=False)
+        self.wcat, self.ncat = None, ncat
+        self.state.stale = True
+
+    def n_rows(self) -> int:
+        """Rows of t the N-append GEMM adds (0: not N-append, or no active term)."""
+        return self._nslots() * self.lora_a.shape[1] if self.ncat is not None else 0
+
+    def n_weight(self, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """([W; scaled A] and its bias, `rows` low-rank rows) for GEMMs writing [y | t]."""
+        n = self.out_features + rows
+        return self.ncat[:n], None if self.bias_n is None else self.bias_n[:n]
+
+    def n_output(self, like: torch.Tensor, rows: int) -> torch.Tensor:
+        """An (M, out + rows) buffer for [y | t], rows of whole 128-byte lines (_ROW_ALIGN)."""
+        n = self.out_features + rows
+        return like.new_empty(like.shape[0], _aligned(n))[:, :n]
+
+    def n_up(self, y_ext: torch.Tensor) -> torch.Tensor:
+        """y += t B^T over [y | t] (M, out + rows): the N-append layer's output, a view of y_ext."""
+        out, rows = self.out_features, y_ext.shape[1] - self.out_features
+        rank = self.lora_a.shape[1]
+        bt = self.lora_bt[: rows // rank].reshape(rows, out).to(y_ext.dtype)
+        return y_ext[:, :out].addmm_(y_ext[:, out:], bt)
 
     def _adopt(self, wcat: torch.Tensor) -> None:
         """wcat (rows >= out, in + slots*rank + alignment) becomes the buffer that W and the B^T slots view."""
@@ -256,6 +302,13 @@ class LoraLinear(Fp8Linear):
         if activation is not None and out is not None:
             raise ValueError("activation and out= cannot be combined")
         terms = self._terms()
+        if self.ncat is not None and terms and isinstance(x, torch.Tensor) and out is None:
+            rows = self.n_rows()
+            flat = x.reshape(-1, self.in_features)
+            weight, bias = self.n_weight(rows)
+            y = self.n_up(linear_out(flat, weight, bias, self.n_output(flat, rows)))
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y if activation is None else F.gelu(y, approximate="tanh")
         if self.wcat is not None and isinstance(x, torch.Tensor) and x_scale is None:
             wide, filled = self._take(x) if terms else (None, False)
             pad = self.pad if out is None and self.next is not None and self.next._nslots() else 0
@@ -268,7 +321,7 @@ class LoraLinear(Fp8Linear):
         if isinstance(self.base, Fp8Linear):
             y = self.base(x, x_scale, out_dtype=out_dtype, out=out)
         else:
-            y = _linear(x, self.base.weight, self.base.bias, out)
+            y = linear_out(x, self.base.weight, self.base.bias, out)
         if terms:
             self._add_terms(x, x_scale, y, terms)
         return y if activation is None else F.gelu(y, approximate="tanh")
@@ -310,7 +363,7 @@ class LoraLinear(Fp8Linear):
         written into that buffer's free columns and the returned pair IS the last part's GEMM, widened
         ([part | t] against [W_part | B]); otherwise the pair is (t, B^T)^T for a separate addmm_."""
         nslots = self._nslots()
-        if not nslots:
+        if not nslots or self.ncat is not None:  # N-append: linear_concat writes [y | t] (n_weight)
             return None
         rank, k = self.lora_a.shape[1], self.in_features
         rows = [part.reshape(-1, part.shape[-1]) for part in parts]
@@ -357,10 +410,10 @@ class LoraLinear(Fp8Linear):
         if activation == "gelu":
             y = linear_gelu(buf, weight, bias)
         elif out is not None:
-            _linear(buf, weight, bias, out)
+            linear_out(buf, weight, bias, out)
             return out
         else:
-            y = _linear(buf, weight, bias, None)
+            y = linear_out(buf, weight, bias, None)
         if pad:
             self.next._give(y)
             return y[:, : self.out_features].view(*lead, self.out_features)
@@ -375,7 +428,9 @@ def _slots_read(terms: list[tuple[int, int]]) -> int:
     return 1 + max((slot for slot, _ in terms), default=-1)
 
 
-_ROW_ALIGN = 64  # elements: 128-byte rows (bf16). 16 bytes is all cuBLAS needs, but rows of whole 128-byte lines
+_ROW_ALIGN = (
+    64  # elements: 128-byte rows (bf16). 16 bytes is all cuBLAS needs, but rows of whole 128-byte lines
+)
 # measured faster: a rank-32 FLUX.1-dev forward +4.9% over the base instead of +6.0%, an idle adapter +0.0%
 # instead of +0.8% (H200, lora_down_rates call 4, 2026-12-04)
 
@@ -426,7 +481,8 @@ def _k_append_pays(in_features: int, out_features: int) -> bool:
     return in_features < out_features
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None):
+def linear_out(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None):
+    """F.linear(x, weight, bias), written into `out` when given (rows of their own stride allowed)."""
     if out is None:
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, weight.shape[1])
@@ -509,6 +565,11 @@ def wrap_linears(
             _set_submodule(model, name, layer)
         layer.name = name
         wrapped[name] = layer
+    for _, owner in model.named_modules():  # layers the model runs N-append (before chains: no pad then)
+        for name in getattr(owner, "lora_n_append", lambda: ())():
+            layer = owner.get_submodule(name)
+            if isinstance(layer, LoraLinear):
+                layer.n_append()
     for _, owner in model.named_modules():  # producer -> consumer pairs the model declares
         for producer, consumer in getattr(owner, "lora_chains", lambda: ())():
             pair = [owner.get_submodule(n) for n in (producer, consumer)]

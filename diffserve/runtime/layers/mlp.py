@@ -8,7 +8,7 @@ from torch import nn
 
 from diffserve.kernels.fused_ops import linear_gelu
 from diffserve.runtime.layers.fp8 import Fp8Linear, Quantized, fp8_layers, gelu_quant
-from diffserve.runtime.layers.lora import LoraLinear
+from diffserve.runtime.layers.lora import LoraLinear, linear_out
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -34,7 +34,7 @@ def linear_concat(parts: list[torch.Tensor], linear: nn.Linear, split: bool | No
     rounding than the cat's single GEMM (bf16: ~3e-3 relative); on the CPU, where the copy costs little,
     the cat keeps the reference's rounding."""
     # a LoRA layer over a plain base (layers/lora.py) splits as its base, adding the low-rank terms after
-    lora = linear if isinstance(linear, LoraLinear) and linear.wcat is not None else None
+    lora = linear if isinstance(linear, LoraLinear) and not isinstance(linear.base, Fp8Linear) else None
     if lora is None and isinstance(linear, Fp8Linear):  # one FP8 GEMM (it quantises the concatenation)
         return linear(torch.cat(parts, dim=-1))
     if split is None:
@@ -47,21 +47,26 @@ def linear_concat(parts: list[torch.Tensor], linear: nn.Linear, split: bool | No
             f"parts have {features} features in total, the linear layer takes {linear.in_features}"
         )
     base = linear if lora is None else lora.base
-    # The adapters' terms (layers/lora.py split_terms): the last part's GEMM widened to [part | t] when it
-    # came in a wide buffer, else one more (t, B^T) product accumulated at the end.
-    extra = None if lora is None else lora.split_terms(parts)
+    # The adapters' terms (layers/lora.py): N-append, the GEMMs write [y | t] over [W; scaled A] and
+    # t B^T is added at the end (n_up); else (split_terms) the last part's GEMM widened to [part | t] when
+    # it came in a wide buffer, or one more (t, B^T) product accumulated at the end.
+    n_rows = 0 if lora is None else lora.n_rows()
+    full_weight, bias = lora.n_weight(n_rows) if n_rows else (base.weight, base.bias)
+    extra = None if lora is None or n_rows else lora.split_terms(parts)
     out, col = None, 0
     for i, part in enumerate(parts):
-        rows, weight = part.reshape(-1, part.shape[-1]), base.weight[:, col : col + part.shape[-1]]
+        rows, weight = part.reshape(-1, part.shape[-1]), full_weight[:, col : col + part.shape[-1]]
         col += part.shape[-1]
         if extra is not None and i == len(parts) - 1 and extra[0].data_ptr() == rows.data_ptr():
             (rows, weight), extra = extra, None
         if out is None:
-            out = F.linear(rows, weight, base.bias)
+            out = linear_out(rows, weight, bias, lora.n_output(rows, n_rows) if n_rows else None)
         else:
             out.addmm_(rows, weight.t())
     if extra is not None:
         out.addmm_(extra[0].to(out.dtype), extra[1].to(out.dtype).t())
+    if n_rows:
+        out = lora.n_up(out)
     return out.view(*parts[0].shape[:-1], linear.out_features)
 
 
