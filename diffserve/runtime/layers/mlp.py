@@ -8,7 +8,7 @@ from torch import nn
 
 from diffserve.kernels.fused_ops import linear_gelu
 from diffserve.runtime.layers.fp8 import Fp8Linear, Quantized, fp8_layers, gelu_quant
-from diffserve.runtime.layers.lora import LoraLinear, linear_out
+from diffserve.runtime.layers.lora import LoraLinear
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -60,13 +60,13 @@ def linear_concat(parts: list[torch.Tensor], linear: nn.Linear, split: bool | No
         if extra is not None and i == len(parts) - 1 and extra[0].data_ptr() == rows.data_ptr():
             (rows, weight), extra = extra, None
         if out is None:
-            out = linear_out(rows, weight, bias, lora.n_output(rows, n_rows) if n_rows else None)
+            out = F.linear(rows, weight, bias)
         else:
             out.addmm_(rows, weight.t())
     if extra is not None:
         out.addmm_(extra[0].to(out.dtype), extra[1].to(out.dtype).t())
     if n_rows:
-        out = lora.n_up(out)
+        out = lora.n_up(out, n_rows)
     return out.view(*parts[0].shape[:-1], linear.out_features)
 
 
