@@ -1,5 +1,5 @@
 """The LoRA down-projections of a FLUX.1-dev forward (t = x A^T: M tokens, K inputs, N = slots x rank
-columns), each timed alone: cuBLAS in three operand layouts against our Triton kernel (kernels/lora_down.py),
+columns), each timed alone: cuBLAS in three operand layouts against our Triton kernel (kernels/low_rank.py),
 alone and writing the join [x | t] of a K-append input (against the torch.cat the layers used before it).
 They are memory-bound (x is read once, N is small), so the figure of merit is x's bytes over the time
 against the H200's ~4.8 TB/s.
@@ -7,7 +7,7 @@ against the H200's ~4.8 TB/s.
   x@A^T      cuBLAS, A (N, K) as stored (layers/lora.py: lora_as)
   x@At       cuBLAS, A^T stored (K, N) contiguous
   (A x^T)^T  cuBLAS, the transposed product, N rows by M columns, read back transposed
-  ours       kernels/_triton_lora_down.py at its own choice of tile and K split (--sweep: every choice)
+  ours       kernels/_triton_low_rank.py at its own choice of tile and K split (--sweep: every choice)
   cat join   torch.cat([x, x @ A^T]): the K-append input as the layers built it before our kernel
   ours+join  ours, writing t and the copy of x into one wide buffer
 
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         return 1
     from triton.testing import do_bench
 
-    from diffserve.kernels._triton_lora_down import lora_down_triton
+    from diffserve.kernels._triton_low_rank import lora_down_triton
 
     bf16 = torch.bfloat16
     impls = ("x@A^T", "x@At", "(A x^T)^T", "ours", "cat join", "ours+join")
@@ -132,6 +132,7 @@ def main(argv=None) -> int:
                     record(f"lora_down_{label.replace(' ', '_')}_{m}x{k}x{n}", impl, u / 1e3, 2 * m * k * n / (u * 1e-6) / 1e12,
                            tb_per_s=round(m * k * 2 / (u * 1e-6) / 1e12, 3), calls_per_forward=count)  # fmt: skip
     print("ms per forward: " + ", ".join(f"{v} {t:.2f}" for v, t in zip(impls, totals, strict=True)))
+    up_projection(args.record)
     if not args.no_k_append:
         k_append(do_bench, args.record)
     if args.n_append:
@@ -191,6 +192,46 @@ def k_append(do_bench, record_rows: bool) -> None:
                        2 * m * kk * nn / (u * 1e-6) / 1e12, over_k0=round(u / us[0] - 1, 4))  # fmt: skip
 
 
+def up_projection(record_rows: bool) -> None:
+    """y += t B^T onto a layer's output (rank 32): cuBLAS's addmm_ against our pass (kernels/low_rank.py
+    lora_up), y contiguous (the attention output projections) and a view with 3,136-wide rows (N-append's
+    [y | t | 0])."""
+    from diffserve.kernels._triton_low_rank import lora_up_triton
+
+    bf16 = torch.bfloat16
+    print("\nup-projections y += t B^T, rank 32: us (TB/s of y read and written), graphed")
+    print("| output | M x N | addmm_ | ours |")
+    print("|---|---|---:|---:|")
+    for label, m, n, width in (
+        ("dual img to_out", 4096, 3072, 3072),
+        ("single out, N-append", 4608, 3072, 3136),
+    ):
+        sets = []
+        for _ in range(3):
+            buf = torch.randn(m, width, device="cuda", dtype=bf16)
+            sets.append(dict(y=buf[:, :n], t=torch.randn(m, 32, device="cuda", dtype=bf16),
+                             bt=torch.randn(32, n, device="cuda", dtype=bf16) * 0.01))  # fmt: skip
+        us = [
+            _graph_us(lambda d: d["y"].addmm_(d["t"], d["bt"]), sets),
+            _graph_us(lambda d: lora_up_triton(d["y"], d["t"], d["bt"]), sets),
+        ]
+        rates = [2 * m * n * 2 / (u * 1e-6) / 1e12 for u in us]
+        print(
+            f"| {label} | {m}x{n} | "
+            + " | ".join(f"{u:.1f} ({r:.2f})" for u, r in zip(us, rates, strict=True))
+            + " |"
+        )
+        if record_rows:
+            for impl, u, r in zip(("addmm_", "ours"), us, rates, strict=True):
+                record(
+                    f"lora_up_{label.replace(' ', '_').replace(',', '')}_{m}x{n}",
+                    impl,
+                    u / 1e3,
+                    None,
+                    tb_per_s=round(r, 3),
+                )
+
+
 def n_append(record_rows: bool) -> None:
     """The MLP output projections (in 12,288 or 3,072 + 12,288 > out 3,072), rank-32 adapter, three ways:
     base (no adapter); as the layers run them now (our down-projection of the GELU output, then the
@@ -214,7 +255,7 @@ def n_append(record_rows: bool) -> None:
 
 
 def _n_append_case(m: int, ks: list[int], n: int = 3072, rank: int = 32) -> list[float]:
-    from diffserve.kernels._triton_lora_down import lora_down_triton
+    from diffserve.kernels._triton_low_rank import lora_down_triton
 
     bf16, dev, linear = torch.bfloat16, "cuda", torch.nn.functional.linear
     k, kl = sum(ks), ks[-1]

@@ -513,7 +513,7 @@ def test_lora_chain_into_the_last_part_of_a_split_projection():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_flux_lora_on_cuda_kernels_match_the_torch_path(tiny_flux_dir, flux_loras):
-    """On CUDA the layers' down-projections (and joins) run kernels/lora_down.py's Triton kernel, under CUDA
+    """On CUDA the layers' down-projections (and joins) run kernels/low_rank.py's Triton kernel, under CUDA
     graphs; the same requests with the fused ops off (torch's matmuls, the path the CPU parity above holds
     to diffusers) give the same pixels: float32 both ways, ieee float32 dots, so 1 level of rounding."""
     from diffserve.kernels import fused_ops

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffserve.kernels.fused_ops import linear_gelu
-from diffserve.kernels.lora_down import lora_down
+from diffserve.kernels.low_rank import lora_down, lora_up
 from diffserve.runtime.layers.fp8 import Fp8Linear, Quantized, _fused_groups, _set_submodule
 
 
@@ -229,7 +229,7 @@ class LoraLinear(Fp8Linear):
         """y += t B^T over [y | t | 0] (M, >= out + rows): the N-append layer's output, a view of y_ext."""
         out, rank = self.out_features, self.lora_a.shape[1]
         bt = self.lora_bt[: rows // rank].reshape(rows, out).to(y_ext.dtype)
-        return y_ext[:, :out].addmm_(y_ext[:, out : out + rows], bt)
+        return lora_up(y_ext[:, :out], y_ext[:, out : out + rows], bt)
 
     def _adopt(self, wcat: torch.Tensor) -> None:
         """wcat (rows >= out, in + slots*rank + alignment) becomes the buffer that W and the B^T slots view."""
@@ -349,7 +349,7 @@ class LoraLinear(Fp8Linear):
             t = lora_down([rows], self.lora_as[slot, :r].to(rows.dtype), rows.new_empty(rows.shape[0], r))
             if x_scale is not None:
                 t = t * x_scale.reshape(-1, 1)
-            y2.addmm_(t.to(y2.dtype), self.lora_bt[slot, :r].to(y2.dtype))
+            lora_up(y2, t.to(y2.dtype), self.lora_bt[slot, :r].to(y2.dtype))
 
     def split_terms(self, parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """For mlp.linear_concat's split GEMMs over [part_0 | part_1 | ...] (FLUX's single-block output
@@ -396,7 +396,7 @@ class LoraLinear(Fp8Linear):
         elif wide is not None:  # x is there already: t into the free columns
             lora_down([rows], self._scaled_a(nslots).to(x.dtype), wide[:, k:width])
             buf = wide[:, :width]
-        else:  # the join: x copied in by the pass that reads it for t (kernels/lora_down.py)
+        else:  # the join: x copied in by the pass that reads it for t (kernels/low_rank.py)
             buf = rows.new_empty(rows.shape[0], _aligned(width))[:, :width]
             lora_down([rows], self._scaled_a(nslots).to(x.dtype), buf[:, k:], copy_to=buf[:, :k])
         rows_out = self.out_features + pad

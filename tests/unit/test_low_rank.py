@@ -1,4 +1,4 @@
-"""kernels.lora_down: the LoRA down-projections (layers/lora.py). Off CUDA it is exactly the matmuls the layers
+"""kernels.low_rank: the LoRA down- and up-projections (layers/lora.py). Off CUDA it is exactly the matmuls the layers
 ran before (so CPU parity with diffusers is untouched); on CUDA the Triton kernel, split along K or not, is
 held to a float64 reference, writes the join copy exactly, nothing outside its views, and replays under a
 CUDA graph (its split counters set back to zero by every launch)."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffserve.kernels.lora_down import lora_down
+from diffserve.kernels.low_rank import lora_down, lora_up
 from tests.unit.gpu_helpers import needs_cuda_triton, rel_err
 
 
@@ -58,7 +58,7 @@ TOL = {torch.bfloat16: 4e-3, torch.float32: 1e-5}
     ],
 )
 def test_cuda_kernel_matches_float64(dtype, m, ks, n, block_m, split):
-    from diffserve.kernels._triton_lora_down import lora_down_triton
+    from diffserve.kernels._triton_low_rank import lora_down_triton
 
     parts, a = _inputs("cuda", dtype, m, ks, n)
     ref = sum(p.double() @ a_part.double().t() for p, a_part in zip(parts, a.split(ks, dim=1), strict=True))
@@ -90,3 +90,53 @@ def test_cuda_graph_replays_the_split_kernel():
         torch.cuda.synchronize()
         assert rel_err(out, parts[0].double() @ a.double().t()) < TOL[torch.bfloat16]
     assert not torch.equal(out, eager)
+
+
+def test_cpu_two_outputs_and_up_projection_are_the_matmuls():
+    parts, a = _inputs("cpu", torch.float32, 37, [48], 24)
+    a2 = torch.randn(8, 48)
+    out, out2 = torch.empty(37, 24), torch.empty(37, 8)
+    lora_down(parts, a, out, a2=a2, out2=out2)
+    assert torch.equal(out, parts[0] @ a.t()) and torch.equal(out2, parts[0] @ a2.t())
+    with pytest.raises(ValueError, match="a2 and out2"):
+        lora_down(parts, a, out, a2=a2)
+    y, t, bt = torch.randn(37, 40), torch.randn(37, 6), torch.randn(6, 40)
+    expect = y.clone().addmm_(t, bt)
+    assert lora_up(y, t, bt) is y and torch.equal(y, expect)
+    with pytest.raises(ValueError, match="lora_up"):
+        lora_up(y, t, bt[:, :5])
+
+
+@needs_cuda_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_two_outputs_with_the_join(dtype):
+    """The single block's shared pass: q|k|v's 96 columns beside x, the MLP's 32 in a joined copy."""
+    from diffserve.kernels._triton_low_rank import lora_down_triton
+
+    parts, a = _inputs("cuda", dtype, 4608, [3072], 96)
+    a2 = _inputs("cuda", dtype, 1, [3072], 32, seed=1)[1]
+    wide = torch.zeros(4608, 3072 + 128, device="cuda", dtype=dtype)
+    joined = torch.zeros(4608, 3072 + 64, device="cuda", dtype=dtype)
+    lora_down_triton(parts, a, wide[:, 3072:3168], joined[:, :3072], a2, joined[:, 3072:3104])
+    x = parts[0].double()
+    assert rel_err(wide[:, 3072:3168], x @ a.double().t()) < TOL[dtype]
+    assert rel_err(joined[:, 3072:3104], x @ a2.double().t()) < TOL[dtype]
+    assert torch.equal(joined[:, :3072], parts[0])
+    assert (wide[:, 3168:] == 0).all() and (wide[:, :3072] == 0).all() and (joined[:, 3104:] == 0).all()
+
+
+# y += t B^T: y read in its dtype, the product summed in float32 (R <= 96 terms: ~1e-5 relative at most)
+# and added before one rounding: bf16 2^-9 relative per element (4e-3 on the norm as above); float32 1e-5.
+@needs_cuda_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m, n, r", [(4608, 3072, 32), (512, 3072, 96), (300, 200, 17)])
+def test_cuda_up_projection_matches_float64(dtype, m, n, r):
+    g = torch.Generator().manual_seed(0)
+    buf = torch.randn(m, n + 64, generator=g).to("cuda", dtype)
+    y, before = buf[:, :n], buf.clone()
+    t = torch.randn(m, r, generator=g).to("cuda", dtype)
+    bt = (torch.randn(r, n, generator=g) * 0.3).to("cuda", dtype)
+    ref = y.double() + t.double() @ bt.double()
+    lora_up(y, t, bt)
+    assert rel_err(y, ref) < TOL[dtype]
+    assert torch.equal(buf[:, n:], before[:, n:])  # nothing written beside y

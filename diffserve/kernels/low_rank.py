@@ -1,13 +1,20 @@
-"""lora_down(parts, a, out, copy_to=None): a LoRA down-projection t = [part_0 | part_1 ..] @ a^T written into
+"""The LoRA products of layers/lora.py: lora_down (below) and lora_up (y += t B^T in one pass over y, at the
+end).
+
+lora_down(parts, a, out, copy_to=None): a LoRA down-projection t = [part_0 | part_1 ..] @ a^T written into
 `out` (an (M, N) view, e.g. the free columns of a K-append layer's wide input: layers/lora.py), and, when
 copy_to is given, the one input copied there on the way (the join [x | t] in the same pass over x).
 
 Why a kernel: these products are memory-bound (N = slots x rank is tens of columns, x thousands wide), and
-cuBLAS ran them at 1.5-2.6 TB/s of the H200's ~4.8 (benchmarks/lora_down_rates.py, 2026-12-04): ~15 us a
-call whatever N, 209 calls in a rank-32 FLUX.1-dev forward. The Triton kernel (_triton_lora_down.py) splits
-K over enough programs to fill the GPU and writes t (and the copy of x) where the next GEMM reads it, so no
-cat or copy_ pass follows. Elsewhere (the CPU, no Triton, DIFFSERVE_FUSED_OPS=0) torch's matmul runs, with
-the values the layers computed before: parity with diffusers on the CPU is unchanged.
+what costs is the passes around them: cuBLAS writes t where it likes, so the layers then copied t beside x
+or joined [x | t] with a cat (another read and write of x), and the single block read h twice (q|k|v and
+the MLP input). The Triton kernel (_triton_low_rank.py) writes t where the next GEMM reads it, makes the
+join in the pass that reads x (18.5 us against 25.1 for matmul + cat at 4096x3072x32), serves two layers
+in one pass, and splits K over enough programs to fill the GPU; alone it runs at about cuBLAS's speed
+(12.4 against 11.9 us; all H200, CUDA graphs, benchmarks/lora_down_rates.py, 2026-12-04). It runs for N
+up to 64 (_TRITON_MAX_N) or where it saves a pass. Elsewhere (the CPU, no Triton, DIFFSERVE_FUSED_OPS=0)
+torch's matmul runs, with the values the layers computed before: parity with diffusers on the CPU is
+unchanged.
 
 Numerics: float32 accumulation, one rounding into out's dtype; cuBLAS does the same in another order, so
 the two differ by a rounding of out's dtype at most.
@@ -60,7 +67,7 @@ def lora_down(
         and all(w.is_contiguous() for w, _ in pairs)
         and _use_triton(*tensors)
     ):
-        from diffserve.kernels._triton_lora_down import lora_down_triton
+        from diffserve.kernels._triton_low_rank import lora_down_triton
 
         lora_down_triton(parts, a, out, copy_to, a2, out2)
         return out
@@ -74,3 +81,24 @@ def lora_down(
     if copy_to is not None:
         copy_to.copy_(parts[0])
     return out
+
+
+def lora_up(y: torch.Tensor, t: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+    """y (M, N) += t (M, R) @ bt (R, N), in place, one rounding of y's dtype: a LoRA up-projection onto a
+    layer's output. On CUDA one Triton pass over y (cuBLAS's addmm_ took ~29 us for FLUX.1-dev's
+    4608 x 3072 outputs, twice the time reading and writing y needs; H200 profile, 2026-12-04); torch's
+    addmm_ elsewhere. Returns y."""
+    if t.shape != (y.shape[0], bt.shape[0]) or bt.shape[1] != y.shape[1]:
+        raise ValueError(f"lora_up: y {tuple(y.shape)}, t {tuple(t.shape)}, bt {tuple(bt.shape)}")
+    if (
+        y.dim() == 2
+        and y.stride(-1) == 1
+        and t.stride(-1) == 1
+        and y.dtype == t.dtype == bt.dtype
+        and _use_triton(y, t, bt)
+    ):
+        from diffserve.kernels._triton_low_rank import lora_up_triton
+
+        lora_up_triton(y, t, bt.contiguous())
+        return y
+    return y.addmm_(t, bt)

@@ -1,4 +1,4 @@
-"""The LoRA down-projection kernel of kernels/lora_down.py, imported only when Triton is there.
+"""The LoRA down-projection kernel of kernels/low_rank.py, imported only when Triton is there.
 
 t (M, N) = [x1 | x2] @ A^T with N small (slots x rank) and K large: the work is reading x once. A grid of
 M-tiles alone leaves most of the H200's 132 SMs idle (4096 rows / 64 = 64 programs), so K is split too:
@@ -185,4 +185,54 @@ def lora_down_triton(
         TWO=len(parts) > 1, COPY=copy_to is not None, num_warps=num_warps, num_stages=num_stages,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # float32 in float32, as torch's matmul
         EVEN_K=k1 % block_k == 0 and k2 % block_k == 0,
+    )  # fmt: skip
+
+
+@triton.jit
+def _lora_up_kernel(
+    Y, T, B, M, N, R, y_row, t_row,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_R: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    rm = (pid // n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = (pid % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = rm.to(tl.int64)[:, None]
+    row_in = (rm < M)[:, None]
+    # EVEN_N / EVEN_R: no mask along a contiguous dim, so the accesses vectorise
+    if EVEN_N:
+        y_in = row_in
+    else:
+        y_in = row_in & (rn < N)[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        if EVEN_R:
+            t = tl.load(T + rows * t_row + rr[None, :], mask=row_in, other=0.0)
+        else:
+            t = tl.load(T + rows * t_row + rr[None, :], mask=row_in & (rr < R)[None, :], other=0.0)
+        b_in = (rr < R)[:, None] & (rn < N)[None, :]
+        b = tl.load(B + rr.to(tl.int64)[:, None] * N + rn[None, :], mask=b_in, other=0.0)
+        acc = tl.dot(t, b, acc, input_precision=PRECISION)
+    ptr = Y + rows * y_row + rn[None, :]
+    y = tl.load(ptr, mask=y_in, other=0.0).to(tl.float32)
+    tl.store(ptr, (y + acc).to(Y.dtype.element_ty), mask=y_in)
+
+
+def lora_up_triton(y: torch.Tensor, t: torch.Tensor, bt: torch.Tensor) -> None:
+    """kernels/low_rank.lora_up on CUDA: y (M, N) += t (M, R) @ bt (R, N) in place, one rounding; y and t
+    views with their last dim contiguous, bt contiguous."""
+    m, n = y.shape
+    r = t.shape[1]
+    block_n = 128
+    block_r = min(64, max(16, triton.next_power_of_2(r)))
+    block_m = 64 if m >= 1024 else 32
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    _lora_up_kernel[grid](
+        y, t, bt, m, n, r, y.stride(0), t.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+        EVEN_N=n % block_n == 0, EVEN_R=r % block_r == 0,
+        PRECISION="ieee" if y.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=2,
     )  # fmt: skip
