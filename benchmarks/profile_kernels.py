@@ -20,7 +20,7 @@ KINDS = ("gemm", "attention", "ours", "triton", "convolution", "copy", "other")
 
 def kind(name: str) -> str:
     n = name.lower()
-    if n.startswith(("_adaln", "_qk_norm_rope", "_lora_down")):
+    if n.startswith(("_adaln", "_qk_norm_rope", "_lora_down", "_lora_up")):
         return "ours"
     if "flash" in n or "fmha" in n or "attention" in n:
         return "attention"
