@@ -43,18 +43,9 @@ def _tiles(x_rows, a_cols, k, hi, row_in, col_in, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _store_t(T, T2, rows, rn, N1, N, t_row, t2_row, row_in, acc):
-    """Columns [0, N1) of the product into T, [N1, N) into T2 (N1 = N: T alone)."""
-    t = acc.to(T.dtype.element_ty)
-    tl.store(T + rows * t_row + rn[None, :], t, mask=row_in & (rn < N1)[None, :])
-    second = rn - N1
-    tl.store(T2 + rows * t2_row + second[None, :], t, mask=row_in & ((second >= 0) & (rn < N))[None, :])
-
-
-@triton.jit
 def _lora_down_kernel(
-    X1, X2, A, T, T2, C, WS, LOCK,
-    M, N, N1, K1, K2, x1_row, x2_row, t_row, t2_row, c_row, chunk1, chunk2,
+    X1, X2, A, T, C, WS, LOCK,
+    M, N, K1, K2, x1_row, x2_row, t_row, c_row, chunk1, chunk2,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     TWO: tl.constexpr, COPY: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
@@ -88,8 +79,9 @@ def _lora_down_kernel(
             k = k0 + rk
             x, a = _tiles(X2 + rows * x2_row, a_cols + K1, k, hi, row_in, col_in, EVEN_K)
             acc = tl.dot(x, a, acc, input_precision=PRECISION)
+    out_ptr = T + rows * t_row + rn[None, :]
     if SPLIT == 1:
-        _store_t(T, T2, rows, rn, N1, N, t_row, t2_row, row_in, acc)
+        tl.store(out_ptr, acc.to(T.dtype.element_ty), mask=row_in & col_in)
     else:
         tile_elems = BLOCK_M * BLOCK_N
         offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
@@ -101,7 +93,7 @@ def _lora_down_kernel(
                 if j != s:  # .cg: read at L2, where the other SMs' stores are (L1 may hold a stale line)
                     ptr = WS + (tile * SPLIT + j).to(tl.int64) * tile_elems + offs
                     acc += tl.load(ptr, cache_modifier=".cg")
-            _store_t(T, T2, rows, rn, N1, N, t_row, t2_row, row_in, acc)
+            tl.store(out_ptr, acc.to(T.dtype.element_ty), mask=row_in & col_in)
             tl.atomic_xchg(LOCK + tile, 0)
 
 
@@ -140,27 +132,18 @@ def lora_down_triton(
     a,
     out,
     copy_to,
-    a2=None,
-    out2=None,
     block_m=None,
     split=None,
     block_k=_BLOCK_K,
     num_warps=4,
     num_stages=None,
 ):
-    """kernels/lora_down.lora_down on CUDA: parts one or two (M, K_i) views, last dim contiguous; a (N1, K)
-    and a2 (N2, K) or None contiguous; out (M, N1), out2 (M, N2) or None, and copy_to (M, K_0) views with
-    their last dim contiguous. block_m, split and the rest override the choices of _config (benchmarks/lora_down_rates.py
-    sweeps them)."""
+    """kernels/low_rank.lora_down on CUDA: parts one or two (M, K_i) views, last dim contiguous; a (N, K)
+    contiguous; out (M, N) and copy_to (M, K_0) views with their last dim contiguous. block_m, split and
+    the rest override the choices of _config (benchmarks/lora_down_rates.py sweeps them)."""
     x1 = parts[0]
     x2 = parts[1] if len(parts) > 1 else x1
-    m, n1 = out.shape
-    if a2 is not None:
-        # one A for both products: selecting rows of A or A2 per column inside the kernel computed wrong
-        # bf16 products on the H200 (12% off; float32 and the interpreter were right), a cat costs ~2 us
-        a = torch.cat([a, a2])
-    n = a.shape[0]
-    t2 = out2 if out2 is not None else out
+    m, n = out.shape
     k1 = x1.shape[1]
     k2 = parts[1].shape[1] if len(parts) > 1 else 0
     bm, block_n, stages, sp = _config(m, n, k1 + k2, a.element_size(), _sms(out.device))
@@ -180,8 +163,8 @@ def lora_down_triton(
 
     c = copy_to if copy_to is not None else out
     _lora_down_kernel[(tiles, split)](
-        x1, x2, a, out, t2, c, ws, lock,
-        m, n, n1, k1, k2, x1.stride(0), x2.stride(0), out.stride(0), t2.stride(0), c.stride(0),
+        x1, x2, a, out, c, ws, lock,
+        m, n, k1, k2, x1.stride(0), x2.stride(0), out.stride(0), c.stride(0),
         chunk(k1), chunk(max(k2, 1)),
         SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         TWO=len(parts) > 1, COPY=copy_to is not None, num_warps=num_warps, num_stages=num_stages,

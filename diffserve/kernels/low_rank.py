@@ -7,14 +7,12 @@ copy_to is given, the one input copied there on the way (the join [x | t] in the
 
 Why a kernel: these products are memory-bound (N = slots x rank is tens of columns, x thousands wide), and
 what costs is the passes around them: cuBLAS writes t where it likes, so the layers then copied t beside x
-or joined [x | t] with a cat (another read and write of x), and the single block read h twice (q|k|v and
-the MLP input). The Triton kernel (_triton_low_rank.py) writes t where the next GEMM reads it, makes the
-join in the pass that reads x (18.5 us against 25.1 for matmul + cat at 4096x3072x32), serves two layers
-in one pass, and splits K over enough programs to fill the GPU; alone it runs at about cuBLAS's speed
-(12.4 against 11.9 us; all H200, CUDA graphs, benchmarks/lora_down_rates.py, 2026-12-04). It runs for N
-up to 64 (_TRITON_MAX_N) or where it saves a pass. Elsewhere (the CPU, no Triton, DIFFSERVE_FUSED_OPS=0)
-torch's matmul runs, with the values the layers computed before: parity with diffusers on the CPU is
-unchanged.
+or joined [x | t] with a cat (another read and write of x). The Triton kernel (_triton_low_rank.py) writes
+t where the next GEMM reads it, makes the join in the pass that reads x (18.5 us against 25.1 for matmul +
+cat at 4096x3072x32), and splits K over enough programs to fill the GPU; alone it runs at about cuBLAS's
+speed (12.4 against 11.9 us; all H200, CUDA graphs, benchmarks/lora_down_rates.py, 2026-12-04). It runs
+for N up to 64 (_TRITON_MAX_N). Elsewhere (the CPU, no Triton, DIFFSERVE_FUSED_OPS=0) torch's matmul
+runs, with the values the layers computed before: parity with diffusers on the CPU is unchanged.
 
 Numerics: float32 accumulation, one rounding into out's dtype; cuBLAS does the same in another order, so
 the two differ by a rounding of out's dtype at most.
@@ -26,61 +24,45 @@ import torch
 
 from diffserve.kernels.fused_ops import _use_triton
 
-# Wider products (q|k|v's 96 columns of a rank-32 adapter, or several adapters) ran slower in our kernel
-# than in cuBLAS (14.3 against 11.4 us at 4096x3072x96, H200): cuBLAS there, unless the kernel also does
-# what would be another pass (the join of x, a second output: 20.1 us against a cat's 24.9).
+# Wider products (q|k|v's 96 columns of a rank-32 adapter, or several adapters) go to cuBLAS: it ran them
+# faster (11.4 against 14.3 us at 4096x3072x96, H200), and our kernel's 128-wide N tiles computed wrong bf16
+# products in one configuration (K unsplit, two outputs; float32 right), not yet understood.
 _TRITON_MAX_N = 64
 
 
 def lora_down(
-    parts: list[torch.Tensor],
-    a: torch.Tensor,
-    out: torch.Tensor,
-    copy_to: torch.Tensor | None = None,
-    a2: torch.Tensor | None = None,
-    out2: torch.Tensor | None = None,
+    parts: list[torch.Tensor], a: torch.Tensor, out: torch.Tensor, copy_to: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """out (M, N) = sum_i parts[i] (M, K_i) @ a[:, K_0 + .. + K_{i-1} : .. + K_i]^T, a (N, sum K_i) in the
-    parts' dtype; with a2 (N2, K) and out2 (M, N2) also out2 = x @ a2^T in the same pass over x (two layers
-    reading the same input, one part). copy_to (M, K_0), one part only: that part copied into it.
-    Returns out."""
+    """out (M, N) = sum_i parts[i] (M, K_i) @ a[:, K_0 + .. + K_{i-1} : .. + K_i]^T, a (N, sum K_i) in
+    the parts' dtype; copy_to (M, K_0), one part only: that part copied into it. Returns out."""
     k = sum(p.shape[-1] for p in parts)
     m = parts[0].shape[0]
-    if (a2 is None) != (out2 is None) or (a2 is not None and len(parts) != 1):
-        raise ValueError("lora_down: a2 and out2 go together, with a single part")
-    pairs = [(a, out)] + ([(a2, out2)] if a2 is not None else [])
-    if any(w.shape[1] != k or o.shape != (m, w.shape[0]) for w, o in pairs) or any(
-        p.shape[0] != m for p in parts
-    ):
+    if a.shape[1] != k or out.shape != (m, a.shape[0]) or any(p.shape[0] != m for p in parts):
         raise ValueError(
-            f"lora_down: parts {[tuple(p.shape) for p in parts]}, "
-            + ", ".join(f"a {tuple(w.shape)} out {tuple(o.shape)}" for w, o in pairs)
+            f"lora_down: parts {[tuple(p.shape) for p in parts]}, a {tuple(a.shape)}, out {tuple(out.shape)}"
         )
     if copy_to is not None and (len(parts) != 1 or copy_to.shape != parts[0].shape):
         raise ValueError("lora_down: copy_to takes the shape of a single part")
-    tensors = [*parts, *(t for pair in pairs for t in pair)] + ([copy_to] if copy_to is not None else [])
-    n = sum(w.shape[0] for w, _ in pairs)
+    tensors = [*parts, a, out] + ([copy_to] if copy_to is not None else [])
     if (
         len(parts) <= 2
-        and (n <= _TRITON_MAX_N or copy_to is not None or a2 is not None)
+        and a.shape[0] <= _TRITON_MAX_N
         and all(t.dim() == 2 and t.stride(-1) == 1 and t.dtype == a.dtype for t in tensors)
-        and all(w.is_contiguous() for w, _ in pairs)
+        and a.is_contiguous()
         and _use_triton(*tensors)
     ):
         from diffserve.kernels._triton_low_rank import lora_down_triton
 
-        lora_down_triton(parts, a, out, copy_to, a2, out2)
+        lora_down_triton(parts, a, out, copy_to)
         return out
-    for w, o in pairs:
-        t, col = None, 0
-        for part in parts:
-            cols = w[:, col : col + part.shape[1]].t()
-            t = part @ cols if t is None else t.addmm_(part, cols)
-            col += part.shape[1]
-        o.copy_(t)
+    t, col = None, 0
+    for part in parts:
+        cols = a[:, col : col + part.shape[1]].t()
+        t = part @ cols if t is None else t.addmm_(part, cols)
+        col += part.shape[1]
     if copy_to is not None:
         copy_to.copy_(parts[0])
-    return out
+    return out.copy_(t)
 
 
 def lora_up(y: torch.Tensor, t: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:

@@ -124,7 +124,6 @@ class LoraLinear(Fp8Linear):
         self.next: LoraLinear | None = None  # the layer this one's output feeds (chain)
         self.pad = 0  # zero output rows for next's low-rank input (chain)
         self._given: torch.Tensor | None = None  # the wide input buffer made for this layer
-        self._filled_from: int | None = None  # set: _given is the complete join of the input at this address
         if isinstance(base, Fp8Linear):
             self.register_buffer(
                 "lora_bt", torch.zeros(*shape, self.out_features, dtype=dtype, device=device), False
@@ -256,28 +255,20 @@ class LoraLinear(Fp8Linear):
         self._given = buf
         return buf[:, :k].view(*lead, k)
 
-    def _take(self, x: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
-        """(the wide buffer (rows, width) given for input x, filled): a buffer whose left columns are x (all
-        of this layer's input, or the last part of it: split_terms), made for this layer, with room for the
-        active slots; or filled (shared_down): a joined [x | t] already complete. (None, False) else."""
+    def _take(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The wide buffer (rows, width) whose left columns are x (all of this layer's input, or the last
+        part of it: split_terms), if it was made for this layer and has room for the active slots."""
         buf, self._given = self._given, None
-        src, self._filled_from = self._filled_from, None
-        if buf is None:
-            return None, False
+        if buf is None or x.data_ptr() != buf.data_ptr():
+            return None
         rows = x.reshape(-1, x.shape[-1])
         room = x.shape[-1] + self._nslots() * self.lora_a.shape[1]
-        if rows.shape[0] != buf.shape[0] or buf.shape[1] < room:
-            return None, False
-        if src is not None:
-            return (buf, True) if src == x.data_ptr() else (None, False)
-        if x.data_ptr() != buf.data_ptr() or rows.stride(0) != buf.stride(0):
-            return None, False
-        return buf, False
+        if rows.shape[0] != buf.shape[0] or rows.stride(0) != buf.stride(0) or buf.shape[1] < room:
+            return None
+        return buf
 
-    def _give(self, buf: torch.Tensor, filled_from: torch.Tensor | None = None) -> None:
-        """buf: this layer's next input buffer; filled_from: the input x of which buf is the complete join."""
+    def _give(self, buf: torch.Tensor) -> None:
         self._given = buf
-        self._filled_from = None if filled_from is None else filled_from.data_ptr()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -306,12 +297,12 @@ class LoraLinear(Fp8Linear):
             y = y.view(*x.shape[:-1], self.out_features)
             return y if activation is None else F.gelu(y, approximate="tanh")
         if self.wcat is not None and isinstance(x, torch.Tensor) and x_scale is None:
-            wide, filled = self._take(x) if terms else (None, False)
+            wide = self._take(x) if terms else None
             pad = self.pad if out is None and self.next is not None and self.next._nslots() else 0
             # this layer's own terms go into the GEMM's K when that pays or x came wide (else: addmm_ below)
             nslots = _slots_read(terms) if self.k_append or wide is not None else 0
             if nslots or pad:
-                return self._forward_k_append(x, nslots, wide, out, activation, pad, filled)
+                return self._forward_k_append(x, nslots, wide, out, activation, pad)
             if activation == "gelu" and not terms:  # the base GEMM with its GELU epilogue
                 return linear_gelu(x, self.base.weight, self.base.bias)
         if isinstance(self.base, Fp8Linear):
@@ -364,7 +355,7 @@ class LoraLinear(Fp8Linear):
         rank, k = self.lora_a.shape[1], self.in_features
         rows = [part.reshape(-1, part.shape[-1]) for part in parts]
         a = self._scaled_a(nslots).to(rows[0].dtype)
-        wide, _ = self._take(parts[-1])
+        wide = self._take(parts[-1])
         if wide is None:
             t = lora_down(rows, a, rows[0].new_empty(rows[0].shape[0], nslots * rank))
             return t, self.lora_bt[:nslots].reshape(nslots * rank, self.out_features).t()
@@ -380,19 +371,15 @@ class LoraLinear(Fp8Linear):
         out: torch.Tensor | None,
         activation: str | None,
         pad: int,
-        filled: bool = False,
     ) -> torch.Tensor:
         """y = [x | t] @ [W | B_0 .. B_{S-1}]^T + b, t = x @ (scale_s A_s)^T per slot s < S: one GEMM. The
         pass computing t writes the join too, unless x came in a wide buffer (input_buffer, chain). pad:
-        `pad` more output rows of zeros, the output handed on to `next` as its wide input. filled: `wide`
-        is the whole join already (shared_down)."""
+        `pad` more output rows of zeros, the output handed on to `next` as its wide input."""
         k, rank = self.in_features, self.lora_a.shape[1]
         width = k + nslots * rank
         rows = x.reshape(-1, k)
         if not nslots:
             buf = rows
-        elif filled:  # [x | t] made by shared_down
-            buf = wide[:, :width]
         elif wide is not None:  # x is there already: t into the free columns
             lora_down([rows], self._scaled_a(nslots).to(x.dtype), wide[:, k:width])
             buf = wide[:, :width]
@@ -438,37 +425,6 @@ def _aligned(width: int) -> int:
 def input_buffer(layer: nn.Module, like: torch.Tensor) -> torch.Tensor | None:
     """LoraLinear.input_buffer for a layer that is one, else None (write where you like)."""
     return layer.input_buffer(like) if isinstance(layer, LoraLinear) else None
-
-
-def shared_down(first: nn.Module, second: nn.Module, x: torch.Tensor) -> None:
-    """Two K-append LoRA layers reading the same input x, which came in `first`'s wide buffer (FLUX's
-    single block: q|k|v and the MLP input, both of h): one pass over x writes first's low-rank columns
-    beside it and a joined [x | t] for `second`, handed to it complete, where each layer's own pass would
-    read x twice (one of them a join). Does nothing unless both have active terms and x is in that buffer;
-    then the layers compute their own terms as usual."""
-    if not (isinstance(first, LoraLinear) and isinstance(second, LoraLinear)):
-        return
-    n1, n2 = first._nslots(), second._nslots()
-    if (
-        not n1
-        or not n2
-        or second.wcat is None
-        or not second.k_append
-        or first.in_features != second.in_features
-    ):
-        return
-    wide, filled = first._take(x)
-    if wide is None or filled:
-        return
-    k, rows = first.in_features, x.reshape(-1, first.in_features)
-    w1, w2 = k + n1 * first.lora_a.shape[1], k + n2 * second.lora_a.shape[1]
-    joined = rows.new_empty(rows.shape[0], _aligned(w2))
-    lora_down(
-        [rows], first._scaled_a(n1).to(x.dtype), wide[:, k:w1], copy_to=joined[:, :k],
-        a2=second._scaled_a(n2).to(x.dtype), out2=joined[:, k:w2],
-    )  # fmt: skip
-    first._give(wide, filled_from=x)
-    second._give(joined, filled_from=x)
 
 
 def _k_append_pays(in_features: int, out_features: int) -> bool:

@@ -22,7 +22,7 @@ from diffserve.runtime.layers.fp8 import (
     norm_modulate_quant,
     residual_norm_modulate_quant,
 )
-from diffserve.runtime.layers.lora import input_buffer, shared_down
+from diffserve.runtime.layers.lora import input_buffer
 from diffserve.runtime.layers.mlp import FeedForward, layer_gelu, linear_concat
 from diffserve.runtime.layers.modulation import (
     AdaLNProjection,
@@ -331,13 +331,9 @@ class FluxSingleBlock(nn.Module):
             mlp = self.proj_mlp(h.tokens(keep_from))
             out = self.proj_out(concat_gelu_quant(self.attn(h, rope, queries_from=keep_from), mlp))
         else:
-            # h in q|k|v's wide buffer (with LoRA); when the MLP input projection has an adapter too, one
-            # pass over h computes both layers' low-rank columns and joins h for the MLP (lora.shared_down;
-            # not in the last block, whose MLP reads only the image rows)
-            qkv = self.attn._fp8_qkv("")
-            x, h = _enter(x, pending, shift, scale, out=input_buffer(qkv, x))
-            if not keep_from:
-                shared_down(qkv, self.proj_mlp, h)
+            # h in q|k|v's wide buffer (with LoRA): the MLP input projection reads it there, strided, and
+            # with an adapter of its own joins it in the pass that reads it (kernels/low_rank.py)
+            x, h = _enter(x, pending, shift, scale, out=input_buffer(self.attn._fp8_qkv(""), x))
             mlp = layer_gelu(self.proj_mlp, h[:, keep_from:])
             out = linear_concat([self.attn(h, rope, queries_from=keep_from), mlp], self.proj_out)
         if defer:
