@@ -56,6 +56,7 @@ TOL = {torch.bfloat16: 4e-3, torch.float32: 1e-5}
         (300, [1000], 200, 64, 3),  # two N tiles, ragged M and K
         (17, [130, 70], 17, None, 5),  # more splits than k-steps: empty programs still count in
         (32760, [1536], 32, None, None),  # a Wan2.1-1.3B video's rows: K unsplit (enough row tiles)
+        (4608, [3072], 32, None, None),  # FLUX's single-block MLP input: 32-wide tiles, K split, the join
     ],
 )
 def test_cuda_kernel_matches_float64(dtype, m, ks, n, block_m, split):
