@@ -21,6 +21,11 @@ load_slot zeroes what an adapter does not fill, and inactive slots have scale 0 
 no active term runs its base GEMM (GELU epilogue included) over the W view: +0.7% of a FLUX.1-dev forward
 with an adapter attached but idle (the wider row stride), H200.
 
+N-append (a plain base much wider in than out that the model names, lora_n_append: FLUX's single-block
+output projection, 15,360 -> 3,072): the scaled A slots are rows of one buffer ncat = [W; A_0; A_1 ..; 0],
+so the GEMM writes [y | t] reading x once, and y += t B^T follows (kernels/low_rank.lora_up, one pass over
+y). A down-projection would read the 15,360-wide x again: 666.6 against 730.3 us at FLUX.1-dev's shape (H200).
+
 Scales: each layer holds its A factors twice, as loaded (`lora_a`) and times their slot's scale
 (`lora_as`, what the forwards read): LoraState.set rewrites the scaled copies when a batch's scales differ
 from the last batch's, so no forward spends a kernel on scaling (1.35 ms of a rank-32 FLUX.1-dev forward,
