@@ -110,9 +110,11 @@ def _config(m: int, n: int, k: int, elem: int, sms: int) -> tuple[int, int, int,
     most = min(k // (4 * _BLOCK_K), 16)
     # At least 2 where K allows: the one configuration seen computing wrong bf16 products on the H200 ran
     # K unsplit in 64-row tiles (two outputs, 128 columns; cause not found; float32 right), so no program
-    # runs a whole K of bf16 in those tiles.
-    split = max(min(2, most), min(resident * sms // tiles, most))
-    return block_m, block_n, stages, max(1, split)
+    # runs a whole K of bf16 in those tiles. (The tests' small cases, 16-32-row tiles unsplit, are right.)
+    split = max(1, min(2, most), min(resident * sms // tiles, most))
+    if split == 1:  # K too short to split: 32-row tiles (not the Hopper wgmma path the wrong case took)
+        block_m = 32
+    return block_m, block_n, stages, split
 
 
 def _counters_for(device: torch.device, tiles: int) -> torch.Tensor | None:
