@@ -18,8 +18,8 @@ output once more per adapter (+14.7% of a FLUX.1-dev forward). Instead one buffe
 with t = x @ (scale_s A_s)^T for every slot s below the highest active one: one GEMM, whose GELU epilogue
 (kernels/fused_ops.linear_gelu) the MLP input projections keep (activation="gelu"). Whole slots are read, so
 load_slot zeroes what an adapter does not fill, and inactive slots have scale 0 (LoraState.set). A layer with
-no active term runs its base GEMM (GELU epilogue included) over the W view: +0.7% of a FLUX.1-dev forward
-with an adapter attached but idle (the wider row stride), H200.
+no active term runs its base GEMM (GELU epilogue included) over the W view: within 1% of a FLUX.1-dev
+forward with an adapter attached but idle (the wider row stride; -0.6 to +0.7% across runs), H200.
 
 N-append (a plain base much wider in than out that the model names, lora_n_append: FLUX's single-block
 output projection, 15,360 -> 3,072): the scaled A slots are rows of one buffer ncat = [W; A_0; A_1 ..; 0],
@@ -416,11 +416,10 @@ def _slots_read(terms: list[tuple[int, int]]) -> int:
     return 1 + max((slot for slot, _ in terms), default=-1)
 
 
-_ROW_ALIGN = (
-    64  # elements: 128-byte rows (bf16). 16 bytes is all cuBLAS needs, but rows of whole 128-byte lines
-)
-# measured faster: a rank-32 FLUX.1-dev forward +4.9% over the base instead of +6.0%, an idle adapter +0.0%
-# instead of +0.8% (H200, lora_down_rates call 4, 2026-12-04)
+# Row alignment of the wide buffers, wcat and ncat, in elements: 128-byte rows (bf16). 16 bytes is all cuBLAS
+# needs, but rows of whole 128-byte lines measured faster: a rank-32 FLUX.1-dev forward +4.9% over the base
+# instead of +6.0%, an idle adapter +0.0% instead of +0.8% (H200, one A/B call, 2026-12-04).
+_ROW_ALIGN = 64
 
 
 def _aligned(width: int) -> int:
