@@ -67,7 +67,10 @@ def _lora_down_kernel(
         k = k0 + rk
         x, a = _tiles(X1 + rows * x1_row, a_cols, k, hi, row_in, col_in, EVEN_K)
         acc = tl.dot(x, a, acc, input_precision=PRECISION)
-        if COPY:  # one N-tile's programs write the join (N > BLOCK_N: the first)
+        # COPY: one N-tile's programs write the join (N > BLOCK_N: the first). x feeds both the dot and this
+        # store; if the wrong bf16 case (_config) is a pipelining race on x's buffer (as in Triton #8139),
+        # this is where to look.
+        if COPY:
             if EVEN_K:
                 tl.store(C + rows * c_row + k[None, :], x, mask=copy_in)
             else:
