@@ -21,8 +21,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # openai 
 
 LEASE = 3.0  # seconds: short, so that a dead replica's job moves on quickly here
 SHORT = {"size": "32x32", "num_frames": 5, "num_inference_steps": 12}
-# Several seconds per job on this CPU: a cancel or a kill lands mid-generation.
-LONG = {"size": "128x128", "num_frames": 17, "num_inference_steps": 200}
+# Seconds per job on a 2-core CI CPU, so that a cancel or a kill surely lands mid-generation: at 128x128 the
+# 200 steps (the most a request may ask) finished before the cancel reached them at times.
+LONG = {"size": "256x256", "num_frames": 17, "num_inference_steps": 200}
 
 
 @pytest.fixture(scope="module")
@@ -145,9 +146,9 @@ def test_delete_through_b_cancels_a_job_running_on_a(replicas):
 
 
 def test_sigkill_of_a_mid_job_moves_its_job_to_b(replicas):
-    # long enough to be mid-job at the kill, short enough to run again on B here
-    medium = {**LONG, "num_inference_steps": 50}
-    jobs = [post(replicas.b, {"prompt": f"survivor {i}", **medium}) for i in range(2)]
+    # long enough that both jobs are running at once and A's is mid-job at the kill (128x128 at 50 steps let
+    # one finish before the other started, at times), short enough to run again on B here
+    jobs = [post(replicas.b, {"prompt": f"survivor {i}", **LONG}) for i in range(2)]
     placed = running_on_each(replicas, jobs)
     worker = replicas.a.worker_pid()
     replicas.a.stop(signal.SIGKILL)
