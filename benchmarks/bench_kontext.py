@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dit import build_pair  # noqa: E402
 from dit_specs import FULL, TINY, flux_flops, make_inputs  # noqa: E402
-from harness import bench_device, quantize_as_loaded, rel_err, results_file, time_ms  # noqa: E402
+from harness import bench_device, rel_err, results_file, time_ms  # noqa: E402
 from record import RESULTS, record  # noqa: E402
 
 
@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     ours.fuse_projections()
     inputs, n_img, n_txt, flops = kontext_inputs(spec["config"], shape, device, dtype)
     from diffserve.runtime.cuda_graphs import GraphedForward
+    from diffserve.runtime.loader import quantize_dit
 
     rows = []
     with torch.inference_mode():
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
             )
         if args.quantization:
             del model  # its graphs read the bf16 layers that quantisation replaces
-            quantize_as_loaded(ours, args.quantization)
+            quantize_dit(ours, args.quantization, "flux", device)
             model = GraphedForward(ours)
             impl = f"diffserve+{args.quantization}"
             ms, warm_s, out = time_ms(

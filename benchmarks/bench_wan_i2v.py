@@ -37,7 +37,6 @@ from harness import (  # noqa: E402
     init_weights_,
     native_twin,
     on_device,
-    quantize_as_loaded,
     rel_err,
     results_file,
     time_ms,
@@ -116,6 +115,7 @@ def main(argv=None) -> int:
     import diffusers
 
     from diffserve.runtime.cuda_graphs import GraphedForward
+    from diffserve.runtime.loader import quantize_dit
 
     dtype = torch.float32 if args.tiny else torch.bfloat16
     spec = TINY if args.tiny else FULL
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
             )
         if args.quantization:
             del graphed  # its graphs read the bf16 layers that quantisation replaces
-            quantize_as_loaded(ours, args.quantization)
+            quantize_dit(ours, args.quantization, "wan", device)
             graphed = GraphedForward(ours)
             step = time_ms(lambda: cfg_step(graphed, cond, uncond), device, args.warmup, args.iters)
             rows.append((f"diffserve+{args.quantization}", *step))

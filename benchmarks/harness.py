@@ -116,14 +116,3 @@ def free(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-
-def quantize_as_loaded(model: torch.nn.Module, quantization: str) -> None:
-    """--quantization fp8 | fp8-attention applied to a native DiT in place, as the loader applies it: FP8
-    linear layers, and for fp8-attention the attention switched to FP8 too. CUDA graphs captured before
-    read the replaced layers: drop them first."""
-    from diffserve.runtime.layers.attention import use_fp8_attention
-    from diffserve.runtime.layers.fp8 import quantize_linears
-
-    quantize_linears(model)
-    if quantization == "fp8-attention":
-        use_fp8_attention(model)

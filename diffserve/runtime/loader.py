@@ -375,12 +375,8 @@ def load_dit(
         get_attention_backend(model.config.attention_head_dim, model.dtype)
     if quantization is None:
         return optimize_dit(model, compile=compile)
-    from diffserve.runtime.layers.fp8 import quantize_linears
-
     optimize_dit(model, compile=False)  # fuse first; compile (if asked) the quantised blocks
-    stats = quantize_linears(model)
-    if quantization == "fp8-attention":
-        _fp8_attention(model, family, device)
+    stats = quantize_dit(model, quantization, family, device)
     logger.info(
         "fp8: %d GEMMs quantised, DiT linear weights %.2f -> %.2f GB%s",
         stats["count"],
@@ -391,7 +387,20 @@ def load_dit(
     return optimize_dit(model, fuse=False, compile=compile)
 
 
-def _fp8_attention(model, family: str, device: str) -> None:
+def quantize_dit(model, quantization: str, family: str, device) -> dict:
+    """`--quantization fp8 | fp8-attention` applied to a fused native DiT in place: FP8 linear layers, and for
+    fp8-attention the attention too (or ModelLoadError where it cannot run). Returns quantize_linears'
+    stats. The benchmarks quantise through here as the loader does; CUDA graphs captured before read the
+    replaced layers, so drop them first."""
+    from diffserve.runtime.layers.fp8 import quantize_linears
+
+    stats = quantize_linears(model)
+    if quantization == "fp8-attention":
+        _fp8_attention(model, family, device)
+    return stats
+
+
+def _fp8_attention(model, family: str, device) -> None:
     """`--quantization fp8-attention`'s attention half, or ModelLoadError (one line) where it cannot run."""
     import torch
 

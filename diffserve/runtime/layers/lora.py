@@ -333,7 +333,7 @@ class LoraLinear(Fp8Linear):
         return self.lora_as[:nslots].reshape(nslots * self.lora_a.shape[1], self.in_features)
 
     def _add_terms(self, x, x_scale, y: torch.Tensor, terms: list[tuple[int, int]]) -> None:
-        # One (M, r) product and one addmm_ per adapter: the addmm_ reads and writes all of y again.
+        # One (M, r) product and one up-projection per adapter (lora_up reads and writes all of y again).
         if isinstance(x, Quantized):
             x, x_scale = x
         rows = x.reshape(-1, self.in_features)

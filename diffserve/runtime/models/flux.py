@@ -307,15 +307,11 @@ class FluxSingleBlock(nn.Module):
         self.proj_mlp = nn.Linear(dim, int(dim * mlp_ratio))
         self.proj_out = nn.Linear(dim + int(dim * mlp_ratio), dim)
 
-    def lora_chains(self) -> tuple[tuple[str, str], ...]:
-        # GELU(proj_mlp) is the last part of proj_out's input (layers/lora.py LoraLinear.chain); unused while
-        # proj_out runs N-append (below)
-        return (("proj_mlp", "proj_out"),)
-
     def lora_n_append(self) -> tuple[str, ...]:
         # proj_out's adapter as more output rows (layers/lora.py LoraLinear.n_append): its 15,360-wide input
         # is read once, where a down-projection would read it again. H200, a rank-32 adapter: 666.6 us
-        # against 730.3 for K-append (the base: 641.7; benchmarks/lora_down_rates.py --n-append)
+        # against 730.3 for K-append (the base: 641.7; benchmarks/lora_down_rates.py --n-append). So no
+        # chain from proj_mlp (LoraLinear.chain): proj_out needs no low-rank columns in its input.
         return ("proj_out",)
 
     def forward(self, x, cond, rope, projected=None, keep_from: int = 0, pending=None, defer: bool = False):
