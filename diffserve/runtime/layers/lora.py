@@ -313,7 +313,7 @@ class LoraLinear(Fp8Linear):
         if isinstance(self.base, Fp8Linear):
             y = self.base(x, x_scale, out_dtype=out_dtype, out=out)
         else:
-            y = linear_out(x, self.base.weight, self.base.bias, out)
+            y = _linear(x, self.base.weight, self.base.bias, out)
         if terms:
             self._add_terms(x, x_scale, y, terms)
         return y if activation is None else F.gelu(y, approximate="tanh")
@@ -398,10 +398,10 @@ class LoraLinear(Fp8Linear):
         if activation == "gelu":
             y = linear_gelu(buf, weight, bias)
         elif out is not None:
-            linear_out(buf, weight, bias, out)
+            _linear(buf, weight, bias, out)
             return out
         else:
-            y = linear_out(buf, weight, bias, None)
+            y = _linear(buf, weight, bias, None)
         if pad:
             self.next._give(y)
             return y[:, : self.out_features].view(*lead, self.out_features)
@@ -437,7 +437,7 @@ def _k_append_pays(in_features: int, out_features: int) -> bool:
     return in_features < out_features
 
 
-def linear_out(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None):
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None):
     """F.linear(x, weight, bias), written into `out` when given (rows of their own stride allowed)."""
     if out is None:
         return F.linear(x, weight, bias)
