@@ -55,6 +55,8 @@ def lora_down(
 
         lora_down_triton(parts, a, out, copy_to)
         return out
+    if len(parts) == 1 and copy_to is None:  # cuBLAS writes rows of any stride: no copy of t after
+        return torch.mm(parts[0], a.t(), out=out)
     t, col = None, 0
     for part in parts:
         cols = a[:, col : col + part.shape[1]].t()
