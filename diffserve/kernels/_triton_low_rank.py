@@ -67,14 +67,16 @@ def _lora_down_kernel(
         k = k0 + rk
         x, a = _tiles(X1 + rows * x1_row, a_cols, k, hi, row_in, col_in, EVEN_K)
         acc = tl.dot(x, a, acc, input_precision=PRECISION)
-        # COPY: one N-tile's programs write the join (N > BLOCK_N: the first). x feeds both the dot and this
-        # store; if the wrong bf16 case (_config) is a pipelining race on x's buffer (as in Triton #8139),
-        # this is where to look.
+        # COPY: one N-tile's programs write the join (N > BLOCK_N: the first), from a load of their own. Storing
+        # the x that feeds tl.dot made the pipelined loop compute wrong products on the H200 (bf16: 4.2e-2
+        # relative at 4096x3072x64, 4.6e-3 at 32760x1536x32, every launch; float32 and the interpreter right;
+        # the copy itself exact), as in Triton #8139, a pipelined load also used outside the dot. With this
+        # second load (from L2: .cg) 40 launches of each were right (tests/unit/test_low_rank.py has both
+        # shapes), for +1.6 us at 4096x3072x32 (20.1 against 18.5, benchmarks/lora_down_rates.py).
         if COPY:
-            if EVEN_K:
-                tl.store(C + rows * c_row + k[None, :], x, mask=copy_in)
-            else:
-                tl.store(C + rows * c_row + k[None, :], x, mask=copy_in & (k < hi)[None, :])
+            in_k = copy_in if EVEN_K else copy_in & (k < hi)[None, :]  # (EVEN_K: vector accesses, as _tiles)
+            x = tl.load(X1 + rows * x1_row + k[None, :], mask=in_k, cache_modifier=".cg")
+            tl.store(C + rows * c_row + k[None, :], x, mask=in_k)
     if TWO:
         lo = s * chunk2
         hi = tl.minimum(lo + chunk2, K2)
@@ -111,9 +113,9 @@ def _config(m: int, n: int, k: int, elem: int, sms: int) -> tuple[int, int, int,
     resident = max(1, _SMEM_SM // (stages * (block_m + block_n) * _BLOCK_K * elem))
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     most = min(k // (4 * _BLOCK_K), 16)
-    # At least 2 where K allows: the one configuration seen computing wrong bf16 products on the H200 ran
-    # K unsplit in 64-row tiles (two outputs, 128 columns; cause not found; float32 right), so no program
-    # runs a whole K of bf16 in those tiles. (The tests' small cases, 16-32-row tiles unsplit, are right.)
+    # At least 2 where K allows, and 32-row tiles where it does not: set when a wrong bf16 case was seen
+    # (K unsplit, 64-row tiles, with the join) before its cause, the join's store of the dot's operand
+    # (COPY above), was found; kept, as the configurations the GPU tests passed.
     split = max(1, min(2, most), min(resident * sms // tiles, most))
     if split == 1:  # K too short to split: 32-row tiles (not the Hopper wgmma path the wrong case took)
         block_m = 32

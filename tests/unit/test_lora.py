@@ -420,6 +420,43 @@ def test_lora_wide_input_skips_the_join_and_never_writes_a_strangers_columns():
     assert layer.input_buffer(x) is None  # no adapter here: nothing to make room for
 
 
+def test_lora_input_buffers_take_one_pass_for_two_layers(monkeypatch):
+    """input_buffers for two K-append layers with one input (FLUX's single block: q|k|v and the MLP input):
+    the adaLN pass writes h into both layers' wide buffers, and each layer computes its t there with no join
+    of h (no copy_to), giving what it gives called on h. Float32 bound as above."""
+    from diffserve.runtime.layers import lora
+    from diffserve.runtime.layers.modulation import residual_norm_modulate
+
+    torch.manual_seed(0)
+    state = lora.LoraState(K_SLOTS, "cpu")
+    layers = [
+        lora.LoraLinear(
+            torch.nn.Linear(K_IN, K_OUT).requires_grad_(False), state, K_RANK, torch.float32, "cpu"
+        )
+        for _ in range(2)
+    ]
+    factors = [_factors(K_RANK, seed) for seed in (1, 2)]
+    for layer, f in zip(layers, factors, strict=True):
+        layer.load_slot(1, "one", *f)
+    _activate(layers[0], {"one": (1, 0.6)})
+    x, y = torch.randn(2, 5, K_IN), torch.randn(2, 5, K_IN)
+    gate, shift, scale = (torch.randn(2, 1, K_IN) for _ in range(3))
+    _, h_ref = residual_norm_modulate(x, y, gate, shift, scale)
+    outs = lora.input_buffers([layers[0], torch.nn.Identity(), layers[1]], x)
+    assert outs[1] is None and outs[0].data_ptr() != outs[2].data_ptr()
+    _, h = residual_norm_modulate(x, y, gate, shift, scale, out=outs)
+    assert h is outs[0] and torch.equal(h, h_ref) and torch.equal(outs[2], h_ref)
+    down = lora.lora_down
+
+    def no_join(parts, a, out, copy_to=None):
+        assert copy_to is None, "joined h again"
+        return down(parts, a, out)
+
+    monkeypatch.setattr(lora, "lora_down", no_join)
+    for layer, view, f in zip(layers, (outs[0], outs[2]), factors, strict=True):
+        _close(layer(view), _reference(layer, h_ref, [(f, 0.6)]))
+
+
 def test_lora_chain_hands_a_wide_output_on():
     """FeedForward with LoRA on both projections (chained by wrap_linears): the input projection writes
     [GELU(y) | 0] and the output projection runs K-append over it, for FeedForward and for linear_concat's

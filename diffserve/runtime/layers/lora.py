@@ -3,7 +3,7 @@ batch's adapters of scale * (x @ A^T) @ B^T. The base weights never change, so s
 nothing and no unmerge can drift.
 
   LoraState                       the adapter set of the running batch: ((name, slot), ...) and the scales
-  input_buffer(layer, like)       where a producer should write a LoRA layer's input (wide inputs, below)
+  input_buffers(layers, like)     where a producer should write its LoRA layers' input (wide inputs, below)
   LoraLinear(base, ...)           a linear layer (nn.Linear or Fp8Linear) with adapter slots
   wrap_linears(model, names, ...) the layers the models call for those (diffusers) names wrapped in place
 
@@ -32,8 +32,10 @@ from the last batch's, so no forward spends a kernel on scaling (1.35 ms of a ra
 H200 profile, 2026-12-04). One rounding of scale * A into A's dtype, as the product was rounded before.
 
 Wide inputs (K-append without the join): a producer that knows its output feeds a K-append layer writes
-it into the left columns of a wider buffer (`input_buffer`), so [x | t] needs only t written. The adaLN
-passes of FLUX's blocks do so for q|k|v and the MLP input; an MLP input projection whose output feeds a
+it into the left columns of a wider buffer (`input_buffers`), so [x | t] needs only t written. The adaLN
+passes of FLUX's blocks do so for q|k|v and the MLP input (the single block's, which share their input:
+into both buffers in one pass, adaln's out_h2, instead of the MLP's down-projection joining it: 22.6 us
+a block with the join, H200); an MLP input projection whose output feeds a
 LoRA output projection (FeedForward, FLUX's single block: `chain`) computes `pad` more output columns
 against zero weight rows (GELU(0) = 0), and hands the wider output on: that layer's addmm_ over its
 output becomes K-append too. A buffer is taken only by the layer it was made for (`_given`).
@@ -426,9 +428,10 @@ def _aligned(width: int) -> int:
     return width + -width % _ROW_ALIGN
 
 
-def input_buffer(layer: nn.Module, like: torch.Tensor) -> torch.Tensor | None:
-    """LoraLinear.input_buffer for a layer that is one, else None (write where you like)."""
-    return layer.input_buffer(like) if isinstance(layer, LoraLinear) else None
+def input_buffers(layers: list[nn.Module], like: torch.Tensor) -> list[torch.Tensor | None]:
+    """LoraLinear.input_buffer of each of `layers` (None for a layer that is not one, or needs none): where a
+    producer whose output (shaped like `like`) is all of those layers' input writes it, once per buffer."""
+    return [layer.input_buffer(like) if isinstance(layer, LoraLinear) else None for layer in layers]
 
 
 def _k_append_pays(in_features: int, out_features: int) -> bool:

@@ -20,15 +20,26 @@ def norm_modulate(
     scale: torch.Tensor,
     eps: float = 1e-6,
     upcast: bool = False,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor | list[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """LayerNorm without affine over the last dim, then x * (1 + scale) + shift; result in x.dtype.
 
     upcast=True normalises in float32 (Wan's checkpoints expect it); FLUX normalises in the activation
     dtype. shift/scale broadcast against x: (batch, 1, dim) or per token (batch, seq, dim). out: where the
-    result goes (adaln's out_h).
+    result goes (adaln's out_h), or a list of up to two such places (Nones skipped; the result is the
+    first: adaln's out_h2 takes the second).
     """
-    return adaln(x, shift, scale, eps, upcast, out_h=out)[1]
+    return adaln(x, shift, scale, eps, upcast, **_outs(out))[1]
+
+
+def _outs(out) -> dict:
+    """norm_modulate's `out` as adaln's out_h / out_h2."""
+    if out is None or isinstance(out, torch.Tensor):
+        return {"out_h": out}
+    places = [o for o in out if o is not None]
+    if len(places) > 2:
+        raise ValueError("out: two places at most")
+    return {"out_h": places[0] if places else None, "out_h2": places[1] if len(places) > 1 else None}
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
@@ -45,11 +56,12 @@ def residual_norm_modulate(
     eps: float = 1e-6,
     upcast: bool = False,
     affine: bool = False,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor | list[torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x', h): x' = gated_residual(x, y, gate) and h = norm_modulate(x', shift, scale) — or, with affine,
-    h = layer_norm(x', weight=scale, bias=shift) — in one pass over the tokens. out: where h goes."""
-    return adaln(x, shift, scale, eps, upcast, residual=y, gate=gate, affine=affine, out_h=out)
+    h = layer_norm(x', weight=scale, bias=shift) — in one pass over the tokens. out: where h goes, as
+    norm_modulate's."""
+    return adaln(x, shift, scale, eps, upcast, residual=y, gate=gate, affine=affine, **_outs(out))
 
 
 def offset_norm_modulate(

@@ -22,7 +22,7 @@ from diffserve.runtime.layers.fp8 import (
     norm_modulate_quant,
     residual_norm_modulate_quant,
 )
-from diffserve.runtime.layers.lora import input_buffer
+from diffserve.runtime.layers.lora import input_buffers
 from diffserve.runtime.layers.mlp import FeedForward, layer_gelu, linear_concat
 from diffserve.runtime.layers.modulation import (
     AdaLNProjection,
@@ -234,7 +234,7 @@ def _enter(
     or None) is added in the same pass that normalises and modulates. Deferring saves one write and one read
     of the residual stream per block boundary (FLUX.1 at 1024^2 on an H100: our kernels 6.3 -> 5.5 ms per
     forward). quantize: the modulated input written as a Quantized (its GEMMs are FP8) in that same pass;
-    else out: where it goes (a LoRA layer's wide input buffer, layers/lora.input_buffer)."""
+    else out: where it goes (LoRA layers' wide input buffers, layers/lora.input_buffers)."""
     if quantize:
         if pending is None:
             return x, norm_modulate_quant(x, shift, scale, _EPS)
@@ -269,11 +269,16 @@ class FluxDualBlock(nn.Module):
         # With LoRA adapters (layers/lora.py) the adaLN passes write into the wide input buffers of the
         # layers they feed, whose K-append GEMMs then need no join.
         img, img_in = _enter(
-            img, pending[0], shift, scale, self.attn.stream_fp8(), input_buffer(self.attn._fp8_qkv(""), img)
+            img,
+            pending[0],
+            shift,
+            scale,
+            self.attn.stream_fp8(),
+            input_buffers([self.attn._fp8_qkv("")], img),
         )
         txt, txt_in = _enter(
             txt, pending[1], c_shift, c_scale, self.attn.stream_fp8("add_"),
-            input_buffer(self.attn._fp8_qkv("add_"), txt),
+            input_buffers([self.attn._fp8_qkv("add_")], txt),
         )  # fmt: skip
         img_attn, txt_attn = self.attn(img_in, rope, context=txt_in, dtype=img.dtype)
         img, h = self._mlp_input(self.ff, img, img_attn, gate, mlp_shift, mlp_scale)
@@ -291,7 +296,7 @@ class FluxDualBlock(nn.Module):
         proj_in = ff.net[0].proj
         if fp8_layers(proj_in):
             return residual_norm_modulate_quant(x, attn, gate, shift, scale, _EPS)
-        return residual_norm_modulate(x, attn, gate, shift, scale, _EPS, out=input_buffer(proj_in, x))
+        return residual_norm_modulate(x, attn, gate, shift, scale, _EPS, out=input_buffers([proj_in], x))
 
 
 class FluxSingleBlock(nn.Module):
@@ -327,10 +332,14 @@ class FluxSingleBlock(nn.Module):
             mlp = self.proj_mlp(h.tokens(keep_from))
             out = self.proj_out(concat_gelu_quant(self.attn(h, rope, queries_from=keep_from), mlp))
         else:
-            # h in q|k|v's wide buffer (with LoRA): the MLP input projection reads it there, strided, and
-            # with an adapter of its own joins it in the pass that reads it (kernels/low_rank.py)
-            x, h = _enter(x, pending, shift, scale, out=input_buffer(self.attn._fp8_qkv(""), x))
-            mlp = layer_gelu(self.proj_mlp, h[:, keep_from:])
+            # With LoRA: h written into q|k|v's and the MLP input projection's wide buffers in one pass
+            # (layers/lora.input_buffers). The last block's MLP reads rows from keep_from on only: it takes
+            # h from the first buffer and joins it itself (kernels/low_rank.py).
+            layers = [self.attn._fp8_qkv("")] + ([self.proj_mlp] if not keep_from else [])
+            outs = input_buffers(layers, x)
+            x, h = _enter(x, pending, shift, scale, out=outs)
+            mlp_in = outs[1] if len(outs) > 1 and outs[1] is not None else h
+            mlp = layer_gelu(self.proj_mlp, mlp_in[:, keep_from:])
             out = linear_concat([self.attn(h, rope, queries_from=keep_from), mlp], self.proj_out)
         if defer:
             return x[:, keep_from:], (out, gate)
