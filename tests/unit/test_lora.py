@@ -592,6 +592,7 @@ def test_lora_n_append_writes_y_and_t_in_one_gemm():
     assert layer.ncat is not None and layer.wcat is None
     assert layer.base.weight.data_ptr() == layer.ncat.data_ptr()
     assert layer.lora_as.untyped_storage().data_ptr() == layer.ncat.untyped_storage().data_ptr()
+    assert layer.lora_bt.is_contiguous()  # as lora_up reads it: no copy per call
     g = torch.Generator().manual_seed(5)
     a, b = (torch.randn(K_RANK, K_OUT, generator=g), torch.randn(K_RANK, K_IN, generator=g))
     a2, b2 = (torch.randn(2, K_OUT, generator=g), torch.randn(2, K_IN, generator=g))
