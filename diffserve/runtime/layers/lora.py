@@ -18,8 +18,8 @@ output once more per adapter (+14.7% of a FLUX.1-dev forward). Instead one buffe
 with t = x @ (scale_s A_s)^T for every slot s below the highest active one: one GEMM, whose GELU epilogue
 (kernels/fused_ops.linear_gelu) the MLP input projections keep (activation="gelu"). Whole slots are read, so
 load_slot zeroes what an adapter does not fill, and inactive slots have scale 0 (LoraState.set). A layer with
-no active term runs its base GEMM (GELU epilogue included) over the W view: about 1% of a FLUX.1-dev
-forward with an adapter attached but idle (the wider row stride; -0.6 to +1.0% across runs), H200.
+no active term runs its base GEMM (GELU epilogue included) over the W view: a FLUX.1-dev forward with an
+adapter attached but idle is within ~1% of the base (the wider row stride; -0.6 to +1.0% across runs), H200.
 
 N-append (a plain base much wider in than out that the model names, lora_n_append: FLUX's single-block
 output projection, 15,360 -> 3,072): the scaled A slots are rows of one buffer ncat = [W; A_0; A_1 ..; 0],
