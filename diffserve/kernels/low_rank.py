@@ -8,8 +8,8 @@ copy_to is given, the one input copied there on the way (the join [x | t] in the
 Why a kernel: these products are memory-bound (N = slots x rank is tens of columns, x thousands wide), and
 what costs is the passes around them: cuBLAS writes t where it likes, so the layers then copied t beside x
 or joined [x | t] with a cat (another read and write of x). The Triton kernel (_triton_low_rank.py) writes
-t where the next GEMM reads it, makes the join in the pass that reads x (18.5 us against 25.1 for matmul +
-cat at 4096x3072x32), and splits K over enough programs to fill the GPU; alone it runs at about cuBLAS's
+t where the next GEMM reads it, makes the join in the pass that reads x (20.1 us against 25.1 for matmul +
+cat at 4096x3072x32, the join reloading x: _triton_low_rank.py), and splits K over enough programs to fill the GPU; alone it runs at about cuBLAS's
 speed (12.4 against 11.9 us; all H200, CUDA graphs, benchmarks/lora_down_rates.py, 2026-12-04). It runs
 for N up to 64 (_TRITON_MAX_N). Elsewhere (the CPU, no Triton, DIFFSERVE_FUSED_OPS=0) torch's matmul
 runs, with the values the layers computed before: parity with diffusers on the CPU is unchanged.

@@ -35,8 +35,8 @@ Wide inputs (K-append without the join): a producer that knows its output feeds 
 it into the left columns of a wider buffer (`input_buffers`), so [x | t] needs only t written. The adaLN
 passes of FLUX's blocks do so for q|k|v and the MLP input (the single block's, which share their input:
 into both buffers in one pass, adaln's out_h2, instead of the MLP's down-projection joining it: 22.6 us
-a block with the join, H200); an MLP input projection whose output feeds a
-LoRA output projection (FeedForward, FLUX's single block: `chain`) computes `pad` more output columns
+a block with the join, H200); an MLP input projection whose output feeds a LoRA output projection
+(FeedForward: `chain`) computes `pad` more output columns
 against zero weight rows (GELU(0) = 0), and hands the wider output on: that layer's addmm_ over its
 output becomes K-append too. A buffer is taken only by the layer it was made for (`_given`).
 
@@ -138,8 +138,8 @@ class LoraLinear(Fp8Linear):
             self.wcat = None
         else:
             # K-append: [W | B_0 | B_1 | ...] in one buffer; the base weight and the B^T slots are views of
-            # it, so one GEMM over [x | t] adds the adapters and W is held once. The pad columns (16-byte
-            # aligned rows for cuBLAS) are never read.
+            # it, so one GEMM over [x | t] adds the adapters and W is held once. The pad columns (rows of
+            # whole 128-byte lines: _ROW_ALIGN) are never read.
             w = base.weight.detach()
             wcat = torch.zeros(
                 self.out_features,
