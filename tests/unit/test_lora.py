@@ -420,41 +420,79 @@ def test_lora_wide_input_skips_the_join_and_never_writes_a_strangers_columns():
     assert layer.input_buffer(x) is None  # no adapter here: nothing to make room for
 
 
-def test_lora_input_buffers_take_one_pass_for_two_layers(monkeypatch):
-    """input_buffers for two K-append layers with one input (FLUX's single block: q|k|v and the MLP input):
-    the adaLN pass writes h into both layers' wide buffers, and each layer computes its t there with no join
-    of h (no copy_to), giving what it gives called on h. Float32 bound as above."""
+def test_lora_shared_input_one_buffer_one_down_projection(monkeypatch):
+    """share_input (FLUX's single block: the MLP input and q|k|v projections both read h): input_buffers
+    gives one wide buffer for both, the adaLN pass writes h there once, and the first of them called
+    computes both layers' t in one down-projection (no join); each layer gives what it gives alone, in
+    either call order, with different ranks, an adapter that touches one layer only, an empty slot below
+    an active one, and a layer called on other rows of h (FLUX's last block: it joins its own).
+    Float32 bound as above."""
     from diffserve.runtime.layers import lora
     from diffserve.runtime.layers.modulation import residual_norm_modulate
 
     torch.manual_seed(0)
     state = lora.LoraState(K_SLOTS, "cpu")
+    outs, ranks = (2 * K_OUT, K_OUT), (K_RANK, 2)  # the wider layer first, as share_input asks
     layers = [
-        lora.LoraLinear(
-            torch.nn.Linear(K_IN, K_OUT).requires_grad_(False), state, K_RANK, torch.float32, "cpu"
-        )
-        for _ in range(2)
+        lora.LoraLinear(torch.nn.Linear(K_IN, n).requires_grad_(False), state, r, torch.float32, "cpu")
+        for n, r in zip(outs, ranks, strict=True)
     ]
-    factors = [_factors(K_RANK, seed) for seed in (1, 2)]
-    for layer, f in zip(layers, factors, strict=True):
-        layer.load_slot(1, "one", *f)
-    _activate(layers[0], {"one": (1, 0.6)})
-    x, y = torch.randn(2, 5, K_IN), torch.randn(2, 5, K_IN)
-    gate, shift, scale = (torch.randn(2, 1, K_IN) for _ in range(3))
-    _, h_ref = residual_norm_modulate(x, y, gate, shift, scale)
-    outs = lora.input_buffers([layers[0], torch.nn.Identity(), layers[1]], x)
-    assert outs[1] is None and outs[0].data_ptr() != outs[2].data_ptr()
-    _, h = residual_norm_modulate(x, y, gate, shift, scale, out=outs)
-    assert h is outs[0] and torch.equal(h, h_ref) and torch.equal(outs[2], h_ref)
+    weights = [layer.base.weight.clone() for layer in layers]
+    lora.share_input(layers)
+    assert layers[0].shared is layers[1].shared is not None
+    assert all(torch.equal(layer.base.weight, w) for layer, w in zip(layers, weights, strict=True))
+
+    def factors(r, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(r, K_IN, generator=g), torch.randn(r, n, generator=g)
+
+    both = [factors(r, n, seed) for r, n, seed in zip(ranks, outs, (1, 2), strict=True)]
+    only1 = factors(ranks[1], outs[1], 3)
+    for layer, f in zip(layers, both, strict=True):
+        layer.load_slot(0, "both", *f)
+    layers[0].load_slot(2, "only1", None, None)  # leaves layer 0 alone
+    layers[1].load_slot(2, "only1", *only1)
+    _activate(layers[0], {"both": (0, 0.6), "only1": (2, -1.1)})  # slot 1: empty
+    terms = [[(both[0], 0.6)], [(both[1], 0.6), (only1, -1.1)]]
+
     down = lora.lora_down
+    calls = []
 
-    def no_join(parts, a, out, copy_to=None):
-        assert copy_to is None, "joined h again"
-        return down(parts, a, out)
+    def counted(parts, a, out, copy_to=None):
+        calls.append(copy_to is not None)
+        return down(parts, a, out, copy_to)
 
-    monkeypatch.setattr(lora, "lora_down", no_join)
-    for layer, view, f in zip(layers, (outs[0], outs[2]), factors, strict=True):
-        _close(layer(view), _reference(layer, h_ref, [(f, 0.6)]))
+    monkeypatch.setattr(lora, "lora_down", counted)
+    for order, active in (((0, 1), "both"), ((1, 0), "both"), ((0, 1), "only1")):
+        if active == "only1":  # layer 0 has no term: its base GEMM reads h in place
+            _activate(layers[0], {"only1": (2, -1.1)})
+            terms = [[], [(only1, -1.1)]]
+        x, y = torch.randn(2, 5, K_IN), torch.randn(2, 5, K_IN)
+        gate, shift, scale = (torch.randn(2, 1, K_IN) for _ in range(3))
+        _, h_ref = residual_norm_modulate(x, y, gate, shift, scale)
+        bufs = lora.input_buffers([layers[1], torch.nn.Identity(), layers[0]], x)
+        assert bufs[1] is None and bufs[2] is None  # one buffer for both
+        _, h = residual_norm_modulate(x, y, gate, shift, scale, out=bufs)
+        assert h is bufs[0] and torch.equal(h, h_ref)
+        calls.clear()
+        for i in order:
+            _close(layers[i](h), _reference(layers[i], h_ref, terms[i]))
+        assert calls == [False], calls  # one down-projection, no join
+
+    _activate(layers[0], {"both": (0, 0.6), "only1": (2, -1.1)})
+    terms = [[(both[0], 0.6)], [(both[1], 0.6), (only1, -1.1)]]
+    # FLUX's last block: layer 1 gets the buffer, layer 0 reads rows of h from token 2 on and joins them
+    bufs = lora.input_buffers([layers[1]], x)
+    bufs[0].copy_(x)
+    calls.clear()
+    _close(layers[0](bufs[0][:, 2:]), _reference(layers[0], x[:, 2:], terms[0]))
+    _close(layers[1](bufs[0]), _reference(layers[1], x, terms[1]))
+    assert calls == [True, False], calls
+
+    _activate(layers[0], {})  # the base model: no buffers, no low-rank term
+    assert lora.input_buffers(layers, x) == [None, None]
+    for layer in layers:
+        _close(layer(x), _reference(layer, x, []))
 
 
 def test_lora_chain_hands_a_wide_output_on():

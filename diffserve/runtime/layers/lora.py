@@ -131,6 +131,10 @@ class LoraLinear(Fp8Linear):
         self.next: LoraLinear | None = None  # the layer this one's output feeds (chain)
         self.pad = 0  # zero output rows for next's low-rank input (chain)
         self._given: torch.Tensor | None = None  # the wide input buffer made for this layer
+        # wcat's slot s holds B_s^T at columns in + s*stride + offset ..+rank: stride = rank, offset = 0,
+        # unless the layer shares its input with others (share_input: their columns interleave per slot)
+        self.stride, self.offset = rank, 0
+        self.shared: _SharedInput | None = None
         if isinstance(base, Fp8Linear):
             self.register_buffer(
                 "lora_bt", torch.zeros(*shape, self.out_features, dtype=dtype, device=device), False
@@ -240,11 +244,12 @@ class LoraLinear(Fp8Linear):
         return lora_up(y_ext[:, :out], y_ext[:, out : out + rows], bt)
 
     def _adopt(self, wcat: torch.Tensor) -> None:
-        """wcat (rows >= out, in + slots*rank + alignment) becomes the buffer that W and the B^T slots view."""
-        k, slots, rank = self.in_features, self.state.slots, self.lora_a.shape[1]
+        """wcat (rows >= out, in + slots*stride + alignment) becomes the buffer that W and the B^T slots view."""
+        k, slots, rank, stride = self.in_features, self.state.slots, self.lora_a.shape[1], self.stride
         self.base.weight = nn.Parameter(wcat[: self.out_features, :k], requires_grad=False)
         self.wcat = wcat
-        self.lora_bt = wcat[: self.out_features, k : k + slots * rank].t().view(slots, rank, -1)
+        cols = wcat[: self.out_features, k : k + slots * stride].t().view(slots, stride, -1)
+        self.lora_bt = cols[:, self.offset : self.offset + rank]
 
     def input_buffer(self, like: torch.Tensor) -> torch.Tensor | None:
         """Where a producer may write this layer's next input (shape and dtype of `like`): the left columns
@@ -256,12 +261,12 @@ class LoraLinear(Fp8Linear):
         k = self.in_features
         lead = like.shape[:-1]
         buf = torch.empty(
-            like[..., 0].numel(),
-            _aligned(k + nslots * self.lora_a.shape[1]),
-            dtype=like.dtype,
-            device=like.device,
+            like[..., 0].numel(), _aligned(k + nslots * self.stride), dtype=like.dtype, device=like.device
         )
-        self._given = buf
+        for layer in self.shared.layers if self.shared else (self,):
+            layer._given = buf
+        if self.shared:
+            self.shared.filled = None  # its low-rank columns are not written yet
         return buf[:, :k].view(*lead, k)
 
     def _take(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -271,7 +276,7 @@ class LoraLinear(Fp8Linear):
         if buf is None or x.data_ptr() != buf.data_ptr():
             return None
         rows = x.reshape(-1, x.shape[-1])
-        room = x.shape[-1] + self._nslots() * self.lora_a.shape[1]
+        room = x.shape[-1] + self._nslots() * self.stride
         if rows.shape[0] != buf.shape[0] or rows.stride(0) != buf.stride(0) or buf.shape[1] < room:
             return None
         return buf
@@ -309,7 +314,7 @@ class LoraLinear(Fp8Linear):
             wide = self._take(x) if terms else None
             pad = self.pad if out is None and self.next is not None and self.next._nslots() else 0
             # this layer's own terms go into the GEMM's K when that pays or x came wide (else: addmm_ below)
-            nslots = _slots_read(terms) if self.k_append or wide is not None else 0
+            nslots = self._nslots() if terms and (self.k_append or wide is not None) else 0
             if nslots or pad:
                 return self._forward_k_append(x, nslots, wide, out, activation, pad)
             if activation == "gelu" and not terms:  # the base GEMM with its GELU epilogue
@@ -327,14 +332,18 @@ class LoraLinear(Fp8Linear):
         return [(slot, self.ranks[name]) for name, slot in self.state.active if name in self.ranks]
 
     def _nslots(self) -> int:
-        """Slots the K-append path reads: those below the highest active one touching this layer (0: none).
-        Whole slots (zero rows past an adapter's rank; zero scaled A for an inactive slot) keep the shapes a
-        function of state.active alone, as CUDA graphs need."""
+        """Slots the K-append path reads: those below the highest active one touching this layer, or any
+        layer it shares its input with (0: none). Whole slots (zero rows past an adapter's rank; zero scaled
+        A for an inactive slot) keep the shapes a function of state.active alone, as CUDA graphs need."""
+        if self.shared:
+            return max(_slots_read(layer._terms()) for layer in self.shared.layers)
         return _slots_read(self._terms())
 
     def _scaled_a(self, nslots: int) -> torch.Tensor:
-        """(nslots * rank, in): the scaled A of the first nslots slots, as the low-rank products read it."""
-        return self.lora_as[:nslots].reshape(nslots * self.lora_a.shape[1], self.in_features)
+        """(nslots * stride, in): the scaled A of the first nslots slots, as the down-projection reads it
+        (all the sharing layers' rows, interleaved per slot, when the input is shared)."""
+        a = self.shared.scaled if self.shared else self.lora_as
+        return a[:nslots].reshape(nslots * self.stride, self.in_features)
 
     def _add_terms(self, x, x_scale, y: torch.Tensor, terms: list[tuple[int, int]]) -> None:
         # One (M, r) product and one up-projection per adapter (lora_up reads and writes all of y again).
@@ -385,16 +394,23 @@ class LoraLinear(Fp8Linear):
         pass computing t writes the join too, unless x came in a wide buffer (input_buffer, chain). pad:
         `pad` more output rows of zeros, the output handed on to `next` as its wide input."""
         k, rank = self.in_features, self.lora_a.shape[1]
-        width = k + nslots * rank
+        t_end = k + nslots * self.stride  # the columns the down-projection writes
+        # what this layer's GEMM reads: up to its last slot's own columns (wcat has zeros where the layers
+        # sharing its input keep theirs, so whatever they hold adds nothing)
+        width = t_end - self.stride + self.offset + rank if nslots else k
         rows = x.reshape(-1, k)
         if not nslots:
             buf = rows
-        elif wide is not None:  # x is there already: t into the free columns
-            lora_down([rows], self._scaled_a(nslots).to(x.dtype), wide[:, k:width])
+        elif wide is not None:  # x is there already: t into the free columns (once for sharing layers)
+            if self.shared is None or self.shared.filled != wide.data_ptr():
+                lora_down([rows], self._scaled_a(nslots).to(x.dtype), wide[:, k:t_end])
+                if self.shared is not None:
+                    self.shared.filled = wide.data_ptr()
             buf = wide[:, :width]
         else:  # the join: x copied in by the pass that reads it for t (kernels/low_rank.py)
-            buf = rows.new_empty(rows.shape[0], _aligned(width))[:, :width]
-            lora_down([rows], self._scaled_a(nslots).to(x.dtype), buf[:, k:], copy_to=buf[:, :k])
+            buf = rows.new_empty(rows.shape[0], _aligned(t_end))
+            lora_down([rows], self._scaled_a(nslots).to(x.dtype), buf[:, k:t_end], copy_to=buf[:, :k])
+            buf = buf[:, :width]
         rows_out = self.out_features + pad
         weight = self.wcat[:rows_out, :width]
         bias = self.base.bias if not pad or self.base.bias is None else self.bias_cat
@@ -431,9 +447,61 @@ def _aligned(width: int) -> int:
 
 
 def input_buffers(layers: list[nn.Module], like: torch.Tensor) -> list[torch.Tensor | None]:
-    """LoraLinear.input_buffer of each of `layers` (None for a layer that is not one, or needs none): where a
-    producer whose output (shaped like `like`) is all of those layers' input writes it, once per buffer."""
-    return [layer.input_buffer(like) if isinstance(layer, LoraLinear) else None for layer in layers]
+    """LoraLinear.input_buffer of each of `layers` (None for a layer that is not one, or needs none, or
+    shares its input with one before it: share_input): where a producer whose output (shaped like `like`)
+    is all of those layers' input writes it, once per buffer."""
+    bufs, shared = [], []
+    for layer in layers:
+        group = layer.shared if isinstance(layer, LoraLinear) else None
+        if not isinstance(layer, LoraLinear) or (group is not None and any(g is group for g in shared)):
+            bufs.append(None)
+            continue
+        bufs.append(layer.input_buffer(like))
+        shared.append(group)
+    return bufs
+
+
+class _SharedInput:
+    """Layers that read one input (share_input): `scaled` (slots, stride, in) holds their scaled A factors,
+    each layer's lora_as a view of its rows in every slot, so one down-projection computes all their
+    low-rank columns; `filled` is the data_ptr of the wide buffer it last wrote them into."""
+
+    def __init__(self, layers: list[LoraLinear], scaled: torch.Tensor):
+        self.layers, self.scaled = layers, scaled
+        self.filled: int | None = None
+
+
+def share_input(layers: list[LoraLinear]) -> None:
+    """Layers that always read the same input (FLUX's single block: the MLP input and q|k|v projections,
+    both of h) get one wide buffer [x | slot 0: t_0 t_1 .. | slot 1: ..] and one down-projection: x is
+    written once and read once for all their t. Each layer's wcat keeps its B^T slots at its own columns
+    of that layout and zeros at the others', and its GEMM reads up to its last active slot's own columns,
+    so give the layer with the most output rows first (it reads the fewest zero columns). H200: FLUX.1-dev's
+    single block with a rank-32 adapter, TODO us against TODO with out_h2 and two down-projections.
+    Plain K-append layers of one input width only (not N-append, not in a chain); others are left alone."""
+    if len(layers) < 2 or any(
+        layer.wcat is None or not layer.k_append or layer.pad or layer.shared is not None for layer in layers
+    ):
+        return
+    first = layers[0].lora_a
+    if any(layer.lora_a.dtype != first.dtype or layer.in_features != first.shape[2] for layer in layers):
+        return
+    slots, k = first.shape[0], first.shape[2]
+    stride = sum(layer.lora_a.shape[1] for layer in layers)
+    scaled = torch.zeros(slots, stride, k, dtype=first.dtype, device=first.device)
+    group = _SharedInput(layers, scaled)
+    offset = 0
+    for layer in layers:
+        rank, old = layer.lora_a.shape[1], layer.wcat
+        wcat = torch.zeros(old.shape[0], _aligned(k + slots * stride), dtype=old.dtype, device=old.device)
+        wcat[:, :k].copy_(old[:, :k])
+        bt = layer.lora_bt.clone()
+        layer.stride, layer.offset, layer.shared = stride, offset, group
+        layer._adopt(wcat)
+        layer.lora_bt.copy_(bt)
+        layer.lora_as = scaled[:, offset : offset + rank]
+        offset += rank
+    layers[0].state.stale = True
 
 
 def _k_append_pays(in_features: int, out_features: int) -> bool:
@@ -538,4 +606,12 @@ def wrap_linears(
             pair = [owner.get_submodule(n) for n in (producer, consumer)]
             if all(isinstance(layer, LoraLinear) for layer in pair):
                 pair[0].chain(pair[1])
+    fed = {id(layer.next) for layer in wrapped.values() if layer.next is not None}  # chain consumers
+    for _, owner in model.named_modules():  # layers of one input the model declares
+        for names in getattr(owner, "lora_shared_inputs", lambda: ())():
+            group = [
+                getattr(owner.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2], None) for n in names
+            ]
+            if all(isinstance(layer, LoraLinear) and id(layer) not in fed for layer in group):
+                share_input(group)
     return wrapped

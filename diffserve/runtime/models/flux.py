@@ -319,6 +319,11 @@ class FluxSingleBlock(nn.Module):
         # chain from proj_mlp (LoraLinear.chain): proj_out needs no low-rank columns in its input.
         return ("proj_out",)
 
+    def lora_shared_inputs(self) -> tuple[tuple[str, ...], ...]:
+        # the MLP input and q|k|v projections both read h: one wide buffer, one down-projection for both
+        # (layers/lora.share_input; the MLP first: it has more output rows)
+        return (("proj_mlp", "attn.qkv"),)
+
     def forward(self, x, cond, rope, projected=None, keep_from: int = 0, pending=None, defer: bool = False):
         """keep_from: return only the rows from this token on (the last block of the model, whose text rows
         are dropped anyway: their MLP, output projection and queries are skipped, ~0.17 ms of a FLUX.1
@@ -332,9 +337,9 @@ class FluxSingleBlock(nn.Module):
             mlp = self.proj_mlp(h.tokens(keep_from))
             out = self.proj_out(concat_gelu_quant(self.attn(h, rope, queries_from=keep_from), mlp))
         else:
-            # With LoRA: h written into q|k|v's and the MLP input projection's wide buffers in one pass
-            # (layers/lora.input_buffers). The last block's MLP reads rows from keep_from on only: it takes
-            # h from the first buffer and joins it itself (kernels/low_rank.py).
+            # With LoRA: h written into the wide buffer that q|k|v and the MLP input projection share
+            # (layers/lora.input_buffers, share_input). The last block's MLP reads rows from keep_from on
+            # only: it takes h from that buffer and joins it itself (kernels/low_rank.py).
             layers = [self.attn._fp8_qkv("")] + ([self.proj_mlp] if not keep_from else [])
             outs = input_buffers(layers, x)
             x, h = _enter(x, pending, shift, scale, out=outs)
