@@ -20,7 +20,10 @@ The down-projections are timed as a graphed forward runs them (CUDA graphs: no l
 would otherwise hide a 10 us kernel behind its Python launch), each call on another copy of the inputs, so
 x is read from memory, not L2. The K-append GEMMs by triton.testing.do_bench (median; L2 flushed).
 
-    python benchmarks/lora_down_rates.py [--record] [--sweep] [--no-k-append]
+    python benchmarks/lora_down_rates.py [--record] [--sweep] [--no-k-append] [--pairs] [--n-append]
+
+--pairs: the dual block's image and text twins, two launches against one (lora_downs), and a sweep of the
+paired launch's tiles and split.
 """
 
 from __future__ import annotations
@@ -40,8 +43,9 @@ SHAPES = [
     ("dual img out / MLP in", 4096, [3072], 32, 38),
     ("dual img MLP out", 4096, [12288], 32, 19),
     ("dual txt q|k|v", 512, [3072], 96, 19),
-    ("single q|k|v", 4608, [3072], 96, 38),
-    ("single MLP in", 4608, [3072], 32, 38),
+    ("dual txt out / MLP in", 512, [3072], 32, 38),
+    ("dual txt MLP out", 512, [12288], 32, 19),
+    ("single q|k|v + MLP in", 4608, [3072], 128, 38),  # one down-projection for both (share_input)
     ("single out (both parts)", 4608, [3072, 12288], 32, 38),
 ]
 
@@ -52,6 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="also time our kernel at each (block_m, split)")
     p.add_argument("--no-k-append", action="store_true", help="skip the K-append GEMM table")
     p.add_argument("--n-append", action="store_true", help="also the N-append table of the MLP outputs")
+    p.add_argument("--pairs", action="store_true", help="also image + text twins in one launch (lora_downs)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("lora_down_rates.py: needs a CUDA GPU")
@@ -96,21 +101,29 @@ def main(argv=None) -> int:
             + " |"
         )
         if args.sweep:
-            timed = []
-            for bm in (32, 64, 128):
-                for split in (1, 2, 3, 4, 6, 8):
-                    fn = lambda d, bm=bm, split=split: lora_down_triton(  # noqa: E731
-                        d["parts"], d["a"], d["out"], None, block_m=bm, split=split
-                    )
-                    timed.append((_graph_us(fn, sets), bm, split))
-            timed.sort()
-            print(
-                "    sweep, fastest (us, block_m, split): "
-                + ", ".join(f"{u:.1f} {bm} {sp}" for u, bm, sp in timed[:5])
-            )
+            for join in (False, True) if len(ks) == 1 and n <= 64 else (False,):
+                timed = []
+                for bm in (16, 32, 64, 128):
+                    for split in (1, 2, 3, 4, 6, 8, 12, 16):
+                        fn = lambda d, bm=bm, split=split, join=join, k=k: lora_down_triton(  # noqa: E731
+                            d["parts"], d["a"], d["out"], d["wide"][:, :k] if join else None,
+                            block_m=bm, split=split,
+                        )  # fmt: skip
+                        try:
+                            timed.append((_graph_us(fn, sets), bm, split))
+                        except Exception:  # noqa: BLE001 - shared memory exceeded with these tiles: skip
+                            continue
+                timed.sort()
+                print(
+                    f"    sweep{' (join)' if join else ''}, fastest (us, block_m, split): "
+                    + ", ".join(f"{u:.1f} {bm} {sp}" for u, bm, sp in timed[:5])
+                    + f"; the default's: {us[5 if join else 3]:.1f}"
+                )
+                if not join:
+                    best = timed[0]
             if label not in _SWEEP_MORE:
                 continue
-            _, bm, split = timed[0]
+            _, bm, split = best
             timed = []
             for bk in (64, 128, 256):
                 for stages in (2, 3, 4, 5):
@@ -135,6 +148,8 @@ def main(argv=None) -> int:
     up_projection(args.record)
     if not args.no_k_append:
         k_append(do_bench, args.record)
+    if args.pairs:
+        pairs(args.record)
     if args.n_append:
         n_append(args.record)
     return 0
@@ -190,6 +205,55 @@ def k_append(do_bench, record_rows: bool) -> None:
             for (kk, nn), u in zip(cases, us, strict=True):
                 record(f"lora_k_append_{label.replace(' ', '_')}_{m}x{k}x{n}", f"K={kk} N={nn}", u / 1e3,
                        2 * m * kk * nn / (u * 1e-6) / 1e12, over_k0=round(u / us[0] - 1, 4))  # fmt: skip
+
+
+# FLUX.1-dev's dual block: (label, image rows, text rows, K, the join, pairs per forward), rank 32
+PAIRS = [
+    ("to_out joins", 4096, 512, 3072, True, 19),
+    ("MLP inputs", 4096, 512, 3072, False, 19),
+    ("MLP outputs", 4096, 512, 12288, False, 19),
+]
+
+
+def pairs(record_rows: bool) -> None:
+    """The image and text streams' twin down-projections: two launches of our kernel against one
+    (kernels/low_rank.lora_downs) at its own choice of tiles and split, and the fastest choices of a sweep;
+    graphed."""
+    from diffserve.kernels._triton_low_rank import lora_down_triton
+
+    bf16, n = torch.bfloat16, 32
+    print("image + text down-projections, rank 32: us, graphed\n| pair | M x K | two launches | one launch |")
+    print("|---|---|---:|---:|")
+    for label, m_img, m_txt, k, join, count in PAIRS:
+        sets = []
+        for _ in range(max(2, -(-_L2_DEFEAT // ((m_img + m_txt) * k * 2)))):
+            jobs = []
+            for m in (m_img, m_txt):
+                x = torch.randn(m, k, device="cuda", dtype=bf16)
+                wide = torch.empty(m, k + n, device="cuda", dtype=bf16)
+                a = torch.randn(n, k, device="cuda", dtype=bf16)
+                jobs.append((x, a, wide[:, k:], wide[:, :k] if join else None))
+            sets.append(jobs)
+        two = _graph_us(lambda d: [lora_down_triton([j[0]], *j[1:]) for j in d], sets)
+        one = _graph_us(lambda d: lora_down_triton([d[0][0]], *d[0][1:], pair=d[1]), sets)
+        print(f"| {label} | ({m_img} + {m_txt}) x {k} | {two:.1f} | {one:.1f} |")
+        timed = []
+        for bm in (16, 32, 64):
+            for split in (1, 2, 3, 4, 6, 8):
+
+                def fn(d, bm=bm, split=split):
+                    lora_down_triton([d[0][0]], *d[0][1:], pair=d[1], block_m=bm, split=split)
+
+                timed.append((_graph_us(fn, sets), bm, split))
+        timed.sort()
+        print(
+            "    sweep, fastest (us, block_m, split): "
+            + ", ".join(f"{u:.1f} {b} {sp}" for u, b, sp in timed[:5])
+        )
+        if record_rows:
+            for impl, u in (("two launches", two), ("one launch", one)):
+                record(f"lora_down_pair_{label.replace(' ', '_')}_{m_img}+{m_txt}x{k}x{n}", impl, u / 1e3,
+                       calls_per_forward=count)  # fmt: skip
 
 
 def up_projection(record_rows: bool) -> None:

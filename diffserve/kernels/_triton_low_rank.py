@@ -42,24 +42,32 @@ def _tiles(x_rows, a_cols, k, hi, row_in, col_in, EVEN_K: tl.constexpr):
     return x, a
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "M_B"])
 def _lora_down_kernel(
     X1, X2, A, T, C, WS, LOCK,
     M, N, K1, K2, x1_row, x2_row, t_row, c_row, chunk1, chunk2,
+    X1_B, A_B, T_B, C_B, M_B, x1_row_b, t_row_b, c_row_b, tiles_a,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     TWO: tl.constexpr, COPY: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    PAIR: tl.constexpr,
 ):  # fmt: skip
-    tile = tl.program_id(0)
+    tile = tl.program_id(0)  # the workspace and counter index, over both jobs of a PAIR
     s = tl.program_id(1)
+    local = tile
+    if PAIR:  # the tiles from tiles_a on are the second job's (same N, K and split; its own rows)
+        if tile >= tiles_a:
+            X1, A, T, C, M = X1_B, A_B, T_B, C_B, M_B
+            x1_row, t_row, c_row = x1_row_b, t_row_b, c_row_b
+            local = tile - tiles_a
     n_blocks = tl.cdiv(N, BLOCK_N)
-    rm = (tile // n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = (tile % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = (local // n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = (local % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     row_in = (rm < M)[:, None]
     col_in = (rn < N)[None, :]
     rows = rm.to(tl.int64)[:, None]
     a_cols = A + rn.to(tl.int64)[None, :] * (K1 + K2)  # A is (N, K1 + K2), contiguous
-    copy_in = (rm < tl.where(tile % n_blocks == 0, M, 0))[:, None]  # rows this program copies (COPY)
+    copy_in = (rm < tl.where(local % n_blocks == 0, M, 0))[:, None]  # rows this program copies (COPY)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     lo = s * chunk1
     hi = tl.minimum(lo + chunk1, K1)
@@ -148,20 +156,25 @@ def lora_down_triton(
     block_k=_BLOCK_K,
     num_warps=4,
     num_stages=None,
+    pair=None,
 ):
     """kernels/low_rank.lora_down on CUDA: parts one or two (M, K_i) views, last dim contiguous; a (N, K)
-    contiguous; out (M, N) and copy_to (M, K_0) views with their last dim contiguous. block_m, split and
-    the rest override the choices of _config (benchmarks/lora_down_rates.py sweeps them)."""
+    contiguous; out (M, N) and copy_to (M, K_0) views with their last dim contiguous. pair: a second
+    job (x, a, out, copy_to) of one part, the same N, K and dtype, copy_to given or not as this one's,
+    run in the same launch (after this job's tiles). block_m, split and the rest override the choices of
+    _config (benchmarks/lora_down_rates.py sweeps them)."""
     x1 = parts[0]
     x2 = parts[1] if len(parts) > 1 else x1
     m, n = out.shape
     k1 = x1.shape[1]
     k2 = parts[1].shape[1] if len(parts) > 1 else 0
-    bm, block_n, stages, sp = _config(m, n, k1 + k2, a.element_size(), _sms(out.device))
+    m_b = pair[2].shape[0] if pair is not None else 0
+    bm, block_n, stages, sp = _config(m + m_b, n, k1 + k2, a.element_size(), _sms(out.device))
     block_m = block_m or bm
     split = split or sp
     num_stages = num_stages or stages
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    tiles_a = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    tiles = tiles_a + triton.cdiv(m_b, block_m) * triton.cdiv(n, block_n)
     lock = _counters_for(out.device, tiles) if split > 1 else None
     if lock is None:
         split, lock = 1, out  # unused
@@ -173,14 +186,20 @@ def lora_down_triton(
         return triton.cdiv(triton.cdiv(k, split), block_k) * block_k
 
     c = copy_to if copy_to is not None else out
+    if pair is None:
+        xb, ab, tb, cb = x1, a, out, c  # unread
+    else:
+        xb, ab, tb, cb = pair
+        cb = cb if cb is not None else tb
     _lora_down_kernel[(tiles, split)](
         x1, x2, a, out, c, ws, lock,
         m, n, k1, k2, x1.stride(0), x2.stride(0), out.stride(0), c.stride(0),
         chunk(k1), chunk(max(k2, 1)),
+        xb, ab, tb, cb, m_b, xb.stride(0), tb.stride(0), cb.stride(0), tiles_a,
         SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         TWO=len(parts) > 1, COPY=copy_to is not None, num_warps=num_warps, num_stages=num_stages,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # float32 in float32, as torch's matmul
-        EVEN_K=k1 % block_k == 0 and k2 % block_k == 0,
+        EVEN_K=k1 % block_k == 0 and k2 % block_k == 0, PAIR=pair is not None,
     )  # fmt: skip
 
 

@@ -66,6 +66,47 @@ def lora_down(
     return out.copy_(t)
 
 
+def lora_downs(jobs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> None:
+    """lora_down([x], a, out, copy_to) for each job (x, a, out, copy_to), two jobs a launch where the Triton
+    kernel takes them together: one part each, the same N (at most _TRITON_MAX_N), K and dtype, both joins
+    or neither. FLUX's dual blocks pair each image-stream layer with its text-stream twin: a 512-row pass
+    alone costs 6.4-12.9 us of mostly fixed cost for 3-13 MB (H200, benchmarks/lora_down_rates.py)."""
+    jobs = list(jobs)
+    while jobs:
+        x, a, out, copy_to = jobs.pop(0)
+        mate = next((j for j in jobs if _pairs(x, a, out, copy_to, *j)), None)
+        if mate is None:
+            lora_down([x], a, out, copy_to)
+            continue
+        jobs.remove(mate)
+        _check(x, a, out, copy_to)
+        _check(*mate)
+        from diffserve.kernels._triton_low_rank import lora_down_triton
+
+        lora_down_triton([x], a, out, copy_to, pair=mate)
+
+
+def _check(x, a, out, copy_to) -> None:
+    if out.shape != (x.shape[0], a.shape[0]) or a.shape[1] != x.shape[1]:
+        raise ValueError(f"lora_down: x {tuple(x.shape)}, a {tuple(a.shape)}, out {tuple(out.shape)}")
+    if copy_to is not None and copy_to.shape != x.shape:
+        raise ValueError("lora_down: copy_to takes the shape of x")
+
+
+def _pairs(x, a, out, copy_to, x2, a2, out2, copy_to2) -> bool:
+    """Whether two jobs can share one launch of the Triton kernel (lora_downs)."""
+    tensors = [x, a, out, x2, a2, out2] + [c for c in (copy_to, copy_to2) if c is not None]
+    return (
+        a.shape == a2.shape
+        and a.shape[0] <= _TRITON_MAX_N
+        and (copy_to is None) == (copy_to2 is None)
+        and all(t.dim() == 2 and t.stride(-1) == 1 and t.dtype == a.dtype for t in tensors)
+        and a.is_contiguous()
+        and a2.is_contiguous()
+        and _use_triton(*tensors)
+    )
+
+
 def lora_up(y: torch.Tensor, t: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
     """y (M, N) += t (M, R) @ bt (R, N), in place, one rounding of y's dtype: a LoRA up-projection onto a
     layer's output. On CUDA one Triton pass over y (cuBLAS's addmm_ took ~29 us for FLUX.1-dev's

@@ -495,6 +495,48 @@ def test_lora_shared_input_one_buffer_one_down_projection(monkeypatch):
         _close(layer(x), _reference(layer, x, []))
 
 
+def test_lora_downs_together_then_each_call_runs_its_gemm_only(monkeypatch):
+    """downs_together (FLUX's dual block: image and text twins): the down-projections of the coming calls
+    run first, in one lora_downs, a wide input's t into its buffer and a plain input joined; the calls on
+    those inputs then run no down-projection and give what they give alone. A call on another input
+    than announced computes its own. Float32 bound as above."""
+    from diffserve.runtime.layers import lora
+
+    torch.manual_seed(0)
+    state = lora.LoraState(K_SLOTS, "cpu")
+    layers = [
+        lora.LoraLinear(
+            torch.nn.Linear(K_IN, K_OUT).requires_grad_(False), state, K_RANK, torch.float32, "cpu"
+        )
+        for _ in range(3)
+    ]
+    factors = [_factors(K_RANK, seed) for seed in (1, 2, 3)]
+    for layer, f in zip(layers, factors, strict=True):
+        layer.load_slot(1, "one", *f)
+    _activate(layers[0], {"one": (1, 0.6)})
+    x = [torch.randn(2, 5, K_IN), torch.randn(3, K_IN), torch.randn(4, K_IN)]
+    wide = lora.input_buffers([layers[0]], x[0])[0]
+    wide.copy_(x[0])
+    inputs = [wide, x[1], x[2]]
+    batches = []
+    downs = lora.lora_downs
+
+    def counted(jobs):
+        batches.append([copy_to is not None for *_, copy_to in jobs])
+        downs(jobs)
+
+    monkeypatch.setattr(lora, "lora_downs", counted)
+    lora.downs_together([(layers[0], inputs[0]), (torch.nn.Identity(), x[1]), (layers[1], inputs[1])])
+    assert batches == [[False, True]]  # one call for both: the wide input's t, the plain input's join
+    monkeypatch.setattr(lora, "lora_down", lambda *a, **k: pytest.fail("a down-projection ran again"))
+    for i in (0, 1):
+        _close(layers[i](inputs[i]), _reference(layers[i], x[i], [(factors[i], 0.6)]))
+    monkeypatch.undo()
+    lora.downs_together([(layers[2], x[2])])
+    other = torch.randn(4, K_IN)  # not the announced input: computed, not taken from the ready buffer
+    _close(layers[2](other), _reference(layers[2], other, [(factors[2], 0.6)]))
+
+
 def test_lora_chain_hands_a_wide_output_on():
     """FeedForward with LoRA on both projections (chained by wrap_linears): the input projection writes
     [GELU(y) | 0] and the output projection runs K-append over it, for FeedForward and for linear_concat's

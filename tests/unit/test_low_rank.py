@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffserve.kernels.low_rank import lora_down, lora_up
+from diffserve.kernels.low_rank import lora_down, lora_downs, lora_up
 from tests.unit.gpu_helpers import needs_cuda_triton, rel_err
 
 
@@ -78,6 +78,65 @@ def test_cuda_kernel_matches_float64(dtype, m, ks, n, block_m, split):
         if copy:
             assert torch.equal(wide[:, : ks[0]], parts[0])
         assert (wide[:, ks[0] + n :] == 0).all()
+
+
+def _job(device, dtype, m, k, n, join, seed):
+    (x,), a = _inputs(device, dtype, m, [k], n, seed=seed)
+    wide = torch.zeros(m, k + n + 8, device=device, dtype=dtype)
+    return (x, a, wide[:, k : k + n], wide[:, :k] if join else None), wide
+
+
+def test_cpu_lora_downs_is_each_lora_down():
+    jobs = [
+        _job("cpu", torch.float32, m, 40, 8, join, seed) for m, join, seed in ((9, True, 1), (5, True, 2))
+    ]
+    lora_downs([j for j, _ in jobs])
+    for (x, a, out, _), wide in jobs:
+        assert torch.equal(out, x @ a.t()) and torch.equal(wide[:, :40], x) and (wide[:, 48:] == 0).all()
+
+
+@needs_cuda_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "ms, k, n, join, block_m, split",
+    [
+        ((4096, 512), 3072, 32, True, None, None),  # FLUX.1-dev's dual block: image and text to_out joins
+        ((4096, 512), 12288, 32, False, None, None),  # its MLP outputs, K split
+        ((300, 77), 1000, 48, True, 64, 3),  # ragged rows and K
+        ((512, 4096), 3072, 64, False, 16, 1),  # the smaller job first, unsplit
+    ],
+)
+def test_cuda_paired_launch_matches_float64(dtype, ms, k, n, join, block_m, split):
+    """lora_downs' two jobs in one launch (the second's tiles after the first's): each as right as alone, its
+    join exact, nothing written outside its views, twice (the split counters back at zero)."""
+    from diffserve.kernels._triton_low_rank import lora_down_triton
+
+    jobs = [_job("cuda", dtype, m, k, n, join, seed) for m, seed in zip(ms, (1, 2), strict=True)]
+    for _ in range(2):
+        for _, wide in jobs:
+            wide.zero_()
+        lora_down_triton([jobs[0][0][0]], *jobs[0][0][1:], block_m=block_m, split=split, pair=jobs[1][0])
+        for (x, a, out, _), wide in jobs:
+            assert rel_err(out, x.double() @ a.double().t()) < TOL[dtype]
+            assert torch.equal(wide[:, :k], x) if join else (wide[:, :k] == 0).all()
+            assert (wide[:, k + n :] == 0).all()
+
+
+@needs_cuda_triton
+def test_cuda_graph_replays_paired_launches():
+    jobs = [_job("cuda", torch.bfloat16, m, 3072, 32, True, seed) for m, seed in ((4096, 1), (512, 2))]
+    lora_downs([j for j, _ in jobs])  # eager first: the counters exist before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        lora_downs([j for j, _ in jobs])
+    for seed in (3, 4):
+        for (x, *_), m in zip((j for j, _ in jobs), (4096, 512), strict=True):
+            x.copy_(_inputs("cuda", torch.bfloat16, m, [3072], 32, seed=seed)[0][0])
+        graph.replay()
+        torch.cuda.synchronize()
+        for (x, a, out, _), wide in jobs:
+            assert rel_err(out, x.double() @ a.double().t()) < TOL[torch.bfloat16]
+            assert torch.equal(wide[:, :3072], x)
 
 
 @needs_cuda_triton

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffserve.kernels.fused_ops import linear_gelu
-from diffserve.kernels.low_rank import lora_down, lora_up
+from diffserve.kernels.low_rank import lora_down, lora_downs, lora_up
 from diffserve.runtime.layers.fp8 import Fp8Linear, Quantized, _fused_groups, _set_submodule
 
 
@@ -131,6 +131,9 @@ class LoraLinear(Fp8Linear):
         self.next: LoraLinear | None = None  # the layer this one's output feeds (chain)
         self.pad = 0  # zero output rows for next's low-rank input (chain)
         self._given: torch.Tensor | None = None  # the wide input buffer made for this layer
+        self._ready: tuple[int, tuple, torch.Tensor] | None = (
+            None  # (x's data_ptr, shape, [x | t]): down_ahead
+        )
         # wcat's slot s holds B_s^T at columns in + s*stride + offset ..+rank: stride = rank, offset = 0,
         # unless the layer shares its input with others (share_input: their columns interleave per slot)
         self.stride, self.offset = rank, 0
@@ -311,12 +314,13 @@ class LoraLinear(Fp8Linear):
             y = y.view(*x.shape[:-1], self.out_features)
             return y if activation is None else F.gelu(y, approximate="tanh")
         if self.wcat is not None and isinstance(x, torch.Tensor) and x_scale is None:
-            wide = self._take(x) if terms else None
+            ready = self._claim(x)  # [x | t] written ahead (down_ahead)
+            wide = ready if ready is not None else self._take(x) if terms else None
             pad = self.pad if out is None and self.next is not None and self.next._nslots() else 0
             # this layer's own terms go into the GEMM's K when that pays or x came wide (else: addmm_ below)
             nslots = self._nslots() if terms and (self.k_append or wide is not None) else 0
             if nslots or pad:
-                return self._forward_k_append(x, nslots, wide, out, activation, pad)
+                return self._forward_k_append(x, nslots, wide, out, activation, pad, ready is not None)
             if activation == "gelu" and not terms:  # the base GEMM with its GELU epilogue
                 return linear_gelu(x, self.base.weight, self.base.bias)
         if isinstance(self.base, Fp8Linear):
@@ -389,28 +393,25 @@ class LoraLinear(Fp8Linear):
         out: torch.Tensor | None,
         activation: str | None,
         pad: int,
+        filled: bool = False,
     ) -> torch.Tensor:
         """y = [x | t] @ [W | B_0 .. B_{S-1}]^T + b, t = x @ (scale_s A_s)^T per slot s < S: one GEMM. The
-        pass computing t writes the join too, unless x came in a wide buffer (input_buffer, chain). pad:
-        `pad` more output rows of zeros, the output handed on to `next` as its wide input."""
+        pass computing t writes the join too, unless x came in a wide buffer (input_buffer, chain), or
+        `filled`: wide is [x | t] as down_ahead wrote it. pad: `pad` more output rows of zeros, the output
+        handed on to `next` as its wide input."""
         k, rank = self.in_features, self.lora_a.shape[1]
-        t_end = k + nslots * self.stride  # the columns the down-projection writes
         # what this layer's GEMM reads: up to its last slot's own columns (wcat has zeros where the layers
         # sharing its input keep theirs, so whatever they hold adds nothing)
-        width = t_end - self.stride + self.offset + rank if nslots else k
+        width = k + (nslots - 1) * self.stride + self.offset + rank if nslots else k
         rows = x.reshape(-1, k)
         if not nslots:
             buf = rows
-        elif wide is not None:  # x is there already: t into the free columns (once for sharing layers)
-            if self.shared is None or self.shared.filled != wide.data_ptr():
-                lora_down([rows], self._scaled_a(nslots).to(x.dtype), wide[:, k:t_end])
-                if self.shared is not None:
-                    self.shared.filled = wide.data_ptr()
+        else:
+            if not filled:
+                wide, job = self._down_job(rows, nslots, wide)
+                if job is not None:
+                    lora_down([job[0]], *job[1:])
             buf = wide[:, :width]
-        else:  # the join: x copied in by the pass that reads it for t (kernels/low_rank.py)
-            buf = rows.new_empty(rows.shape[0], _aligned(t_end))
-            lora_down([rows], self._scaled_a(nslots).to(x.dtype), buf[:, k:t_end], copy_to=buf[:, :k])
-            buf = buf[:, :width]
         rows_out = self.out_features + pad
         weight = self.wcat[:rows_out, :width]
         bias = self.base.bias if not pad or self.base.bias is None else self.bias_cat
@@ -426,6 +427,42 @@ class LoraLinear(Fp8Linear):
             self.next._give(y)
             return y[:, : self.out_features].view(*lead, self.out_features)
         return y.view(*lead, self.out_features)
+
+    def _down_job(self, rows: torch.Tensor, nslots: int, wide: torch.Tensor | None):
+        """(the buffer [x | t] the GEMM reads, the down-projection (x, a, out, copy_to) that writes it, or
+        None when a layer sharing the input wrote it already). x came in `wide` (t into its free columns),
+        or is copied into a new one by the pass that reads it for t (the join: kernels/low_rank.py)."""
+        k = self.in_features
+        t_end = k + nslots * self.stride  # the columns the down-projection writes
+        a = self._scaled_a(nslots).to(rows.dtype)
+        if wide is not None:
+            if self.shared is not None:
+                if self.shared.filled == wide.data_ptr():
+                    return wide, None
+                self.shared.filled = wide.data_ptr()
+            return wide, (rows, a, wide[:, k:t_end], None)
+        buf = rows.new_empty(rows.shape[0], _aligned(t_end))
+        return buf, (rows, a, buf[:, k:t_end], buf[:, :k])
+
+    def down_ahead(self, x: torch.Tensor):
+        """The down-projection this layer's call on x will need, as a job (x, a, out, copy_to) for
+        kernels/low_rank.lora_downs, its output kept for that call (which then runs its GEMM alone); None
+        when the call will run none (no active term, not K-append, FP8). See downs_together."""
+        if self.wcat is None or not isinstance(x, torch.Tensor) or not self._terms():
+            return None
+        wide = self._take(x)
+        if not (self.k_append or wide is not None):
+            return None
+        buf, job = self._down_job(x.reshape(-1, self.in_features), self._nslots(), wide)
+        self._ready = (x.data_ptr(), tuple(x.shape), buf)
+        return job
+
+    def _claim(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The [x | t] buffer down_ahead wrote for this x, if any (taken: one call uses it)."""
+        ready, self._ready = self._ready, None
+        if ready is None or ready[0] != x.data_ptr() or ready[1] != tuple(x.shape):
+            return None
+        return ready[2]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, slots={self.state.slots}"
@@ -444,6 +481,16 @@ _ROW_ALIGN = 64
 
 def _aligned(width: int) -> int:
     return width + -width % _ROW_ALIGN
+
+
+def downs_together(calls: list[tuple[nn.Module, torch.Tensor]]) -> None:
+    """The LoRA down-projections of the coming calls (layer, x) run now, two to a launch where the kernel
+    allows (kernels/low_rank.lora_downs); each layer's call on that x then runs its GEMM only. Layers that
+    are not LoraLinear, or will run no down-projection, are skipped. For calls that are independent of
+    each other (FLUX's dual block: the image and text streams' twin layers)."""
+    jobs = [job for layer, x in calls if isinstance(layer, LoraLinear) and (job := layer.down_ahead(x))]
+    if jobs:
+        lora_downs(jobs)
 
 
 def input_buffers(layers: list[nn.Module], like: torch.Tensor) -> list[torch.Tensor | None]:

@@ -8,7 +8,7 @@ from torch import nn
 
 from diffserve.kernels.fused_ops import linear_gelu
 from diffserve.runtime.layers.fp8 import Fp8Linear, Quantized, fp8_layers, gelu_quant
-from diffserve.runtime.layers.lora import LoraLinear
+from diffserve.runtime.layers.lora import LoraLinear, downs_together
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -104,3 +104,16 @@ class FeedForward(nn.Module):
     def hidden(self, x: torch.Tensor | Quantized) -> torch.Tensor:
         """GELU(proj_in(x)): the input of the output projection."""
         return layer_gelu(self.net[0].proj, x)
+
+
+def feed_forwards(calls: list[tuple[FeedForward, torch.Tensor | Quantized]]) -> list[torch.Tensor]:
+    """[ff(x) for ff, x in calls], run in stages across them: all input projections, then all output
+    projections, each stage's LoRA down-projections first in shared launches (layers/lora.downs_together:
+    FLUX's dual block pairs its image and text MLPs). The same values as one by one; FP8 output projections
+    (FeedForward's quantised path) run one by one."""
+    if any(fp8_layers(ff.net[2]) for ff, _ in calls):
+        return [ff(x) for ff, x in calls]
+    downs_together([(ff.net[0].proj, x) for ff, x in calls])
+    hidden = [ff.hidden(x) for ff, x in calls]
+    downs_together([(ff.net[2], h) for (ff, _), h in zip(calls, hidden, strict=True)])
+    return [ff.net[2](h) for (ff, _), h in zip(calls, hidden, strict=True)]

@@ -22,8 +22,8 @@ from diffserve.runtime.layers.fp8 import (
     norm_modulate_quant,
     residual_norm_modulate_quant,
 )
-from diffserve.runtime.layers.lora import input_buffers
-from diffserve.runtime.layers.mlp import FeedForward, layer_gelu, linear_concat
+from diffserve.runtime.layers.lora import downs_together, input_buffers
+from diffserve.runtime.layers.mlp import FeedForward, feed_forwards, layer_gelu, linear_concat
 from diffserve.runtime.layers.modulation import (
     AdaLNProjection,
     clip_fp16,
@@ -197,14 +197,17 @@ class FluxAttention(nn.Module):
         out = sequence_parallel_attention(q, k, v, fp8=self.fp8_attention).flatten(2)
         if context is None:
             return out
-        return _project_out(self.to_out[0], out[:, n_txt:]), _project_out(self.to_add_out, out[:, :n_txt])
+        img = _out_rows(self.to_out[0], out[:, n_txt:])
+        txt = _out_rows(self.to_add_out, out[:, :n_txt])
+        downs_together([(self.to_out[0], img), (self.to_add_out, txt)])  # LoRA: one launch for both
+        return self.to_out[0](img), self.to_add_out(txt)
 
 
-def _project_out(layer: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+def _out_rows(layer: nn.Module, rows: torch.Tensor) -> torch.Tensor:
     # contiguous(): with batch > 1 the slices are strided, and strided GEMM inputs take a slower (and on
     # the CPU, less accurate) path. A no-op for batch 1. An FP8 layer's quantisation pass reads strided rows
     # and writes the GEMM's contiguous input itself.
-    return layer(rows if isinstance(layer, Fp8Linear) else rows.contiguous())
+    return rows if isinstance(layer, Fp8Linear) else rows.contiguous()
 
 
 def _batch(x: torch.Tensor | Quantized) -> int:
@@ -282,9 +285,9 @@ class FluxDualBlock(nn.Module):
         )  # fmt: skip
         img_attn, txt_attn = self.attn(img_in, rope, context=txt_in, dtype=img.dtype)
         img, h = self._mlp_input(self.ff, img, img_attn, gate, mlp_shift, mlp_scale)
-        img_mlp = self.ff(h)
-        txt, h = self._mlp_input(self.ff_context, txt, txt_attn, c_gate, c_mlp_shift, c_mlp_scale)
-        txt_mlp = self.ff_context(h)
+        txt, c_h = self._mlp_input(self.ff_context, txt, txt_attn, c_gate, c_mlp_shift, c_mlp_scale)
+        # the two MLPs in stages, their LoRA down-projections paired (layers/mlp.feed_forwards)
+        img_mlp, txt_mlp = feed_forwards([(self.ff, h), (self.ff_context, c_h)])
         if defer:
             return img, txt, ((img_mlp, mlp_gate), (txt_mlp, c_mlp_gate))
         return gated_residual(img, img_mlp, mlp_gate), clip_fp16(gated_residual(txt, txt_mlp, c_mlp_gate))
