@@ -36,11 +36,11 @@ def _last_dim_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
 
 @triton.jit
 def _adaln_kernel(
-    X, R, GATE, SHIFT, SCALE, OUT_X, OUT_H, OUT_H2,
-    seq, dim, sx_b, sx_s, sr_b, sr_s, sg_b, sg_s, ssh_b, ssh_s, ssc_b, ssc_s, sh_row, sh2_row,
+    X, R, GATE, SHIFT, SCALE, OUT_X, OUT_H,
+    seq, dim, sx_b, sx_s, sr_b, sr_s, sg_b, sg_s, ssh_b, ssh_s, ssc_b, ssc_s, sh_row,
     eps,
     HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, NORMALIZE: tl.constexpr, AFFINE: tl.constexpr,
-    STORE_X: tl.constexpr, HAS_H2: tl.constexpr, BLOCK: tl.constexpr,
+    STORE_X: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     b = row // seq
@@ -64,18 +64,12 @@ def _adaln_kernel(
         sc = tl.load(SCALE + b * ssc_b + s * ssc_s + cols, mask=mask, other=0.0).to(tl.float32)
         if not AFFINE:
             sc = sc + 1.0
-        h = (xc * rstd * sc + sh).to(OUT_H.dtype.element_ty)
-        tl.store(OUT_H + row * sh_row + cols, h, mask=mask)
-        if HAS_H2:
-            tl.store(OUT_H2 + row * sh2_row + cols, h, mask=mask)
+        tl.store(OUT_H + row * sh_row + cols, (xc * rstd * sc + sh).to(OUT_H.dtype.element_ty), mask=mask)
 
 
-def adaln_triton(
-    x, shift, scale, eps, residual, gate, affine, normalize, store_residual=True, out_h=None, out_h2=None
-):
+def adaln_triton(x, shift, scale, eps, residual, gate, affine, normalize, store_residual=True, out_h=None):
     """out_h: where h goes (x's shape, rows of its own stride: the left columns of a wider buffer; the rows
-    of all batches evenly spaced), else a new tensor; out_h2 (with out_h; the same form): h stored there
-    too."""
+    of all batches evenly spaced), else a new tensor."""
     batch, seq, dim = x.shape
     x, residual, gate, shift, scale = map(_last_dim_contiguous, (x, residual, gate, shift, scale))
     store_x = residual is not None and store_residual
@@ -83,20 +77,19 @@ def adaln_triton(
     if normalize and out_h is None:
         out_h = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     sh_row = dim if out_h is None else out_h.stride(1)
-    for out in (out_h, out_h2):
-        if out is not None and (out.stride(2) != 1 or out.stride(0) != seq * out.stride(1)):
-            raise ValueError("out_h: rows with a unit column stride, evenly spaced across the batch")
+    if out_h is not None and (out_h.stride(2) != 1 or out_h.stride(0) != seq * sh_row):
+        raise ValueError("out_h: rows with a unit column stride, evenly spaced across the batch")
     dummy = x  # pointer for absent operands (never read: the constexpr flags skip them)
     block = triton.next_power_of_2(dim)
     _adaln_kernel[(batch * seq,)](
         x, residual if residual is not None else dummy, gate if gate is not None else dummy,
         shift if shift is not None else dummy, scale if scale is not None else dummy,
-        out_x, out_h if out_h is not None else dummy, out_h2 if out_h2 is not None else dummy,
+        out_x, out_h if out_h is not None else dummy,
         seq, dim, x.stride(0), x.stride(1), *_row_strides(residual, batch, seq),
         *_row_strides(gate, batch, seq), *_row_strides(shift, batch, seq), *_row_strides(scale, batch, seq),
-        sh_row, out_h2.stride(1) if out_h2 is not None else 0, eps,
+        sh_row, eps,
         HAS_RES=residual is not None, HAS_GATE=gate is not None, NORMALIZE=normalize, AFFINE=affine,
-        STORE_X=store_x, HAS_H2=out_h2 is not None, BLOCK=block, num_warps=_warps(block),
+        STORE_X=store_x, BLOCK=block, num_warps=_warps(block),
     )  # fmt: skip
     return (out_x if store_x or residual is None else None), out_h
 

@@ -149,7 +149,6 @@ def adaln(
     normalize: bool = True,
     store_residual: bool = True,
     out_h: torch.Tensor | None = None,
-    out_h2: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(x', h) with x' = x + residual * gate (x' = x without residual; gate None means 1) and
     h = LayerNorm(x') * (1 + scale) + shift — or LayerNorm(x') * scale + shift with affine=True (a LayerNorm's
@@ -161,25 +160,18 @@ def adaln(
     (batch, seq, dim) per token, or (dim,) for affine. Any float dtypes: the sum is taken in the promoted
     dtype and returned in x.dtype; upcast=True normalises in float32 (else in x's dtype).
     out_h: h written there (x's shape; e.g. the left columns of a LoRA layer's wide input buffer,
-    layers/lora.py) and returned; out_h2 (with out_h): h written there too, in the same pass (a second LoRA
-    layer with the same input: FLUX's single block).
+    layers/lora.py) and returned.
     """
-    if out_h2 is not None and (out_h is None or not normalize):
-        raise ValueError("adaln: out_h2 needs out_h and normalize=True")
     tensors = [t for t in (x, shift, scale, residual, gate) if t is not None]
     if _use_triton(*tensors) and x.dim() == 3 and x.shape[-1] <= 16384:
         from diffserve.kernels._triton_ops import adaln_triton
 
-        return adaln_triton(
-            x, shift, scale, eps, residual, gate, affine, normalize, store_residual, out_h, out_h2
-        )
+        return adaln_triton(x, shift, scale, eps, residual, gate, affine, normalize, store_residual, out_h)
     x_out, h = adaln_reference(
         x, shift, scale, eps, upcast, residual, gate, affine, normalize, store_residual
     )
     if out_h is not None and h is not None:
         h = out_h.copy_(h)
-        if out_h2 is not None:
-            out_h2.copy_(h)
     return x_out, h
 
 

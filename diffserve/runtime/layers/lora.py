@@ -33,12 +33,17 @@ H200 profile, 2026-12-04). One rounding of scale * A into A's dtype, as the prod
 
 Wide inputs (K-append without the join): a producer that knows its output feeds a K-append layer writes
 it into the left columns of a wider buffer (`input_buffers`), so [x | t] needs only t written. The adaLN
-passes of FLUX's blocks do so for q|k|v and the MLP input (the single block's, which share their input:
-into both buffers in one pass, adaln's out_h2, instead of the MLP's down-projection joining it: 22.6 us
-a block with the join, H200); an MLP input projection whose output feeds a LoRA output projection
-(FeedForward: `chain`) computes `pad` more output columns
-against zero weight rows (GELU(0) = 0), and hands the wider output on: that layer's addmm_ over its
-output becomes K-append too. A buffer is taken only by the layer it was made for (`_given`).
+passes of FLUX's blocks do so for q|k|v and the MLP input (the single block's two share one buffer and
+one down-projection: share_input); an MLP input projection whose output feeds a LoRA output projection
+(FeedForward: `chain`) computes `pad` more output columns against zero weight rows (GELU(0) = 0), and
+hands the wider output on: that layer's addmm_ over its output becomes K-append too. A buffer is taken
+only by the layer it was made for (`_given`).
+
+Down-projections ahead (downs_together): independent calls whose layers are twins (FLUX's dual block: the
+image and text streams' output projections, MLP inputs and MLP outputs) run their down-projections in one
+launch first (kernels/low_rank.lora_downs), each layer keeping its [x | t] for its call (`_ready`). H200:
+23.1 against 29.0 us for the output projections' joins, 12.8 against 19.5 for the MLP inputs, 32.7
+against 43.2 for the MLP outputs (benchmarks/lora_down_rates.py --pairs): 0.44 ms of a forward.
 
 CUDA graphs (runtime/cuda_graphs.py): a graph bakes in which kernels run and the addresses they read. Here
 the kernels depend only on the active ((name, slot), ...) tuple, which is part of the graph key
@@ -523,8 +528,10 @@ def share_input(layers: list[LoraLinear]) -> None:
     both of h) get one wide buffer [x | slot 0: t_0 t_1 .. | slot 1: ..] and one down-projection: x is
     written once and read once for all their t. Each layer's wcat keeps its B^T slots at its own columns
     of that layout and zeros at the others', and its GEMM reads up to its last active slot's own columns,
-    so give the layer with the most output rows first (it reads the fewest zero columns). H200: FLUX.1-dev's
-    single block with a rank-32 adapter, TODO us against TODO with out_h2 and two down-projections.
+    so give the layer with the most output rows first (it reads the fewest zero columns). FLUX.1-dev's
+    single block, a rank-32 adapter: one 12.5 us cuBLAS pass (4608x3072x128) where q|k|v's (11.4 us at
+    96 columns) and the MLP input's (12.5 us at 32) ran, and h written once instead of twice (H200,
+    benchmarks/lora_down_rates.py). q|k|v's GEMM reads K = 3200 instead of 3168: 50 k-steps of 64 either way.
     Plain K-append layers of one input width only (not N-append, not in a chain); others are left alone."""
     if len(layers) < 2 or any(
         layer.wcat is None or not layer.k_append or layer.pad or layer.shared is not None for layer in layers

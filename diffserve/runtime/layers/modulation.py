@@ -26,20 +26,22 @@ def norm_modulate(
 
     upcast=True normalises in float32 (Wan's checkpoints expect it); FLUX normalises in the activation
     dtype. shift/scale broadcast against x: (batch, 1, dim) or per token (batch, seq, dim). out: where the
-    result goes (adaln's out_h), or a list of up to two such places (Nones skipped; the result is the
-    first: adaln's out_h2 takes the second).
+    result goes (adaln's out_h), or a list of such places of which one at most is not None (what
+    layers/lora.input_buffers gives: a buffer per layer, one for layers that share their input).
     """
-    return adaln(x, shift, scale, eps, upcast, **_outs(out))[1]
+    return adaln(x, shift, scale, eps, upcast, out_h=_out_h(out))[1]
 
 
-def _outs(out) -> dict:
-    """norm_modulate's `out` as adaln's out_h / out_h2."""
+def _out_h(out) -> torch.Tensor | None:
+    """norm_modulate's `out` as adaln's out_h."""
     if out is None or isinstance(out, torch.Tensor):
-        return {"out_h": out}
+        return out
     places = [o for o in out if o is not None]
-    if len(places) > 2:
-        raise ValueError("out: two places at most")
-    return {"out_h": places[0] if places else None, "out_h2": places[1] if len(places) > 1 else None}
+    if len(places) > 1:
+        raise ValueError(
+            "out: one place at most (layers reading one input share one buffer: lora.share_input)"
+        )
+    return places[0] if places else None
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
@@ -61,7 +63,7 @@ def residual_norm_modulate(
     """(x', h): x' = gated_residual(x, y, gate) and h = norm_modulate(x', shift, scale) — or, with affine,
     h = layer_norm(x', weight=scale, bias=shift) — in one pass over the tokens. out: where h goes, as
     norm_modulate's."""
-    return adaln(x, shift, scale, eps, upcast, residual=y, gate=gate, affine=affine, **_outs(out))
+    return adaln(x, shift, scale, eps, upcast, residual=y, gate=gate, affine=affine, out_h=_out_h(out))
 
 
 def offset_norm_modulate(
