@@ -529,9 +529,10 @@ def share_input(layers: list[LoraLinear]) -> None:
     written once and read once for all their t. Each layer's wcat keeps its B^T slots at its own columns
     of that layout and zeros at the others', and its GEMM reads up to its last active slot's own columns,
     so give the layer with the most output rows first (it reads the fewest zero columns). FLUX.1-dev's
-    single block, a rank-32 adapter: one 12.5 us cuBLAS pass (4608x3072x128) where q|k|v's (11.4 us at
-    96 columns) and the MLP input's (12.5 us at 32) ran, and h written once instead of twice (H200,
-    benchmarks/lora_down_rates.py). q|k|v's GEMM reads K = 3200 instead of 3168: 50 k-steps of 64 either way.
+    single block, a rank-32 adapter: one 12.5 us cuBLAS pass (4608x3072x128) where two ran (at 4096 rows
+    already 11.4 us for q|k|v's 96 columns, 12.5 for the MLP input's 32), and h written once instead of
+    twice (H200, benchmarks/lora_down_rates.py). q|k|v's GEMM reads K = 3200 instead of 3168: 50 k-steps
+    of 64 either way.
     Plain K-append layers of one input width only (not N-append, not in a chain); others are left alone."""
     if len(layers) < 2 or any(
         layer.wcat is None or not layer.k_append or layer.pad or layer.shared is not None for layer in layers
