@@ -136,9 +136,8 @@ class LoraLinear(Fp8Linear):
         self.next: LoraLinear | None = None  # the layer this one's output feeds (chain)
         self.pad = 0  # zero output rows for next's low-rank input (chain)
         self._given: torch.Tensor | None = None  # the wide input buffer made for this layer
-        self._ready: tuple[int, tuple, torch.Tensor] | None = (
-            None  # (x's data_ptr, shape, [x | t]): down_ahead
-        )
+        # (x's data_ptr, its shape, [x | t]) that down_ahead wrote for this layer's next call
+        self._ready: tuple[int, tuple, torch.Tensor] | None = None
         # wcat's slot s holds B_s^T at columns in + s*stride + offset ..+rank: stride = rank, offset = 0,
         # unless the layer shares its input with others (share_input: their columns interleave per slot)
         self.stride, self.offset = rank, 0

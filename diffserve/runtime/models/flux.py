@@ -341,13 +341,11 @@ class FluxSingleBlock(nn.Module):
             out = self.proj_out(concat_gelu_quant(self.attn(h, rope, queries_from=keep_from), mlp))
         else:
             # With LoRA: h written into the wide buffer that q|k|v and the MLP input projection share
-            # (layers/lora.input_buffers, share_input). The last block's MLP reads rows from keep_from on
-            # only: it takes h from that buffer and joins it itself (kernels/low_rank.py).
+            # (layers/lora.input_buffers: one buffer, share_input), or that the one of them with an
+            # adapter reads. The last block's MLP reads rows from keep_from on only: it joins them itself.
             layers = [self.attn._fp8_qkv("")] + ([self.proj_mlp] if not keep_from else [])
-            outs = input_buffers(layers, x)
-            x, h = _enter(x, pending, shift, scale, out=outs)
-            mlp_in = outs[1] if len(outs) > 1 and outs[1] is not None else h
-            mlp = layer_gelu(self.proj_mlp, mlp_in[:, keep_from:])
+            x, h = _enter(x, pending, shift, scale, out=input_buffers(layers, x))
+            mlp = layer_gelu(self.proj_mlp, h[:, keep_from:])
             out = linear_concat([self.attn(h, rope, queries_from=keep_from), mlp], self.proj_out)
         if defer:
             return x[:, keep_from:], (out, gate)
