@@ -492,7 +492,13 @@ def downs_together(calls: list[tuple[nn.Module, torch.Tensor]]) -> None:
     allows (kernels/low_rank.lora_downs); each layer's call on that x then runs its GEMM only. Layers that
     are not LoraLinear, or will run no down-projection, are skipped. For calls that are independent of
     each other (FLUX's dual block: the image and text streams' twin layers)."""
-    jobs = [job for layer, x in calls if isinstance(layer, LoraLinear) and (job := layer.down_ahead(x))]
+    jobs = []
+    # a plain loop, not an assignment expression in a comprehension: torch.compile traces this
+    for layer, x in calls:
+        if isinstance(layer, LoraLinear):
+            job = layer.down_ahead(x)
+            if job is not None:
+                jobs.append(job)
     if jobs:
         lora_downs(jobs)
 
