@@ -34,22 +34,7 @@ def lora_down(
 ) -> torch.Tensor:
     """out (M, N) = sum_i parts[i] (M, K_i) @ a[:, K_0 + .. + K_{i-1} : .. + K_i]^T, a (N, sum K_i) in
     the parts' dtype; copy_to (M, K_0), one part only: that part copied into it. Returns out."""
-    k = sum(p.shape[-1] for p in parts)
-    m = parts[0].shape[0]
-    if a.shape[1] != k or out.shape != (m, a.shape[0]) or any(p.shape[0] != m for p in parts):
-        raise ValueError(
-            f"lora_down: parts {[tuple(p.shape) for p in parts]}, a {tuple(a.shape)}, out {tuple(out.shape)}"
-        )
-    if copy_to is not None and (len(parts) != 1 or copy_to.shape != parts[0].shape):
-        raise ValueError("lora_down: copy_to takes the shape of a single part")
-    tensors = [*parts, a, out] + ([copy_to] if copy_to is not None else [])
-    if (
-        len(parts) <= 2
-        and a.shape[0] <= _TRITON_MAX_N
-        and all(t.dim() == 2 and t.stride(-1) == 1 and t.dtype == a.dtype for t in tensors)
-        and a.is_contiguous()
-        and _use_triton(*tensors)
-    ):
+    if _triton_takes(parts, a, out, copy_to):
         from diffserve.kernels._triton_low_rank import lora_down_triton
 
         lora_down_triton(parts, a, out, copy_to)
@@ -68,41 +53,43 @@ def lora_down(
 
 def lora_downs(jobs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> None:
     """lora_down([x], a, out, copy_to) for each job (x, a, out, copy_to), two jobs a launch where the Triton
-    kernel takes them together: one part each, the same N (at most _TRITON_MAX_N), K and dtype, both joins
-    or neither. FLUX's dual blocks pair each image-stream layer with its text-stream twin: a 512-row pass
+    kernel takes them together: each one it takes alone, with the same A shape and dtype, both joins or
+    neither. FLUX's dual blocks pair each image-stream layer with its text-stream twin: a 512-row pass
     alone costs 6.4-12.9 us of mostly fixed cost for 3-13 MB (H200, benchmarks/lora_down_rates.py)."""
-    jobs = list(jobs)
+    jobs = [(job, _triton_takes([job[0]], *job[1:])) for job in jobs]
     while jobs:
-        x, a, out, copy_to = jobs.pop(0)
-        mate = next((j for j in jobs if _pairs(x, a, out, copy_to, *j)), None)
+        (x, a, out, copy_to), triton = jobs.pop(0)
+        mate = next((j for j, ok in jobs if triton and ok and _mates(a, copy_to, j[1], j[3])), None)
         if mate is None:
             lora_down([x], a, out, copy_to)
             continue
-        jobs.remove(mate)
-        _check(x, a, out, copy_to)
-        _check(*mate)
+        jobs = [(j, ok) for j, ok in jobs if j is not mate]
         from diffserve.kernels._triton_low_rank import lora_down_triton
 
         lora_down_triton([x], a, out, copy_to, pair=mate)
 
 
-def _check(x, a, out, copy_to) -> None:
-    if out.shape != (x.shape[0], a.shape[0]) or a.shape[1] != x.shape[1]:
-        raise ValueError(f"lora_down: x {tuple(x.shape)}, a {tuple(a.shape)}, out {tuple(out.shape)}")
-    if copy_to is not None and copy_to.shape != x.shape:
-        raise ValueError("lora_down: copy_to takes the shape of x")
+def _mates(a, copy_to, a2, copy_to2) -> bool:
+    """Whether two jobs the Triton kernel takes alone can share one launch (lora_downs)."""
+    return a.shape == a2.shape and a.dtype == a2.dtype and (copy_to is None) == (copy_to2 is None)
 
 
-def _pairs(x, a, out, copy_to, x2, a2, out2, copy_to2) -> bool:
-    """Whether two jobs can share one launch of the Triton kernel (lora_downs)."""
-    tensors = [x, a, out, x2, a2, out2] + [c for c in (copy_to, copy_to2) if c is not None]
+def _triton_takes(parts, a, out, copy_to) -> bool:
+    """Whether lora_down runs these on the Triton kernel, after their shapes are checked (ValueError)."""
+    k = sum(p.shape[-1] for p in parts)
+    m = parts[0].shape[0]
+    if a.shape[1] != k or out.shape != (m, a.shape[0]) or any(p.shape[0] != m for p in parts):
+        raise ValueError(
+            f"lora_down: parts {[tuple(p.shape) for p in parts]}, a {tuple(a.shape)}, out {tuple(out.shape)}"
+        )
+    if copy_to is not None and (len(parts) != 1 or copy_to.shape != parts[0].shape):
+        raise ValueError("lora_down: copy_to takes the shape of a single part")
+    tensors = [*parts, a, out] + ([copy_to] if copy_to is not None else [])
     return (
-        a.shape == a2.shape
+        len(parts) <= 2
         and a.shape[0] <= _TRITON_MAX_N
-        and (copy_to is None) == (copy_to2 is None)
         and all(t.dim() == 2 and t.stride(-1) == 1 and t.dtype == a.dtype for t in tensors)
         and a.is_contiguous()
-        and a2.is_contiguous()
         and _use_triton(*tensors)
     )
 
