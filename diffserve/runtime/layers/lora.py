@@ -136,7 +136,7 @@ class LoraLinear(Fp8Linear):
         self.next: LoraLinear | None = None  # the layer this one's output feeds (chain)
         self.pad = 0  # zero output rows for next's low-rank input (chain)
         self._given: torch.Tensor | None = None  # the wide input buffer made for this layer
-        # (x's data_ptr, its shape, [x | t]) that down_ahead wrote for this layer's next call
+        # (x's data_ptr, its shape, [x | t]) written ahead for this layer's next call (_claim)
         self._ready: tuple[int, tuple, torch.Tensor] | None = None
         # wcat's slot s holds B_s^T at columns in + s*stride + offset ..+rank: stride = rank, offset = 0,
         # unless the layer shares its input with others (share_input: their columns interleave per slot)
@@ -272,8 +272,6 @@ class LoraLinear(Fp8Linear):
         )
         for layer in self.shared.layers if self.shared else (self,):
             layer._given = buf
-        if self.shared:
-            self.shared.filled = None  # its low-rank columns are not written yet
         return buf[:, :k].view(*lead, k)
 
     def _take(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -401,7 +399,7 @@ class LoraLinear(Fp8Linear):
     ) -> torch.Tensor:
         """y = [x | t] @ [W | B_0 .. B_{S-1}]^T + b, t = x @ (scale_s A_s)^T per slot s < S: one GEMM. The
         pass computing t writes the join too, unless x came in a wide buffer (input_buffer, chain), or
-        `filled`: wide is [x | t] as down_ahead wrote it. pad: `pad` more output rows of zeros, the output
+        `filled`: wide is [x | t] as written ahead (_claim). pad: `pad` more output rows of zeros, the output
         handed on to `next` as its wide input."""
         k, rank = self.in_features, self.lora_a.shape[1]
         # what this layer's GEMM reads: up to its last slot's own columns (wcat has zeros where the layers
@@ -412,9 +410,8 @@ class LoraLinear(Fp8Linear):
             buf = rows
         else:
             if not filled:
-                wide, job = self._down_job(rows, nslots, wide)
-                if job is not None:
-                    lora_down([job[0]], *job[1:])
+                wide, job = self._down_job(x, nslots, wide)
+                lora_down([job[0]], *job[1:])
             buf = wide[:, :width]
         rows_out = self.out_features + pad
         weight = self.wcat[:rows_out, :width]
@@ -432,18 +429,19 @@ class LoraLinear(Fp8Linear):
             return y[:, : self.out_features].view(*lead, self.out_features)
         return y.view(*lead, self.out_features)
 
-    def _down_job(self, rows: torch.Tensor, nslots: int, wide: torch.Tensor | None):
-        """(the buffer [x | t] the GEMM reads, the down-projection (x, a, out, copy_to) that writes it, or
-        None when a layer sharing the input wrote it already). x came in `wide` (t into its free columns),
-        or is copied into a new one by the pass that reads it for t (the join: kernels/low_rank.py)."""
+    def _down_job(self, x: torch.Tensor, nslots: int, wide: torch.Tensor | None):
+        """(the buffer [x | t] the GEMM reads, the down-projection (x rows, a, out, copy_to) that writes it).
+        x came in `wide` (t into its free columns: those of every layer sharing the input, whose calls on x
+        then take it as written ahead, `_ready`), or is copied into a new one by the pass that reads it for
+        t (the join: kernels/low_rank.py)."""
         k = self.in_features
+        rows = x.reshape(-1, k)
         t_end = k + nslots * self.stride  # the columns the down-projection writes
         a = self._scaled_a(nslots).to(rows.dtype)
         if wide is not None:
-            if self.shared is not None:
-                if self.shared.filled == wide.data_ptr():
-                    return wide, None
-                self.shared.filled = wide.data_ptr()
+            for layer in self.shared.layers if self.shared else ():
+                if layer is not self:
+                    layer._ready = (x.data_ptr(), tuple(x.shape), wide)
             return wide, (rows, a, wide[:, k:t_end], None)
         buf = rows.new_empty(rows.shape[0], _aligned(t_end))
         return buf, (rows, a, buf[:, k:t_end], buf[:, :k])
@@ -457,15 +455,17 @@ class LoraLinear(Fp8Linear):
         wide = self._take(x)
         if not (self.k_append or wide is not None):
             return None
-        buf, job = self._down_job(x.reshape(-1, self.in_features), self._nslots(), wide)
+        buf, job = self._down_job(x, self._nslots(), wide)
         self._ready = (x.data_ptr(), tuple(x.shape), buf)
         return job
 
     def _claim(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The [x | t] buffer down_ahead wrote for this x, if any (taken: one call uses it)."""
+        """The [x | t] buffer written ahead for this x (down_ahead, or a layer sharing the input), if any
+        (taken: one call uses it, and the wide buffer given for it with it)."""
         ready, self._ready = self._ready, None
         if ready is None or ready[0] != x.data_ptr() or ready[1] != tuple(x.shape):
             return None
+        self._given = None
         return ready[2]
 
     def extra_repr(self) -> str:
@@ -521,11 +521,10 @@ def input_buffers(layers: list[nn.Module], like: torch.Tensor) -> list[torch.Ten
 class _SharedInput:
     """Layers that read one input (share_input): `scaled` (slots, stride, in) holds their scaled A factors,
     each layer's lora_as a view of its rows in every slot, so one down-projection computes all their
-    low-rank columns; `filled` is the data_ptr of the wide buffer it last wrote them into."""
+    low-rank columns."""
 
     def __init__(self, layers: list[LoraLinear], scaled: torch.Tensor):
         self.layers, self.scaled = layers, scaled
-        self.filled: int | None = None
 
 
 def share_input(layers: list[LoraLinear]) -> None:
