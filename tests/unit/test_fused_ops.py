@@ -66,8 +66,8 @@ def test_adaln_fallback_matches_formula(per_token):
 
 
 def test_adaln_writes_h_where_asked():
-    """out_h (a LoRA layer's wide input buffer, layers/lora.py), and norm_modulate's `out` list that names it
-    among Nones (layers/lora.input_buffers): h itself lands there, nothing beside it is written."""
+    """out (a LoRA layer's wide input buffer, layers/lora.input_buffer): h itself lands there, nothing beside
+    it is written."""
     from diffserve.runtime.layers.modulation import residual_norm_modulate
 
     g = torch.Generator().manual_seed(2)
@@ -76,10 +76,8 @@ def test_adaln_writes_h_where_asked():
     want_x, want_h = fo.adaln(x, shift, scale, 1e-6, residual=y, gate=gate)
     buf = torch.full((10, 24), 7.0)
     view = buf[:, :16].view(2, 5, 16)
-    got_x, h = residual_norm_modulate(x, y, gate, shift, scale, out=[None, view])
+    got_x, h = residual_norm_modulate(x, y, gate, shift, scale, out=view)
     assert h is view and torch.equal(h, want_h) and torch.equal(got_x, want_x) and (buf[:, 16:] == 7).all()
-    with pytest.raises(ValueError, match="one place"):
-        residual_norm_modulate(x, y, gate, shift, scale, out=[view, torch.empty_like(view)])
 
 
 def test_adaln_keeps_activation_dtype_with_float32_modulation():

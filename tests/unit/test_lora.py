@@ -421,7 +421,7 @@ def test_lora_wide_input_skips_the_join_and_never_writes_a_strangers_columns():
 
 
 def test_lora_shared_input_one_buffer_one_down_projection(monkeypatch):
-    """share_input (FLUX's single block: the MLP input and q|k|v projections both read h): input_buffers
+    """share_input (FLUX's single block: the MLP input and q|k|v projections both read h): input_buffer
     gives one wide buffer for both, the adaLN pass writes h there once, and the first of them called
     computes both layers' t in one down-projection (no join); each layer gives what it gives alone, in
     either call order, with different ranks, an adapter that touches one layer only, an empty slot below
@@ -470,10 +470,9 @@ def test_lora_shared_input_one_buffer_one_down_projection(monkeypatch):
         x, y = torch.randn(2, 5, K_IN), torch.randn(2, 5, K_IN)
         gate, shift, scale = (torch.randn(2, 1, K_IN) for _ in range(3))
         _, h_ref = residual_norm_modulate(x, y, gate, shift, scale)
-        bufs = lora.input_buffers([layers[1], torch.nn.Identity(), layers[0]], x)
-        assert bufs[1] is None and bufs[2] is None  # one buffer for both
-        _, h = residual_norm_modulate(x, y, gate, shift, scale, out=bufs)
-        assert h is bufs[0] and torch.equal(h, h_ref)
+        buf = lora.input_buffer([torch.nn.Identity(), layers[1], layers[0]], x)  # one buffer for both
+        _, h = residual_norm_modulate(x, y, gate, shift, scale, out=buf)
+        assert h is buf and torch.equal(h, h_ref)
         calls.clear()
         for i in order:
             _close(layers[i](h), _reference(layers[i], h_ref, terms[i]))
@@ -482,15 +481,15 @@ def test_lora_shared_input_one_buffer_one_down_projection(monkeypatch):
     _activate(layers[0], {"both": (0, 0.6), "only1": (2, -1.1)})
     terms = [[(both[0], 0.6)], [(both[1], 0.6), (only1, -1.1)]]
     # FLUX's last block: layer 1 gets the buffer, layer 0 reads rows of h from token 2 on and joins them
-    bufs = lora.input_buffers([layers[1]], x)
-    bufs[0].copy_(x)
+    buf = lora.input_buffer([layers[1]], x)
+    buf.copy_(x)
     calls.clear()
-    _close(layers[0](bufs[0][:, 2:]), _reference(layers[0], x[:, 2:], terms[0]))
-    _close(layers[1](bufs[0]), _reference(layers[1], x, terms[1]))
+    _close(layers[0](buf[:, 2:]), _reference(layers[0], x[:, 2:], terms[0]))
+    _close(layers[1](buf), _reference(layers[1], x, terms[1]))
     assert calls == [True, False], calls
 
     _activate(layers[0], {})  # the base model: no buffers, no low-rank term
-    assert lora.input_buffers(layers, x) == [None, None]
+    assert lora.input_buffer(layers, x) is None
     for layer in layers:
         _close(layer(x), _reference(layer, x, []))
 
@@ -515,7 +514,7 @@ def test_lora_downs_together_then_each_call_runs_its_gemm_only(monkeypatch):
         layer.load_slot(1, "one", *f)
     _activate(layers[0], {"one": (1, 0.6)})
     x = [torch.randn(2, 5, K_IN), torch.randn(3, K_IN), torch.randn(4, K_IN)]
-    wide = lora.input_buffers([layers[0]], x[0])[0]
+    wide = lora.input_buffer([layers[0]], x[0])
     wide.copy_(x[0])
     inputs = [wide, x[1], x[2]]
     batches = []

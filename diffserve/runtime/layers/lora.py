@@ -3,7 +3,7 @@ batch's adapters of scale * (x @ A^T) @ B^T. The base weights never change, so s
 nothing and no unmerge can drift.
 
   LoraState                       the adapter set of the running batch: ((name, slot), ...) and the scales
-  input_buffers(layers, like)     where a producer should write its LoRA layers' input (wide inputs, below)
+  input_buffer(layers, like)      where a producer should write its LoRA layers' input (wide inputs, below)
   LoraLinear(base, ...)           a linear layer (nn.Linear or Fp8Linear) with adapter slots
   wrap_linears(model, names, ...) the layers the models call for those (diffusers) names wrapped in place
 
@@ -32,7 +32,7 @@ from the last batch's, so no forward spends a kernel on scaling (1.35 ms of a ra
 H200 profile, 2026-12-04). One rounding of scale * A into A's dtype, as the product was rounded before.
 
 Wide inputs (K-append without the join): a producer that knows its output feeds a K-append layer writes
-it into the left columns of a wider buffer (`input_buffers`), so [x | t] needs only t written. The adaLN
+it into the left columns of a wider buffer (`input_buffer`), so [x | t] needs only t written. The adaLN
 passes of FLUX's blocks do so for q|k|v and the MLP input (the single block's two share one buffer and
 one down-projection: share_input); an MLP input projection whose output feeds a LoRA output projection
 (FeedForward: `chain`) computes `pad` more output columns against zero weight rows (GELU(0) = 0), and
@@ -503,19 +503,15 @@ def downs_together(calls: list[tuple[nn.Module, torch.Tensor]]) -> None:
         lora_downs(jobs)
 
 
-def input_buffers(layers: list[nn.Module], like: torch.Tensor) -> list[torch.Tensor | None]:
-    """LoraLinear.input_buffer of each of `layers` (None for a layer that is not one, or needs none, or
-    shares its input with one before it: share_input): where a producer whose output (shaped like `like`)
-    is all of those layers' input writes it, once per buffer."""
-    bufs, shared = [], []
+def input_buffer(layers: list[nn.Module], like: torch.Tensor) -> torch.Tensor | None:
+    """Where a producer whose output (shaped like `like`) is all of `layers`' input writes it: the wide
+    buffer of the first LoRA layer among them that wants one (LoraLinear.input_buffer; the layers sharing
+    its input take it too: share_input), or None (write where you like). Any other layer joins x itself."""
     for layer in layers:
-        group = layer.shared if isinstance(layer, LoraLinear) else None
-        if not isinstance(layer, LoraLinear) or (group is not None and any(g is group for g in shared)):
-            bufs.append(None)
-            continue
-        bufs.append(layer.input_buffer(like))
-        shared.append(group)
-    return bufs
+        buf = layer.input_buffer(like) if isinstance(layer, LoraLinear) else None
+        if buf is not None:
+            return buf
+    return None
 
 
 class _SharedInput:

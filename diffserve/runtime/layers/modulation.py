@@ -20,28 +20,15 @@ def norm_modulate(
     scale: torch.Tensor,
     eps: float = 1e-6,
     upcast: bool = False,
-    out: torch.Tensor | list[torch.Tensor | None] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LayerNorm without affine over the last dim, then x * (1 + scale) + shift; result in x.dtype.
 
     upcast=True normalises in float32 (Wan's checkpoints expect it); FLUX normalises in the activation
     dtype. shift/scale broadcast against x: (batch, 1, dim) or per token (batch, seq, dim). out: where the
-    result goes (adaln's out_h), or a list of such places of which one at most is not None (what
-    layers/lora.input_buffers gives: a buffer per layer, one for layers that share their input).
+    result goes (adaln's out_h).
     """
-    return adaln(x, shift, scale, eps, upcast, out_h=_out_h(out))[1]
-
-
-def _out_h(out) -> torch.Tensor | None:
-    """norm_modulate's `out` as adaln's out_h."""
-    if out is None or isinstance(out, torch.Tensor):
-        return out
-    places = [o for o in out if o is not None]
-    if len(places) > 1:
-        raise ValueError(
-            "out: one place at most (layers reading one input share one buffer: lora.share_input)"
-        )
-    return places[0] if places else None
+    return adaln(x, shift, scale, eps, upcast, out_h=out)[1]
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
@@ -58,12 +45,11 @@ def residual_norm_modulate(
     eps: float = 1e-6,
     upcast: bool = False,
     affine: bool = False,
-    out: torch.Tensor | list[torch.Tensor | None] | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x', h): x' = gated_residual(x, y, gate) and h = norm_modulate(x', shift, scale) — or, with affine,
-    h = layer_norm(x', weight=scale, bias=shift) — in one pass over the tokens. out: where h goes, as
-    norm_modulate's."""
-    return adaln(x, shift, scale, eps, upcast, residual=y, gate=gate, affine=affine, out_h=_out_h(out))
+    h = layer_norm(x', weight=scale, bias=shift) — in one pass over the tokens. out: where h goes."""
+    return adaln(x, shift, scale, eps, upcast, residual=y, gate=gate, affine=affine, out_h=out)
 
 
 def offset_norm_modulate(

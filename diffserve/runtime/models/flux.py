@@ -22,7 +22,7 @@ from diffserve.runtime.layers.fp8 import (
     norm_modulate_quant,
     residual_norm_modulate_quant,
 )
-from diffserve.runtime.layers.lora import downs_together, input_buffers
+from diffserve.runtime.layers.lora import downs_together, input_buffer
 from diffserve.runtime.layers.mlp import FeedForward, feed_forwards, layer_gelu, linear_concat
 from diffserve.runtime.layers.modulation import (
     AdaLNProjection,
@@ -237,7 +237,7 @@ def _enter(
     or None) is added in the same pass that normalises and modulates. Deferring saves one write and one read
     of the residual stream per block boundary (FLUX.1 at 1024^2 on an H100: our kernels 6.3 -> 5.5 ms per
     forward). quantize: the modulated input written as a Quantized (its GEMMs are FP8) in that same pass;
-    else out: where it goes (LoRA layers' wide input buffers, layers/lora.input_buffers)."""
+    else out: where it goes (a LoRA layer's wide input buffer, layers/lora.input_buffer)."""
     if quantize:
         if pending is None:
             return x, norm_modulate_quant(x, shift, scale, _EPS)
@@ -277,11 +277,11 @@ class FluxDualBlock(nn.Module):
             shift,
             scale,
             self.attn.stream_fp8(),
-            input_buffers([self.attn._fp8_qkv("")], img),
+            input_buffer([self.attn._fp8_qkv("")], img),
         )
         txt, txt_in = _enter(
             txt, pending[1], c_shift, c_scale, self.attn.stream_fp8("add_"),
-            input_buffers([self.attn._fp8_qkv("add_")], txt),
+            input_buffer([self.attn._fp8_qkv("add_")], txt),
         )  # fmt: skip
         img_attn, txt_attn = self.attn(img_in, rope, context=txt_in, dtype=img.dtype)
         img, h = self._mlp_input(self.ff, img, img_attn, gate, mlp_shift, mlp_scale)
@@ -299,7 +299,7 @@ class FluxDualBlock(nn.Module):
         proj_in = ff.net[0].proj
         if fp8_layers(proj_in):
             return residual_norm_modulate_quant(x, attn, gate, shift, scale, _EPS)
-        return residual_norm_modulate(x, attn, gate, shift, scale, _EPS, out=input_buffers([proj_in], x))
+        return residual_norm_modulate(x, attn, gate, shift, scale, _EPS, out=input_buffer([proj_in], x))
 
 
 class FluxSingleBlock(nn.Module):
@@ -341,10 +341,10 @@ class FluxSingleBlock(nn.Module):
             out = self.proj_out(concat_gelu_quant(self.attn(h, rope, queries_from=keep_from), mlp))
         else:
             # With LoRA: h written into the wide buffer that q|k|v and the MLP input projection share
-            # (layers/lora.input_buffers: one buffer, share_input), or that the one of them with an
-            # adapter reads. The last block's MLP reads rows from keep_from on only: it joins them itself.
+            # (layers/lora.input_buffer, share_input), or that the one of them with an adapter reads. The
+            # last block's MLP reads rows from keep_from on only: it joins them itself.
             layers = [self.attn._fp8_qkv("")] + ([self.proj_mlp] if not keep_from else [])
-            x, h = _enter(x, pending, shift, scale, out=input_buffers(layers, x))
+            x, h = _enter(x, pending, shift, scale, out=input_buffer(layers, x))
             mlp = layer_gelu(self.proj_mlp, h[:, keep_from:])
             out = linear_concat([self.attn(h, rope, queries_from=keep_from), mlp], self.proj_out)
         if defer:
